@@ -1,1 +1,74 @@
-"""switch layer."""
+"""Pure math of task switches: task vectors, exact thresholds, binarize, reconstruct.
+
+Tensors in, tensors (and small numpy/dataclass statistics) out; no I/O, no Ray.
+
+``fine_histograms`` at this level is the ARCHITECTURE.md seam and accepts
+either a :class:`RefineRequest` (signed, for thresholds) or an iterable of
+bucket ids (over |x|, as :func:`select.fine_histograms`).
+"""
+
+from tswitch_ray.switch.binarize import KNOB_MODES, KeptStats, KnobMode, binarize, kept_stats, knob
+from tswitch_ray.switch.reconstruct import reconstruct, switch_delta
+from tswitch_ray.switch.select import (
+    N_BUCKETS,
+    add_fine,
+    coarse_histogram,
+    kth_smallest,
+    refine_buckets,
+    resolve,
+)
+from tswitch_ray.switch.select import fine_histograms as bucket_fine_histograms
+from tswitch_ray.switch.taskvec import task_vector
+from tswitch_ray.switch.thresholds import (
+    FineHistograms,
+    RefineRequest,
+    SignedFine,
+    SignedHistograms,
+    Thresholds,
+    discard_count,
+    fine_histograms,
+    magnitude_histograms,
+    refine_request,
+    refine_requests,
+    resolve_thresholds,
+    signed_fine_histograms,
+    signed_histograms,
+    tensor_thresholds,
+)
+from tswitch_ray.switch.transforms import bin_discard, dare, p_discard
+
+__all__ = [
+    "KNOB_MODES",
+    "N_BUCKETS",
+    "FineHistograms",
+    "KeptStats",
+    "KnobMode",
+    "RefineRequest",
+    "SignedFine",
+    "SignedHistograms",
+    "Thresholds",
+    "add_fine",
+    "bin_discard",
+    "binarize",
+    "bucket_fine_histograms",
+    "coarse_histogram",
+    "dare",
+    "discard_count",
+    "fine_histograms",
+    "kept_stats",
+    "knob",
+    "kth_smallest",
+    "magnitude_histograms",
+    "p_discard",
+    "reconstruct",
+    "refine_buckets",
+    "refine_request",
+    "refine_requests",
+    "resolve",
+    "resolve_thresholds",
+    "signed_fine_histograms",
+    "signed_histograms",
+    "switch_delta",
+    "task_vector",
+    "tensor_thresholds",
+]

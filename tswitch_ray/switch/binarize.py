@@ -1,0 +1,85 @@
+"""Bin-Discard: activation switch M, polarity switch S and knob λ (paper 000 Sec. 3.3).
+
+Paper 000 eq. (5) approximates a task vector by τ ≈ λ · M ⊙ S, with (eq. 6)
+M the mask of kept entries (P-Discard, eq. 3), S = sign(τ) on them and λ a
+scalar knob. Eq. (7) rebuilds θt = θ0 + λt · Mt ⊙ St (see :mod:`.reconstruct`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from tswitch_ray.errors import ConfigError
+from tswitch_ray.switch.thresholds import Thresholds
+
+KnobMode = Literal["rms", "mean"]
+KNOB_MODES: tuple[str, ...] = ("rms", "mean")
+
+
+def _f32(tau: torch.Tensor) -> torch.Tensor:
+    # Thresholds are computed from float32 values; compare in the same dtype.
+    return tau if tau.dtype == torch.float32 else tau.to(torch.float32)
+
+
+def binarize(tau: torch.Tensor, th: Thresholds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation and polarity switches of paper 000 eq. (6), same shape as ``tau``.
+
+    ``mask`` (M): kept = τ > t⁺ or −τ > t⁻, so zeros are never kept (the
+    thresholds are ≥ 0). ``positive``: τ > 0, the sign S = +1 where True and
+    −1 where False; only meaningful where ``mask``.
+    """
+    t = _f32(tau)
+    # t_pos/t_neg are float32 values (bit patterns from the histograms), so
+    # comparing with them as Python floats is exact; −τ > t⁻ ⇔ τ < −t⁻ exactly.
+    mask = t > th.t_pos
+    mask |= t < -th.t_neg
+    positive = t > 0
+    return mask, positive
+
+
+@dataclass(frozen=True)
+class KeptStats:
+    """Float64 sums over kept entries; shards/tensors add with ``+``."""
+
+    kept: int = 0
+    sum_abs: float = 0.0
+    sum_sq: float = 0.0
+
+    def __add__(self, other: KeptStats) -> KeptStats:
+        if not isinstance(other, KeptStats):
+            return NotImplemented
+        return KeptStats(self.kept + other.kept, self.sum_abs + other.sum_abs, self.sum_sq + other.sum_sq)
+
+
+def kept_stats(tau: torch.Tensor, mask: torch.Tensor) -> KeptStats:
+    """Count, Σ|τ| and Στ² over the kept entries, accumulated in float64."""
+    if mask.shape != tau.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from tau shape {tuple(tau.shape)}")
+    kept = _f32(tau)[mask].to(torch.float64)  # only the kept entries, usually a fraction
+    if kept.numel() == 0:
+        return KeptStats()
+    kept.abs_()
+    return KeptStats(int(kept.numel()), float(kept.sum()), float(torch.dot(kept, kept)))
+
+
+def knob(stats: KeptStats, mode: KnobMode | str = "rms") -> float:
+    """The switch knob λ of paper 000 eqs. (5)–(7) from kept-entry statistics.
+
+    ``"rms"`` (default, the authors' code): λ = ‖τ⊙M‖₂ / √kept, the
+    root-mean-square of the kept magnitudes. ``"mean"``: λ = Σ|τ⊙M| / kept,
+    the least-squares scalar for λ·M⊙S ≈ τ. No kept entry gives λ = 0.0.
+    """
+    if mode not in KNOB_MODES:
+        raise ConfigError(
+            f"knob mode {mode!r} is not one of {', '.join(KNOB_MODES)}: 'rms' (the authors' "
+            "code, the default) or 'mean' (least-squares scale of the kept magnitudes)."
+        )
+    if stats.kept == 0:
+        return 0.0
+    if mode == "rms":
+        return math.sqrt(stats.sum_sq / stats.kept)
+    return stats.sum_abs / stats.kept

@@ -1,0 +1,38 @@
+"""Task vectors: the difference between a fine-tuned and the pretrained weights."""
+
+from __future__ import annotations
+
+import torch
+
+from tswitch_ray.errors import ZooError
+
+
+def task_vector(theta_t: torch.Tensor, theta_0: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """τt = θt − θ0, computed and returned in float32 (DESIGN "The math").
+
+    Task Arithmetic (Ilharco et al.), as used by paper 000 Sec. 3.1. The
+    inputs may be stored as fp32, fp16 or bf16; both are widened to fp32
+    (exact) before the single rounded subtraction, so the result does not
+    depend on the storage dtype beyond the stored values themselves.
+
+    ``name`` is only used in error messages. Neither input is modified.
+    """
+    label = name or "<unnamed tensor>"
+    if theta_t.shape != theta_0.shape:
+        raise ZooError(
+            f"tensor {label!r}: the fine-tuned checkpoint has shape {tuple(theta_t.shape)} but the "
+            f"base has {tuple(theta_0.shape)}; a task vector needs both models to share the "
+            "architecture, so check that the task checkpoint was fine-tuned from this base."
+        )
+    if not (theta_t.is_floating_point() and theta_0.is_floating_point()):
+        raise ZooError(
+            f"tensor {label!r}: task vectors need floating-point weights, got {theta_t.dtype} "
+            f"(task) and {theta_0.dtype} (base); exclude integer buffers from the zoo with "
+            "'exclude:' globs."
+        )
+    # copy=True: for an fp32 input .to() would otherwise alias it and sub_ would
+    # overwrite the caller's checkpoint tensor.
+    out = theta_t.to(torch.float32, copy=True)
+    # sub_ widens theta_0 to fp32 on the fly (exact), so no second temporary.
+    out.sub_(theta_0)
+    return out

@@ -1,0 +1,288 @@
+"""Exact positive/negative discard thresholds of P-Discard (paper 000 Sec. 3.2).
+
+For a discard ratio α in [0, 1) and the positive elements P of τ (n = |P|),
+d = floor(α·n); if d = 0 the threshold is 0, else t⁺ is the d-th smallest value
+of P (1-based, what ``torch.kthvalue(P, d)`` returns). Likewise t⁻ over the
+magnitudes of the negative elements. Zeros belong to neither side, and an
+element is kept when τ > t⁺ or −τ > t⁻ (see :mod:`.binarize`).
+
+This is the exact rule of DESIGN.md. The authors' code (lfy-123/Binary-Task-
+Switch, merge_vit.py) instead keeps the int(n·(1−α)) largest values plus any
+ties at the cut, which can keep a few more elements when values repeat.
+
+Scope "tensor" (:func:`tensor_thresholds`) takes P and N per tensor, as the
+authors' code does. Scope "model" (the paper text's reading) takes them over
+the whole task vector; it is computed from per-shard pieces that add up:
+
+    hist  = Σ_shards signed_histograms(τ_s)            # pass 1
+    req   = refine_request(hist, alphas)               # driver, tiny
+    fine  = Σ_shards signed_fine_histograms(τ_s, req)  # pass 2
+    ths   = resolve_thresholds(hist, fine, alphas)     # driver, tiny
+
+and the result equals :func:`tensor_thresholds` on the concatenation of all
+shards. Selection is by radix histograms (:mod:`.select`); no per-α sort.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import overload
+
+import numpy as np
+import torch
+
+from tswitch_ray.errors import ConfigError, ZooError
+from tswitch_ray.switch import select
+
+# Keys with the sign bit set are negative values; 0x8000 is the key offset.
+_NEG_KEY = 0x8000
+_HALF = select.N_BUCKETS // 2
+# Buckets of +inf/NaN (exponent all ones) among non-negative magnitude keys.
+_NONFINITE_KEY = 0x7F80
+_INT32_MIN = -(2**31)  # bit pattern of -0.0
+
+
+def _validate_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, Real):
+        raise ConfigError(
+            f"discard ratio alpha={alpha!r} is not a number; give a value in [0, 1) such as 0.6 "
+            "(the fraction of the smallest-magnitude positive and negative entries to drop)."
+        )
+    value = float(alpha)
+    if not (0.0 <= value < 1.0):
+        raise ConfigError(
+            f"discard ratio alpha={alpha!r} is outside [0, 1); it is the fraction of the "
+            "smallest-magnitude positive and negative task-vector entries to drop, so use e.g. "
+            "0.6 (the authors' ViT setting). alpha=1 would drop everything."
+        )
+    return value
+
+
+def _alpha_list(alphas: float | Iterable[float]) -> list[float]:
+    if isinstance(alphas, Real) and not isinstance(alphas, bool):
+        alphas = [alphas]  # a lone α is accepted for convenience
+    return [_validate_alpha(a) for a in alphas]  # type: ignore[union-attr]
+
+
+def discard_count(n: int, alpha: float) -> int:
+    """d = floor(α·n), the number of smallest-magnitude entries P-Discard drops.
+
+    Paper 000 Sec. 3.2 (the α-quantile of eq. 3). The product is taken in
+    float64 exactly as ``math.floor(alpha * n)`` in Python, *including* its
+    rounding: 0.29 * 100 = 28.999999999999996 in float64, so d = 28, not 29.
+    We match that on purpose so that every implementation that writes the
+    obvious Python expression (tests, reference scripts) agrees bit for bit.
+    Raises ``ConfigError`` for α outside [0, 1).
+    """
+    a = _validate_alpha(alpha)
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"element count must be non-negative, got {n}")
+    return int(math.floor(a * n))
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Discard thresholds of one α: keep τ > t_pos or −τ > t_neg.
+
+    n_pos/n_neg count strictly positive/negative elements, d_pos/d_neg the
+    ranks (floor(α·n)) whose values are t_pos/t_neg (0.0 when d = 0).
+    """
+
+    alpha: float
+    t_pos: float
+    t_neg: float
+    n_pos: int
+    n_neg: int
+    d_pos: int
+    d_neg: int
+
+
+@dataclass(frozen=True, eq=False)
+class SignedHistograms:
+    """Pass-1 statistics of a task vector (or shard): coarse radix histograms.
+
+    ``coarse_pos`` counts the high 16 bits of the positive values,
+    ``coarse_neg`` those of the magnitudes of the negative values (int64,
+    shape (65 536,), zeros excluded from both). Shards add with ``+``.
+    """
+
+    coarse_pos: np.ndarray
+    coarse_neg: np.ndarray
+    n_pos: int
+    n_neg: int
+
+    def __add__(self, other: SignedHistograms) -> SignedHistograms:
+        if not isinstance(other, SignedHistograms):
+            return NotImplemented
+        return SignedHistograms(
+            self.coarse_pos + other.coarse_pos,
+            self.coarse_neg + other.coarse_neg,
+            self.n_pos + other.n_pos,
+            self.n_neg + other.n_neg,
+        )
+
+    @classmethod
+    def empty(cls) -> SignedHistograms:
+        """The neutral element, handy as the start of a sum over shards."""
+        zeros = np.zeros(select.N_BUCKETS, dtype=np.int64)
+        return cls(zeros, zeros.copy(), 0, 0)
+
+
+@dataclass(frozen=True)
+class RefineRequest:
+    """Which coarse buckets (per sign) hold the wanted ranks: the pass-2 work order."""
+
+    pos: tuple[int, ...] = ()
+    neg: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.pos or self.neg)
+
+
+@dataclass(frozen=True, eq=False)
+class SignedFine:
+    """Pass-2 statistics: low-16-bit histograms of the requested buckets, per sign.
+
+    Shards add with ``+``.
+    """
+
+    pos: dict[int, np.ndarray] = field(default_factory=dict)
+    neg: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __add__(self, other: SignedFine) -> SignedFine:
+        if not isinstance(other, SignedFine):
+            return NotImplemented
+        return SignedFine(select.add_fine(self.pos, other.pos), select.add_fine(self.neg, other.neg))
+
+
+def _signed_keys(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    bits = select.float_bits(tau)
+    return bits, select.high_keys(bits, signed=True)
+
+
+def _signed_histograms(bits: torch.Tensor, keys: torch.Tensor, name: str | None) -> SignedHistograms:
+    counts = select.histogram_of_keys(keys)
+    nonfinite = int(counts[_NONFINITE_KEY:_HALF].sum() + counts[_NEG_KEY + _NONFINITE_KEY :].sum())
+    if nonfinite:
+        raise ZooError(
+            f"task vector of tensor {name or '<unnamed tensor>'!r} holds {nonfinite} non-finite "
+            "value(s) (NaN or ±inf), so its discard thresholds are undefined; a checkpoint of "
+            "this tensor is corrupt or θt − θ0 overflowed float32. Check the task and base "
+            "files for this tensor."
+        )
+    # Exact ±0.0 share bucket 0 with the tiniest subnormals; count them out.
+    pos_zero = int(torch.count_nonzero(bits == 0))
+    neg_zero = int(torch.count_nonzero(bits == _INT32_MIN))
+    pos = np.zeros(select.N_BUCKETS, dtype=np.int64)
+    neg = np.zeros(select.N_BUCKETS, dtype=np.int64)
+    pos[:_HALF] = counts[:_HALF]
+    neg[:_HALF] = counts[_HALF:]
+    pos[0] -= pos_zero
+    neg[0] -= neg_zero
+    return SignedHistograms(pos, neg, int(pos.sum()), int(neg.sum()))
+
+
+def signed_histograms(tau: torch.Tensor, name: str | None = None) -> SignedHistograms:
+    """Pass 1 over a task vector (shard) of any shape: coarse histograms per sign.
+
+    Computed on the tensor's device from its float32 values. ``name`` only
+    labels errors: a non-finite value raises ``ZooError``.
+    """
+    bits, keys = _signed_keys(tau)
+    return _signed_histograms(bits, keys, name)
+
+
+def _ranks(n: int, alphas: Sequence[float]) -> list[int]:
+    return [discard_count(n, a) for a in alphas]
+
+
+def refine_request(hist: SignedHistograms, alphas: float | Iterable[float]) -> RefineRequest:
+    """The coarse buckets, per sign, that hold the ranks floor(α·n) of all α."""
+    alphas = _alpha_list(alphas)
+
+    def buckets(coarse: np.ndarray, n: int) -> tuple[int, ...]:
+        ranks = [d for d in _ranks(n, alphas) if d > 0]
+        return tuple(sorted({b for b, _ in select.refine_buckets(coarse, ranks)}))
+
+    return RefineRequest(buckets(hist.coarse_pos, hist.n_pos), buckets(hist.coarse_neg, hist.n_neg))
+
+
+def _signed_fine(bits: torch.Tensor, keys: torch.Tensor, request: RefineRequest) -> SignedFine:
+    if not request:
+        return SignedFine()
+    wanted = list(request.pos) + [b + _NEG_KEY for b in request.neg]
+    fines = select.fine_histograms_of_keys(bits, keys, wanted)
+    pos = {b: fines[b] for b in request.pos}
+    neg = {b: fines[b + _NEG_KEY] for b in request.neg}
+    # Low bits 0 of bucket 0 are exactly ±0.0, which belong to neither side.
+    if 0 in pos:
+        pos[0][0] = 0
+    if 0 in neg:
+        neg[0][0] = 0
+    return SignedFine(pos, neg)
+
+
+def signed_fine_histograms(tau: torch.Tensor, request: RefineRequest) -> SignedFine:
+    """Pass 2 over a task vector (shard): low-16-bit histograms of the requested buckets."""
+    bits, keys = _signed_keys(tau)
+    return _signed_fine(bits, keys, request)
+
+
+@overload
+def fine_histograms(tau: torch.Tensor, request: RefineRequest) -> SignedFine: ...
+@overload
+def fine_histograms(tau: torch.Tensor, request: Iterable[int]) -> dict[int, np.ndarray]: ...
+def fine_histograms(tau, request):  # type: ignore[no-untyped-def]
+    """Pass 2, by what is asked: signed (a ``RefineRequest``) or over |τ| (bucket ids).
+
+    The package-level name of ARCHITECTURE.md; dispatches to
+    :func:`signed_fine_histograms` or :func:`select.fine_histograms`.
+    """
+    if isinstance(request, RefineRequest):
+        return signed_fine_histograms(tau, request)
+    return select.fine_histograms(tau, request)
+
+
+def resolve_thresholds(
+    hist: SignedHistograms, fine: SignedFine, alphas: float | Iterable[float]
+) -> list[Thresholds]:
+    """Exact thresholds of every α (in order) from summed pass-1 and pass-2 statistics."""
+    alphas = _alpha_list(alphas)
+
+    def side(coarse: np.ndarray, fines: dict[int, np.ndarray], n: int) -> tuple[list[int], list[float]]:
+        ds = _ranks(n, alphas)
+        wanted = [d for d in ds if d > 0]
+        values = iter(select.resolve(coarse, fines, wanted))
+        return ds, [next(values) if d > 0 else 0.0 for d in ds]
+
+    d_pos, t_pos = side(hist.coarse_pos, fine.pos, hist.n_pos)
+    d_neg, t_neg = side(hist.coarse_neg, fine.neg, hist.n_neg)
+    return [
+        Thresholds(a, tp, tn, hist.n_pos, hist.n_neg, dp, dn)
+        for a, tp, tn, dp, dn in zip(alphas, t_pos, t_neg, d_pos, d_neg)
+    ]
+
+
+def tensor_thresholds(
+    tau: torch.Tensor, alphas: float | Iterable[float], name: str | None = None
+) -> list[Thresholds]:
+    """Scope "tensor": exact thresholds of one task-vector tensor for all α at once.
+
+    Two passes over the data whatever the number of α (pass 2 is skipped when
+    every d is 0). ``name`` only labels errors.
+    """
+    alphas = _alpha_list(alphas)
+    bits, keys = _signed_keys(tau)
+    hist = _signed_histograms(bits, keys, name)
+    fine = _signed_fine(bits, keys, refine_request(hist, alphas))
+    return resolve_thresholds(hist, fine, alphas)
+
+
+# Names used by docs/ARCHITECTURE.md.
+magnitude_histograms = signed_histograms
+refine_requests = refine_request
+FineHistograms = SignedFine
