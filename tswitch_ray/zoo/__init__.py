@@ -1,1 +1,55 @@
-"""zoo layer."""
+"""zoo layer: the zoo manifest and lazy per-tensor checkpoint readers over fsspec.
+
+* :func:`load_zoo` / :class:`Zoo` - a base and N task checkpoints from a
+  ``zoo.yaml`` (local, file://, memory:// or s3://), validated with clear
+  :class:`~tswitch_ray.errors.ZooError` messages.
+* :func:`open_checkpoint` and the readers - ``.safetensors`` (byte-range reads),
+  HF sharded folders, ``.pt``/``.bin`` state dicts (``weights_only`` only).
+* :func:`save_safetensors`, :func:`save_sharded`,
+  :class:`SafetensorsStreamWriter` - atomic writers.
+* :func:`synth_zoo` - synthetic zoos with open_clip ViT vision-tower shapes.
+* :func:`convert_checkpoint` - explicit pickle -> safetensors conversion.
+"""
+
+from tswitch_ray.zoo.convert import convert_checkpoint
+from tswitch_ray.zoo.manifest import TaskEntry, ZooManifest, parse_manifest, read_manifest, resolve_uri
+from tswitch_ray.zoo.readers import (
+    CheckpointReader,
+    SafetensorsReader,
+    ShardedSafetensorsReader,
+    TensorInfo,
+    TorchStateDictReader,
+    dtype_name,
+    dtype_to_torch,
+    open_checkpoint,
+)
+from tswitch_ray.zoo.synth import ARCHS, synth_zoo, vision_tower_layout
+from tswitch_ray.zoo.writer import SafetensorsStreamWriter, save_safetensors, save_sharded
+from tswitch_ray.zoo.zoo import FINGERPRINT_SAMPLE_BYTES, Zoo, check_finite, load_zoo
+
+__all__ = [
+    "ARCHS",
+    "FINGERPRINT_SAMPLE_BYTES",
+    "CheckpointReader",
+    "SafetensorsReader",
+    "SafetensorsStreamWriter",
+    "ShardedSafetensorsReader",
+    "TaskEntry",
+    "TensorInfo",
+    "TorchStateDictReader",
+    "Zoo",
+    "ZooManifest",
+    "check_finite",
+    "convert_checkpoint",
+    "dtype_name",
+    "dtype_to_torch",
+    "load_zoo",
+    "open_checkpoint",
+    "parse_manifest",
+    "read_manifest",
+    "resolve_uri",
+    "save_safetensors",
+    "save_sharded",
+    "synth_zoo",
+    "vision_tower_layout",
+]
