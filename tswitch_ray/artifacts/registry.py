@@ -1,0 +1,210 @@
+"""SQL catalog over committed artifact sets and evaluation results (duckdb).
+
+``Registry(root)`` scans ``root/**/manifest.json`` (committed switch sets) and
+``root/**/results.parquet`` (evaluation tables) and exposes three views:
+
+* ``artifacts`` — one row per committed set,
+* ``switches`` — one row per (set, task, alpha),
+* ``results`` — the union of every results table, with ``uri`` = its folder.
+
+Only the manifests and result tables are read, never the switch payloads.
+Columns are documented in docs/ARTIFACTS.md ("Registry").
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import logging
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tswitch_ray.artifacts.schema import MANIFEST_NAME, PARTS_DIR, RESULTS_NAME, RESULTS_SCHEMA
+from tswitch_ray.artifacts.store import _unstrip, normalize_uri, open_fs
+from tswitch_ray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("name", pa.string()),
+        ("zoo", pa.string()),
+        ("fingerprint", pa.string()),
+        ("run_key", pa.string()),
+        ("tasks", pa.list_(pa.string())),
+        ("n_tasks", pa.int64()),
+        ("alphas", pa.list_(pa.float64())),
+        ("scope", pa.string()),
+        ("knob_mode", pa.string()),
+        ("codec", pa.string()),
+        ("n_tensors", pa.int64()),
+        ("encoded_bytes", pa.int64()),
+        ("fp32_bytes", pa.int64()),
+        ("ratio", pa.float64()),
+        ("bits_per_element", pa.float64()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+SWITCHES_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("task", pa.string()),
+        ("alpha", pa.float64()),
+        ("tensors", pa.int64()),
+        ("numel", pa.int64()),
+        ("kept", pa.int64()),
+        ("kept_fraction", pa.float64()),
+        ("encoded_bytes", pa.int64()),
+        ("bits_per_element", pa.float64()),
+        ("knob", pa.float64()),
+    ]
+)
+
+
+def _timestamp(s: Any) -> _dt.datetime | None:
+    try:
+        t = _dt.datetime.fromisoformat(str(s))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+
+
+class Registry:
+    """duckdb views ``artifacts``, ``switches`` and ``results`` over everything under ``root_uri``."""
+
+    def __init__(self, root_uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.root_uri = root_uri
+        self.storage_options = storage_options or {}
+        self.fs, self.root = open_fs(root_uri, self.storage_options)
+        self.con = duckdb.connect()
+        # Manifests or result files that could not be read: (path, cause).
+        self.problems: list[tuple[str, str]] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rescan the root and rebuild the views."""
+        self.problems = []
+        self.fs.invalidate_cache(self.root)
+        try:
+            files = self.fs.find(self.root)
+        except FileNotFoundError:
+            files = []
+        # Parts folders never hold manifests or results; skip them to keep the scan cheap to reason about.
+        files = [f for f in files if f"/{PARTS_DIR}/" not in f[len(self.root):]]
+        manifests = sorted(f for f in files if f.rsplit("/", 1)[-1] == MANIFEST_NAME)
+        results = sorted(f for f in files if f.rsplit("/", 1)[-1] == RESULTS_NAME)
+        art_rows, sw_rows = self._scan_manifests(manifests)
+        self._register("artifacts", pa.Table.from_pylist(art_rows, schema=ARTIFACTS_SCHEMA))
+        self._register("switches", pa.Table.from_pylist(sw_rows, schema=SWITCHES_SCHEMA))
+        self._register("results", self._scan_results(results))
+
+    def _register(self, name: str, table: pa.Table) -> None:
+        # register() replaces an earlier registration of the same name.
+        self.con.register(name, table)
+
+    def _scan_manifests(self, paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        arts, sws = [], []
+        for path in paths:
+            folder = path.rsplit("/", 1)[0]
+            uri = _unstrip(self.fs, folder)
+            try:
+                m = json.loads(self.fs.cat_file(path))
+                zoo = m.get("zoo") or {}
+                if isinstance(zoo, str):
+                    zoo = {"name": zoo}
+                totals = m.get("totals") or {}
+                arts.append({
+                    "uri": uri,
+                    "name": m.get("name") or folder.rsplit("/", 1)[-1],
+                    "zoo": zoo.get("name"),
+                    "fingerprint": zoo.get("fingerprint"),
+                    "run_key": m["run_key"],
+                    "tasks": list(m["tasks"]),
+                    "n_tasks": len(m["tasks"]),
+                    "alphas": [float(a) for a in m["alphas"]],
+                    "scope": m.get("scope"),
+                    "knob_mode": m.get("knob_mode"),
+                    "codec": m.get("codec"),
+                    "n_tensors": len(m.get("tensors") or []),
+                    "encoded_bytes": int(totals.get("encoded_bytes", 0)),
+                    "fp32_bytes": int(totals.get("fp32_bytes", 0)),
+                    "ratio": float(totals.get("ratio", 0.0)),
+                    "bits_per_element": float(totals.get("bits_per_element", 0.0)),
+                    "created_at": _timestamp(m.get("created_at")),
+                })
+                for s in m.get("switches") or []:
+                    numel = int(s["numel"])
+                    sws.append({
+                        "uri": uri,
+                        "task": s["task"],
+                        "alpha": float(s["alpha"]),
+                        "tensors": int(s.get("tensors", 0)),
+                        "numel": numel,
+                        "kept": int(s["kept"]),
+                        "kept_fraction": int(s["kept"]) / numel if numel else 0.0,
+                        "encoded_bytes": int(s["encoded_bytes"]),
+                        "bits_per_element": 8 * int(s["encoded_bytes"]) / numel if numel else 0.0,
+                        "knob": s.get("knob"),
+                    })
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self.problems.append((uri + "/" + MANIFEST_NAME, str(exc)))
+                log.warning("registry: skipping unreadable manifest %s: %s", path, exc)
+        return arts, sws
+
+    def _scan_results(self, paths: list[str]) -> pa.Table:
+        tables = []
+        for path in paths:
+            folder = path.rsplit("/", 1)[0]
+            try:
+                t = pq.read_table(io.BytesIO(self.fs.cat_file(path)))
+            except (OSError, pa.ArrowException) as exc:
+                self.problems.append((_unstrip(self.fs, path), str(exc)))
+                log.warning("registry: skipping unreadable results %s: %s", path, exc)
+                continue
+            tables.append(self._conform(t, _unstrip(self.fs, folder), path))
+        if not tables:
+            return RESULTS_SCHEMA.empty_table()
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def _conform(self, t: pa.Table, uri: str, path: str) -> pa.Table:
+        """Give a results table the base columns, in order and type; keep its other columns after them."""
+        n = t.num_rows
+        cols: dict[str, pa.Array] = {}
+        for f in RESULTS_SCHEMA:
+            if f.name == "uri":
+                cols["uri"] = pa.array([uri] * n, pa.string())
+            elif f.name in t.column_names:
+                try:
+                    cols[f.name] = t.column(f.name).cast(f.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    self.problems.append((_unstrip(self.fs, path), f"column {f.name}: {exc}"))
+                    cols[f.name] = pa.nulls(n, f.type)
+            else:
+                cols[f.name] = pa.nulls(n, f.type)
+        if n:
+            cols["artifact_uri"] = pa.array(
+                [normalize_uri(u, self.storage_options) if u else None for u in cols["artifact_uri"].to_pylist()],
+                pa.string())
+        for name in t.column_names:
+            if name not in cols:
+                cols[name] = t.column(name)
+        return pa.table(cols)
+
+    def query(self, sql: str) -> pa.Table:
+        """Run SQL over the views; ``ConfigError`` with duckdb's message on bad SQL."""
+        try:
+            rel = self.con.sql(sql)
+            if rel is None:
+                return pa.table({})
+            return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
+        except duckdb.Error as exc:
+            raise ConfigError(f"Registry query over {self.root_uri} failed: {exc}\nSQL: {sql}") from exc
+
+    def close(self) -> None:
+        self.con.close()
