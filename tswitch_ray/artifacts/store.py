@@ -207,6 +207,11 @@ def _part_bytes(rows: list[dict[str, Any]], metadata: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
 class ArtifactWriter:
     """Stages parts of one build (``run_key``) under ``uri`` and commits them.
 
@@ -223,6 +228,21 @@ class ArtifactWriter:
         self.storage_options = storage_options or {}
         self.fs, self.root = open_fs(uri, self.storage_options)
         self.run_dir = f"{self.root}/{PARTS_DIR}/{run_key}"
+
+    def check_writable(self) -> None:
+        """Write and delete a probe object, so a missing bucket or a denied write fails before any work is done."""
+        probe = f"{self.root}/.tswitch-probe-{uuid.uuid4().hex}"
+        try:
+            if _is_local(self.fs):  # object stores have no directories, and mkdirs there would create a bucket
+                self.fs.mkdirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+        except Exception as exc:  # noqa: BLE001 - every backend raises its own types; all mean "cannot write here"
+            raise ArtifactError(
+                f"{self.uri}: cannot write artifacts there ({type(exc).__name__}: {exc}). Check that the bucket or "
+                "directory exists and that the credentials allow writing (for s3: --s3-endpoint, -S key=..., "
+                "AWS_* variables)."
+            ) from exc
 
     # paths
     def _part_path(self, shard_id: int) -> str:

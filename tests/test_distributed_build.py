@@ -1,0 +1,218 @@
+"""The Ray build equals the single-process build byte for byte, survives node loss and resumes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from tswitch_ray.artifacts import ArtifactReader
+from tswitch_ray.distributed.build import BuildConfig, run_build
+from tswitch_ray.distributed.planner import layer_of, plan_shards
+from tswitch_ray.errors import ServiceError, TSwitchError
+from tswitch_ray.zoo import load_zoo
+from tswitch_ray.zoo.synth import synth_zoo
+
+SMALL_SHARD = 256 * 1024  # many shards even on a 2-layer zoo
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory) -> str:
+    return synth_zoo("vit-b-32", 3, "fp16", str(tmp_path_factory.mktemp("zoo")), seed=1, layers=2)
+
+
+def _parts(uri: str) -> dict[str, bytes]:
+    root = Path(uri)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.parquet"))}
+
+
+def _manifest(uri: str) -> dict:
+    m = json.loads((Path(uri) / "manifest.json").read_text())
+    m.pop("created_at", None)
+    return m
+
+
+def _build(zoo: str, out: str, **kw) -> object:
+    kw.setdefault("show_progress", False)
+    kw.setdefault("shard_bytes", SMALL_SHARD)
+    return run_build(BuildConfig(zoo=zoo, out=out, alphas=[0.5, 0.9], **kw))
+
+
+def test_plan_keeps_layers_together_and_balances(small_zoo):
+    infos = load_zoo(small_zoo).tensor_infos()
+    shards = plan_shards(infos, target_bytes=4 * 2**20)
+    names = [n for s in shards for n in s.tensors]
+    assert len(names) == len(set(names))
+    assert set(names) == {n for n, i in infos.items() if i.dtype in ("F16", "F32", "BF16")}
+    # a layer smaller than the target is never split across shards
+    for layer in {layer_of(n) for n in names}:
+        members = {n for n in names if layer_of(n) == layer}
+        owners = {s.shard_id for s in shards if members & set(s.tensors)}
+        if sum(infos[n].nbytes for n in members) <= 4 * 2**20:
+            assert len(owners) == 1, layer
+    assert max(s.nbytes for s in shards) <= max(4 * 2**20, max(i.nbytes for i in infos.values()))
+    assert layer_of("visual.transformer.resblocks.11.mlp.c_fc.weight") == "visual.transformer.resblocks.11"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_ray_build_equals_local_byte_for_byte(small_zoo, tmp_path, scope, workers):
+    local = str(tmp_path / "local" / "switches")
+    _build(small_zoo, local, scope=scope, executor="local")
+    ray.shutdown()
+    try:
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        distributed = str(tmp_path / "ray" / "switches")
+        summary = _build(small_zoo, distributed, scope=scope, executor="ray")
+    finally:
+        ray.shutdown()
+    assert summary.shards > 4
+    assert _parts(local) == _parts(distributed)
+    assert _manifest(local) == _manifest(distributed)
+
+
+def test_resume_recomputes_only_missing_shards(small_zoo, tmp_path):
+    out = str(tmp_path / "a")
+    first = _build(small_zoo, out, executor="local")
+    reference = _parts(out)
+    # simulate a crash after most shards: no manifest, two parts lost
+    (Path(out) / "manifest.json").unlink()
+    staged = sorted(p for p in Path(out).rglob("part-*.parquet"))
+    for p in staged[:2]:
+        p.unlink()
+    with pytest.raises(TSwitchError):
+        ArtifactReader(out)  # nothing visible without a manifest
+    second = _build(small_zoo, out, executor="local")
+    assert second.shards_reused == first.shards - 2
+    assert _parts(out) == reference
+
+
+def test_interrupted_process_resumes(small_zoo, tmp_path):
+    out = str(tmp_path / "b")
+    cmd = [sys.executable, "-m", "tswitch_ray.cli", "build", "--zoo", small_zoo, "--out", out, "--alpha", "0.5",
+           "--alpha", "0.9", "--executor", "local", "--shard-mb", "1", "--quiet"]
+    env = dict(os.environ, TSWITCH_TEST_SLOW_SHARD_S="0.4")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(Path(out).rglob("part-*.parquet")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert not (Path(out) / "manifest.json").exists()
+    done_before = len(list(Path(out).rglob("part-*.parquet")))
+    assert done_before >= 1
+    summary = run_build(BuildConfig(zoo=small_zoo, out=out, alphas=[0.5, 0.9], executor="local", show_progress=False,
+                                    shard_bytes=2**20))
+    assert summary.shards_reused == done_before
+    clean = str(tmp_path / "clean" / "switches")
+    run_build(BuildConfig(zoo=small_zoo, out=clean, alphas=[0.5, 0.9], executor="local", show_progress=False,
+                          shard_bytes=2**20))
+    assert _parts(out) == _parts(clean)
+
+
+def test_worker_node_killed_mid_build(small_zoo, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    local = str(tmp_path / "local" / "switches")
+    _build(small_zoo, local, executor="local")
+    ray.shutdown()
+    os.environ["TSWITCH_TEST_SLOW_SHARD_S"] = "0.3"  # set before the nodes start: their workers inherit it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    victim = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        out = str(tmp_path / "cluster" / "switches")
+        result: dict = {}
+
+        def go() -> None:
+            try:
+                result["summary"] = _build(small_zoo, out, executor="ray")
+            except BaseException as exc:  # surfaced below
+                result["error"] = exc
+
+        t = threading.Thread(target=go)
+        t.start()
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(Path(out).rglob("part-*.parquet"))) < 2:
+            time.sleep(0.05)
+        cluster.remove_node(victim, allow_graceful=False)
+        t.join(timeout=300)
+        assert "error" not in result, result.get("error")
+        assert result["summary"].shards > 4
+        assert _parts(local) == _parts(out)
+    finally:
+        os.environ.pop("TSWITCH_TEST_SLOW_SHARD_S", None)
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_s3_in_and_out(small_zoo, s3_bucket, tmp_path):
+    bucket, opts = s3_bucket
+    fs = fsspec.filesystem("s3", **opts)
+    zoo_dir = Path(small_zoo).parent
+    fs.put(str(zoo_dir) + "/", f"{bucket}/zoo/", recursive=True)
+    local = str(tmp_path / "local" / "switches")
+    _build(small_zoo, local, executor="local")
+    ray.shutdown()
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        _build(f"{bucket}/zoo/zoo.yaml", f"{bucket}/switches", executor="ray", storage_options=opts)
+    finally:
+        ray.shutdown()
+    reader = ArtifactReader(f"{bucket}/switches", storage_options=opts)
+    assert reader.tasks == load_zoo(small_zoo).task_names
+    # The run key hashes the zoo's URIs (which differ between local and s3) and is stamped into each part's
+    # folder and schema metadata; the switch rows themselves must be identical.
+    def rows(data: bytes) -> pa.Table:
+        return pq.read_table(io.BytesIO(data)).replace_schema_metadata(None)
+
+    remote = {p.rsplit("/", 1)[1]: rows(fs.cat_file(p)) for p in fs.find(f"{bucket}/switches") if p.endswith(".parquet")}
+    here = {k.rsplit("/", 1)[1]: rows(v) for k, v in _parts(local).items()}
+    assert remote.keys() == here.keys()
+    assert all(remote[k].equals(here[k]) for k in here)
+
+
+def test_unreachable_ray_address_is_a_clear_error(small_zoo, tmp_path):
+    ray.shutdown()
+    with pytest.raises(ServiceError, match="127.0.0.1:1"):
+        _build(small_zoo, str(tmp_path / "x"), executor="ray", ray_address="127.0.0.1:1")
+    assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_missing_bucket_is_a_clear_error(small_zoo, s3_server):
+    opts = {"client_kwargs": {"endpoint_url": s3_server}, "key": "testing", "secret": "testing"}
+    with pytest.raises(TSwitchError, match="no-such-bucket"):
+        _build(small_zoo, "s3://no-such-bucket/switches", executor="local", storage_options=opts)
+
+
+def test_checkpoint_disappearing_mid_run_commits_nothing(small_zoo, tmp_path):
+    import shutil
+
+    zoo_dir = tmp_path / "zoo"
+    shutil.copytree(Path(small_zoo).parent, zoo_dir)
+    victim = sorted(zoo_dir.glob("task_*.safetensors"))[-1]
+    out = tmp_path / "out"
+    os.environ["TSWITCH_TEST_SLOW_SHARD_S"] = "0.2"
+    try:
+        t = threading.Timer(0.5, victim.unlink)
+        t.start()
+        with pytest.raises(TSwitchError, match=victim.name):
+            _build(str(zoo_dir / "zoo.yaml"), str(out), executor="local")
+        t.join()
+    finally:
+        os.environ.pop("TSWITCH_TEST_SLOW_SHARD_S", None)
+    assert not (out / "manifest.json").exists()

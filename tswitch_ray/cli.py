@@ -1,0 +1,240 @@
+"""`tswitch`: one verb per job. Presentation only; the work lives in the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from tswitch_ray.errors import ConfigError, TSwitchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    help="Binary task switches (T-Switch, Auto-Switch) and model-merging evaluation for model zoos, on Ray.",
+)
+zoo_app = typer.Typer(no_args_is_help=True, help="Make, convert and inspect zoos.")
+registry_app = typer.Typer(no_args_is_help=True, help="Query the artifact registry with SQL.")
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(registry_app, name="registry")
+
+console = Console(stderr=True)
+out = Console()
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user errors into one paragraph on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TSwitchError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except ValidationError as exc:
+            msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            console.print(f"[bold red]error:[/] invalid options: {msgs}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted:[/] nothing was committed; run the same command again to resume "
+                          "(finished shards are reused).")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _storage_options(pairs: list[str] | None, endpoint: str | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--storage-option expects KEY=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+    if endpoint:
+        opts.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+    return opts
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+StorageOpt = typer.Option(None, "--storage-option", "-S", help="fsspec storage option KEY=VALUE (repeatable), e.g. anon=false.")
+EndpointOpt = typer.Option(None, "--s3-endpoint", envvar="TSWITCH_S3_ENDPOINT", help="S3 endpoint URL for s3:// URIs (e.g. a SeaweedFS or MinIO server).")
+ExecOpt = typer.Option("ray", "--executor", help="'ray' (default: local Ray, or --ray-address) or 'local' (single process, no Ray).")
+AddrOpt = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Attach to an existing Ray cluster (`ray start --head`), e.g. 127.0.0.1:6379 or 'auto'.")
+WorkersOpt = typer.Option(None, "--workers", help="CPUs of the local Ray started when no --ray-address is given (default: all).")
+GpuOpt = typer.Option(0.0, "--num-gpus", help="GPUs per task (fractions allowed); tasks compute on CUDA when > 0.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+@app.command(epilog="Example: `tswitch build --zoo pipelines/zoos/demo.yaml --out out/switches --alpha 0.6 --alpha 0.8`")
+@user_errors
+def build(
+    zoo: str = typer.Option(..., "--zoo", "-z", help="Zoo manifest (YAML), local path or fsspec URL."),
+    out_uri: str = typer.Option(..., "--out", "-o", help="Artifact URI (folder or s3://bucket/prefix)."),
+    alpha: list[float] = typer.Option([0.6], "--alpha", "-a", help="Discard ratio α in [0, 1); repeat for several (one pass for all)."),
+    scope: str = typer.Option("tensor", "--scope", help="Threshold and knob scope: 'tensor' (authors' code) or 'model' (paper text)."),
+    knob: str = typer.Option("rms", "--knob", help="Switch knob: 'rms' (authors' code) or 'mean' (least squares)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed artifact set built with other options."),
+    shard_mb: int = typer.Option(64, "--shard-mb", help="Target shard size in MiB of one checkpoint."),
+    executor: str = ExecOpt,
+    ray_address: Optional[str] = AddrOpt,
+    workers: Optional[int] = WorkersOpt,
+    num_gpus: float = GpuOpt,
+    storage_option: Optional[list[str]] = StorageOpt,
+    s3_endpoint: Optional[str] = EndpointOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Build T-Switch artifacts (mask, sign, knob) for every task and α of a zoo.
+
+    Streams the checkpoints tensor by tensor, shards them over Ray, writes
+    Parquet parts and commits a manifest last. Rerunning an interrupted build
+    with the same command reuses the finished shards.
+    """
+    from tswitch_ray.distributed.build import BuildConfig, run_build
+
+    cfg = BuildConfig(zoo=zoo, out=out_uri, alphas=alpha, scope=scope, knob=knob, overwrite=overwrite,
+                      shard_bytes=shard_mb * 2**20, executor=executor, ray_address=ray_address, num_workers=workers,
+                      num_gpus=num_gpus, storage_options=_storage_options(storage_option, s3_endpoint),
+                      show_progress=not quiet)
+    s = run_build(cfg)
+    t = Table(title=f"build committed: {s.out}", show_header=False)
+    t.add_row("tasks x α", f"{s.tasks} x {s.alphas}")
+    t.add_row("scope", s.scope)
+    t.add_row("shards (reused)", f"{s.shards} ({s.shards_reused})")
+    t.add_row("bytes read", _bytes(s.bytes_read))
+    t.add_row("time", f"{s.seconds:.1f} s")
+    t.add_row("storage", f"{_bytes(s.encoded_bytes)} = {100 * s.ratio:.2f} % of fp32 task vectors")
+    t.add_row("peak RSS per worker", ", ".join(_bytes(v) for v in sorted(s.peak_rss_by_worker.values(), reverse=True)[:8]))
+    out.print(t)
+
+
+@app.command(epilog="Example: `tswitch reconstruct --artifacts out/switches --task digits --alpha 0.6 --out digits.safetensors`")
+@user_errors
+def reconstruct(
+    artifacts: str = typer.Option(..., "--artifacts", help="Committed artifact URI."),
+    task: str = typer.Option(..., "--task", "-t", help="Task name."),
+    alpha: float = typer.Option(..., "--alpha", "-a", help="One of the artifact set's α."),
+    out_file: str = typer.Option(..., "--out", "-o", help="Output .safetensors (local or URL)."),
+    zoo: Optional[str] = typer.Option(None, "--zoo", help="Zoo manifest, if it moved since the build (θ0 is read from it)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Write θ0 + λ·M⊙S for one task and α as a full state dict."""
+    from tswitch_ray.reconstruct import reconstruct_task
+
+    path = reconstruct_task(artifacts, task, alpha, out_file, zoo_uri=zoo,
+                            storage_options=_storage_options(storage_option, s3_endpoint))
+    out.print(f"wrote {path}")
+
+
+@app.command(epilog="Examples: `tswitch merge --zoo zoo.yaml --method ties --out merged/ -O k=20 -O scale=0.3`; "
+             "`tswitch merge --zoo zoo.yaml --method emr --out emr/`")
+@user_errors
+def merge(
+    zoo: str = typer.Option(..., "--zoo", "-z", help="Zoo manifest."),
+    method: str = typer.Option(..., "--method", "-m", help="avg, ta, ties, dare, pdiscard, emr, tswitch."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Output folder: merged.safetensors or <task>.safetensors."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-O", help="Method option KEY=VALUE (repeatable)."),
+    executor: str = ExecOpt,
+    ray_address: Optional[str] = AddrOpt,
+    workers: Optional[int] = WorkersOpt,
+    num_gpus: float = GpuOpt,
+    storage_option: Optional[list[str]] = StorageOpt,
+    s3_endpoint: Optional[str] = EndpointOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Merge a zoo with one method, streamed and sharded over Ray."""
+    from tswitch_ray.distributed.merge import MergeConfig, run_merge
+
+    opts = _storage_options(option, None)
+    cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, executor=executor, ray_address=ray_address,
+                      num_workers=workers, num_gpus=num_gpus,
+                      storage_options=_storage_options(storage_option, s3_endpoint), show_progress=not quiet)
+    s = run_merge(cfg)
+    for p in s.outputs:
+        out.print(f"wrote {p}")
+    out.print(f"{s.shards} shards, {_bytes(s.bytes_read)} read, {s.seconds:.1f} s")
+
+
+@zoo_app.command("synth", epilog="Example: `tswitch zoo synth --arch vit-b-32 --tasks 8 --dtype fp16 --out zoo-b32`")
+@user_errors
+def zoo_synth(
+    arch: str = typer.Option("vit-b-32", "--arch", help="vit-b-32, vit-b-16 or vit-l-14 (open_clip vision tower shapes)."),
+    tasks: int = typer.Option(8, "--tasks", help="Number of fine-tuned checkpoints."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16 or fp32."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Output folder."),
+    seed: int = typer.Option(0, "--seed"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Truncate to this many transformer blocks (fast tests)."),
+) -> None:
+    """Generate a synthetic zoo: real safetensors with real ViT tensor names and shapes, heavy-tailed task vectors."""
+    from tswitch_ray.zoo.synth import synth_zoo
+
+    path = synth_zoo(arch, tasks, dtype, out_dir, seed=seed, layers=layers)
+    out.print(f"wrote {path}")
+
+
+@zoo_app.command("convert", epilog="Example: `tswitch zoo convert finetuned.pt finetuned.safetensors --trust-pickle`")
+@user_errors
+def zoo_convert(
+    src: str = typer.Argument(..., help="Pickled checkpoint (.pt/.bin) — a whole module or a state dict."),
+    dst: str = typer.Argument(..., help="Output .safetensors."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle SRC (runs code inside it: only for files you trust)."),
+) -> None:
+    """One-time, explicit conversion of a pickled checkpoint to safetensors."""
+    from tswitch_ray.zoo.convert import convert_checkpoint
+
+    convert_checkpoint(src, dst, trust_pickle=trust_pickle)
+    out.print(f"wrote {dst}")
+
+
+@registry_app.command("query", epilog="Example: `tswitch registry query \"select uri, n_tasks, ratio from artifacts order by ratio\" --root out/`")
+@user_errors
+def registry_query(
+    sql: str = typer.Argument(..., help="SQL over the views artifacts, switches, results."),
+    root: str = typer.Option(".tswitch", "--root", help="Root URI under which artifact sets and results live."),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    s3_endpoint: Optional[str] = EndpointOpt,
+) -> None:
+    """Run SQL over the artifact catalog (duckdb)."""
+    from tswitch_ray.artifacts.registry import Registry
+
+    table = Registry(root, storage_options=_storage_options(storage_option, s3_endpoint)).query(sql)
+    if fmt == "json":
+        out.print_json(json.dumps(table.to_pylist(), default=str))
+    elif fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+    else:
+        t = Table(*table.column_names)
+        for row in table.to_pylist():
+            t.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        out.print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""Distributed switch build: zoo -> task vectors -> exact thresholds -> switches -> Parquet.
+
+Scope "tensor" is one pass: each shard task reads θ0 and then each θt of its
+tensors, one checkpoint at a time, and encodes every α at once.
+
+Scope "model" needs thresholds over each task's whole task vector:
+
+1. every shard returns coarse magnitude histograms per task (small, sparse);
+   the driver adds them and finds, per task, sign and α, the bucket that
+   holds the wanted rank;
+2. every shard returns fine histograms of just those buckets; the driver adds
+   them and resolves the exact thresholds;
+3. every shard encodes with the global thresholds and returns kept
+   statistics, from which the driver derives each task's knob.
+
+Shards are idempotent: a part already staged under the same resume key is
+reused, so an interrupted run restarted with the same command recomputes only
+what is missing. Nothing is visible to readers before the manifest commit.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tswitch_ray import __version__
+from tswitch_ray.artifacts import ArtifactWriter, encode_switch
+from tswitch_ray.device import pick_device
+from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
+from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_digest, plan_shards
+from tswitch_ray.distributed.progress import ShardProgress
+from tswitch_ray.errors import ConfigError, ZooError
+from tswitch_ray.switch import (
+    KeptStats,
+    binarize,
+    kept_stats,
+    knob,
+    refine_request,
+    resolve_thresholds,
+    signed_fine_histograms,
+    signed_histograms,
+    task_vector,
+    tensor_thresholds,
+)
+from tswitch_ray.switch.thresholds import Thresholds
+from tswitch_ray.zoo import Zoo, check_finite, load_zoo
+
+CODEC = "rice-v1"
+
+
+class BuildConfig(BaseModel):
+    """Everything `tswitch build` needs; the CLI and the Python API both fill it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    zoo: str
+    out: str
+    alphas: list[float] = Field(default_factory=lambda: [0.6])
+    scope: Literal["tensor", "model"] = "tensor"
+    knob: Literal["rms", "mean"] = "rms"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    executor: Literal["ray", "local"] = "ray"
+    ray_address: str | None = None
+    num_workers: int | None = None
+    num_gpus: float = 0.0
+    shard_bytes: int = 64 * 2**20
+    max_in_flight: int | None = None
+    overwrite: bool = False
+    show_progress: bool = True
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas_in_range(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("at least one --alpha is needed")
+        bad = [a for a in v if not (0.0 <= a < 1.0)]
+        if bad:
+            raise ValueError(f"discard ratio α must lie in [0, 1); got {bad}")
+        return sorted(set(v))
+
+
+@dataclass
+class BuildSummary:
+    """What the run did; printed by the CLI and logged by the API."""
+
+    out: str
+    run_key: str
+    shards: int
+    shards_reused: int
+    tasks: int
+    alphas: list[float]
+    scope: str
+    bytes_read: int
+    seconds: float
+    fp32_bytes: int
+    encoded_bytes: int
+    peak_rss_by_worker: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.encoded_bytes / self.fp32_bytes if self.fp32_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    """What a shard task needs to open the zoo and the output, without holding tensors."""
+
+    zoo_uri: str
+    storage_options_json: str
+    out: str
+    run_key: str
+    alphas: tuple[float, ...]
+    scope: str
+    knob_mode: str
+    use_cuda: bool
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return json.loads(self.storage_options_json)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_zoo(zoo_uri: str, storage_options_json: str) -> Zoo:
+    # One zoo object per worker process: headers are parsed once, not per shard.
+    return load_zoo(zoo_uri, storage_options=json.loads(storage_options_json))
+
+
+def _read_tau(zoo: Zoo, task: str, name: str, base: Any, device: Any) -> Any:
+    theta = zoo.tasks[task].read(name).to(device)
+    tau = task_vector(theta, base)
+    check_finite(tau, zoo.tasks[task].uri, name)
+    return tau
+
+
+def _device(ctx: ShardContext) -> Any:
+    return pick_device(None if ctx.use_cuda else "cpu")
+
+
+# --- shard functions (run inside Ray tasks or locally) ------------------------
+
+def shard_histograms(ctx: ShardContext, shard: Shard) -> dict[str, Any]:
+    """Pass 1 of scope "model": per task, coarse signed magnitude histograms of this shard."""
+    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json)
+    device = _device(ctx)
+    out: dict[str, Any] = {}
+    for name in shard.tensors:
+        base = zoo.base.read(name).to(device)
+        for task in zoo.task_names:
+            h = signed_histograms(_read_tau(zoo, task, name, base, device))
+            out[task] = h if task not in out else out[task] + h
+    return out
+
+
+def shard_fine_histograms(ctx: ShardContext, shard: Shard, requests: dict[str, Any]) -> dict[str, Any]:
+    """Pass 2 of scope "model": per task, fine histograms of the boundary buckets only."""
+    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json)
+    device = _device(ctx)
+    out: dict[str, Any] = {}
+    for name in shard.tensors:
+        base = zoo.base.read(name).to(device)
+        for task in zoo.task_names:
+            f = signed_fine_histograms(_read_tau(zoo, task, name, base, device), requests[task])
+            out[task] = f if task not in out else out[task] + f
+    return out
+
+
+def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, list[Thresholds]] | None) -> dict[tuple[str, float], KeptStats]:
+    """Final pass: switches of every task and α for this shard, written as one Parquet part.
+
+    Returns the kept statistics per (task, α) so the driver can compute
+    scope-"model" knobs without reading anything back.
+    """
+    writer = ArtifactWriter(ctx.out, ctx.run_key, storage_options=ctx.storage_options)
+    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json)
+    device = _device(ctx)
+    _fault_injection_delay()
+    totals: dict[tuple[str, float], KeptStats] = {}
+    rows: list[dict[str, Any]] = []
+    for name in shard.tensors:
+        info = zoo.base.infos()[name]
+        base = zoo.base.read(name).to(device)
+        for task in zoo.task_names:
+            tau = _read_tau(zoo, task, name, base, device)
+            ths = global_thresholds[task] if global_thresholds is not None else tensor_thresholds(tau, list(ctx.alphas))
+            for th in ths:
+                mask, positive = binarize(tau, th)
+                stats = kept_stats(tau, mask)
+                key = (task, th.alpha)
+                totals[key] = stats if key not in totals else totals[key] + stats
+                enc = encode_switch(mask.reshape(-1).cpu().numpy(), positive.reshape(-1).cpu().numpy())
+                rows.append(_row(task, name, info, th, stats, enc, ctx))
+            del tau
+        del base
+    writer.write_part(shard.shard_id, rows)
+    return totals
+
+
+def _fault_injection_delay() -> None:
+    """Tests slow shards down (TSWITCH_TEST_SLOW_SHARD_S) to kill nodes or interrupt runs mid-build."""
+    delay = float(os.environ.get("TSWITCH_TEST_SLOW_SHARD_S") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _row(task: str, name: str, info: Any, th: Thresholds, stats: KeptStats, enc: Any, ctx: ShardContext) -> dict[str, Any]:
+    return {
+        "task": task,
+        "tensor": name,
+        "alpha": th.alpha,
+        "scope": ctx.scope,
+        "knob_mode": ctx.knob_mode,
+        "shape": list(info.shape),
+        "dtype": info.dtype,
+        "numel": int(np.prod(info.shape)) if info.shape else 1,
+        "n_pos": th.n_pos,
+        "n_neg": th.n_neg,
+        "d_pos": th.d_pos,
+        "d_neg": th.d_neg,
+        "t_pos": th.t_pos,
+        "t_neg": th.t_neg,
+        "kept": stats.kept,
+        "sum_abs": stats.sum_abs,
+        "sum_sq": stats.sum_sq,
+        # Scope "tensor": the knob is this tensor's own. Scope "model": the
+        # task-wide knob is known only at commit and lives in the manifest.
+        "knob": knob(stats, ctx.knob_mode) if ctx.scope == "tensor" else None,
+        "encoded": enc,
+    }
+
+
+# --- driver -------------------------------------------------------------------
+
+def run_key_for(zoo: Zoo, cfg: BuildConfig, shards: Sequence[Shard]) -> str:
+    """Resume key: same zoo, tasks, options, codec and plan -> same staged parts."""
+    payload = {
+        "fingerprint": zoo.fingerprint(),
+        "tasks": [(t, zoo.tasks[t].uri) for t in zoo.task_names],
+        "alphas": cfg.alphas,
+        "scope": cfg.scope,
+        "knob": cfg.knob,
+        "codec": CODEC,
+        "plan": plan_digest(list(shards)),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def run_build(cfg: BuildConfig) -> BuildSummary:
+    """Build switch artifacts for every task and α of a zoo; atomic commit at the end."""
+    t0 = time.perf_counter()
+    zoo = load_zoo(cfg.zoo, storage_options=cfg.storage_options)
+    zoo.validate()
+    infos = zoo.tensor_infos()
+    shards = plan_shards(infos, cfg.shard_bytes)
+    if not shards:
+        raise ZooError(f"{cfg.zoo}: no floating-point tensors selected by include/exclude; nothing to build.")
+    run_key = run_key_for(zoo, cfg, shards)
+    writer = ArtifactWriter(cfg.out, run_key, storage_options=cfg.storage_options)
+    writer.check_writable()
+    existing = set(writer.existing_parts())
+    todo = [s for s in shards if s.shard_id not in existing]
+
+    ctx = ShardContext(
+        zoo_uri=cfg.zoo,
+        storage_options_json=json.dumps(cfg.storage_options, sort_keys=True),
+        out=cfg.out,
+        run_key=run_key,
+        alphas=tuple(cfg.alphas),
+        scope=cfg.scope,
+        knob_mode=cfg.knob,
+        use_cuda=cfg.num_gpus > 0,
+    )
+    n_models = len(zoo.task_names) + 1
+    executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus, cfg.max_in_flight)
+    try:
+        thresholds: dict[str, list[Thresholds]] | None = None
+        passes = 3 if (cfg.scope == "model" and todo) else 1
+        with ShardProgress(total_bytes=passes * n_models * sum(s.nbytes for s in todo), enabled=cfg.show_progress) as progress:
+            if cfg.scope == "model" and todo:
+                thresholds = _model_thresholds(executor, ctx, shards, zoo.task_names, cfg.alphas, n_models, progress)
+            totals: dict[tuple[str, float], KeptStats] = {}
+            progress.set_phase("encode")
+            items = [WorkItem(s.shard_id, (ctx, s, thresholds), n_models * s.nbytes, build_memory_bytes(s)) for s in todo]
+            for _, shard_totals in executor.map(shard_encode, items, progress.advance):
+                for key, st in shard_totals.items():
+                    totals[key] = st if key not in totals else totals[key] + st
+        manifest = _manifest(cfg, zoo, run_key, shards, writer, totals)
+        writer.commit(manifest, overwrite=cfg.overwrite)
+        stats = executor.stats
+    finally:
+        executor.close()
+    return BuildSummary(
+        out=cfg.out,
+        run_key=run_key,
+        shards=len(shards),
+        shards_reused=len(shards) - len(todo),
+        tasks=len(zoo.task_names),
+        alphas=cfg.alphas,
+        scope=cfg.scope,
+        bytes_read=stats.bytes_read,
+        seconds=time.perf_counter() - t0,
+        fp32_bytes=manifest["totals"]["fp32_bytes"],
+        encoded_bytes=manifest["totals"]["encoded_bytes"],
+        peak_rss_by_worker=stats.peak_rss_by_worker,
+    )
+
+
+def _model_thresholds(executor: LocalExecutor, ctx: ShardContext, shards: Sequence[Shard], tasks: Sequence[str],
+                      alphas: list[float], n_models: int, progress: ShardProgress) -> dict[str, list[Thresholds]]:
+    progress.set_phase("histograms")
+    hist: dict[str, Any] = {}
+    items = [WorkItem(s.shard_id, (ctx, s), n_models * s.nbytes, build_memory_bytes(s)) for s in shards]
+    for _, per_task in executor.map(shard_histograms, items, progress.advance):
+        for task, h in per_task.items():
+            hist[task] = h if task not in hist else hist[task] + h
+    requests = {t: refine_request(hist[t], alphas) for t in tasks}
+    progress.set_phase("refine")
+    fine: dict[str, Any] = {}
+    items = [WorkItem(s.shard_id, (ctx, s, requests), n_models * s.nbytes, build_memory_bytes(s)) for s in shards]
+    for _, per_task in executor.map(shard_fine_histograms, items, progress.advance):
+        for task, f in per_task.items():
+            fine[task] = f if task not in fine else fine[task] + f
+    return {t: resolve_thresholds(hist[t], fine[t], alphas) for t in tasks}
+
+
+def _manifest(cfg: BuildConfig, zoo: Zoo, run_key: str, shards: Sequence[Shard], writer: ArtifactWriter,
+              totals: dict[tuple[str, float], KeptStats]) -> dict[str, Any]:
+    infos = zoo.tensor_infos()
+    numel = sum(int(np.prod(infos[n].shape)) for s in shards for n in s.tensors)
+    parts = writer.existing_parts()
+    encoded_bytes = sum(p.payload_bytes for p in parts.values())
+    knobs = None
+    if cfg.scope == "model":
+        knobs = [
+            {"task": t, "alpha": a, "knob": knob(totals[(t, a)], cfg.knob), "kept": totals[(t, a)].kept}
+            for t in zoo.task_names for a in cfg.alphas
+        ]
+    return {
+        "format": "tswitch-ray/switches",
+        "format_version": 1,
+        "tool_version": __version__,
+        "run_key": run_key,
+        "zoo": {"name": zoo.name, "uri": _absolute(cfg.zoo), "fingerprint": zoo.fingerprint()},
+        "tasks": list(zoo.task_names),
+        "alphas": cfg.alphas,
+        "scope": cfg.scope,
+        "knob_mode": cfg.knob,
+        "codec": CODEC,
+        "knobs": knobs,
+        "tensors": [n for s in shards for n in s.tensors],
+        "totals": {
+            "numel_per_task": numel,
+            "fp32_bytes": 4 * numel * len(zoo.task_names) * len(cfg.alphas),
+            "encoded_bytes": encoded_bytes,
+        },
+        "extra": {"shards": len(shards)},
+    }
+
+
+def _absolute(uri: str) -> str:
+    """Local paths are recorded absolute so `reconstruct` works from any working directory."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def build_switches(cfg: BuildConfig | None = None, **kwargs: Any) -> BuildSummary:
+    """Python API mirror of `tswitch build`."""
+    if cfg is None:
+        try:
+            cfg = BuildConfig(**kwargs)
+        except ValueError as exc:
+            raise ConfigError(f"Invalid build options: {exc}") from exc
+    return run_build(cfg)

@@ -1,0 +1,195 @@
+"""Run shard functions locally or on Ray, with bounded in-flight work and progress.
+
+The driver only ever holds small results (statistics, part descriptors); the
+tensors stay inside the tasks. Both executors call the very same shard
+function, so the Ray path produces the same bytes as the local one.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tswitch_ray.errors import ServiceError, TSwitchError
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes: ray.init retries an unreachable GCS for a long time."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    if hostport == "auto" or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({exc})") from exc
+
+
+@dataclass
+class WorkItem:
+    """One call of a shard function: its arguments, bytes it will read and memory it needs."""
+
+    key: int
+    args: tuple
+    read_bytes: int = 0
+    memory_bytes: int = 0
+
+
+@dataclass
+class ExecutorStats:
+    """What a run did, for the summary."""
+
+    items: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    peak_rss_by_worker: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker_id() -> str:
+    return f"{os.uname().nodename}:{os.getpid()}"
+
+
+def _call(fn: Callable, args: tuple) -> tuple[Any, str, int]:
+    result = fn(*args)
+    return result, worker_id(), peak_rss_bytes()
+
+
+class LocalExecutor:
+    """Runs every item in this process, in order: the single-process reference path."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.stats = ExecutorStats()
+
+    def map(self, fn: Callable, items: Sequence[WorkItem], progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, Any]]:
+        t0 = time.perf_counter()
+        for item in items:
+            result, wid, rss = _call(fn, item.args)
+            self._account(item, wid, rss, progress)
+            yield item.key, result
+        self.stats.seconds += time.perf_counter() - t0
+
+    def _account(self, item: WorkItem, wid: str, rss: int, progress: Callable[[int], None] | None) -> None:
+        self.stats.items += 1
+        self.stats.bytes_read += item.read_bytes
+        self.stats.peak_rss_by_worker[wid] = max(rss, self.stats.peak_rss_by_worker.get(wid, 0))
+        if progress:
+            progress(item.read_bytes)
+
+    def close(self) -> None:
+        pass
+
+
+class RayExecutor(LocalExecutor):
+    """Runs items as Ray tasks.
+
+    * ``memory`` of each task is its estimated working set, so Ray never packs
+      more tasks on a node than its memory allows;
+    * at most ``max_in_flight`` tasks are submitted at once, so the object
+      store never fills with pending results;
+    * ``max_retries`` re-runs a task whose worker or node died (Ray retries
+      system failures; user errors are not retried and surface as
+      ``TSwitchError``).
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        num_gpus_per_task: float = 0.0,
+        max_in_flight: int | None = None,
+        max_retries: int = 3,
+    ) -> None:
+        super().__init__()
+        import ray
+
+        self._ray = ray
+        self._owns_ray = False
+        if not ray.is_initialized():
+            try:
+                if address:
+                    _check_reachable(address)
+                    ray.init(address=address, log_to_driver=False, include_dashboard=False)
+                else:
+                    ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ServiceError(
+                    f"Cannot connect to the Ray cluster at {address or 'a new local instance'}: {exc}. "
+                    "Check that `ray start --head` is running there and that the address (host:port of the GCS, "
+                    "or 'auto') is right, or leave --ray-address out to start a local Ray."
+                ) from exc
+            self._owns_ray = True
+        self.num_gpus_per_task = num_gpus_per_task
+        self.max_retries = max_retries
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.max_in_flight = max_in_flight or max(2, 2 * cpus)
+        self._remote = ray.remote(_call)
+
+    def map(self, fn: Callable, items: Sequence[WorkItem], progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, Any]]:
+        ray = self._ray
+        t0 = time.perf_counter()
+        fn_ref = ray.put(fn)
+        pending: dict[Any, WorkItem] = {}
+        queue = list(items)
+        queue.reverse()
+        try:
+            while queue or pending:
+                while queue and len(pending) < self.max_in_flight:
+                    item = queue.pop()
+                    opts: dict[str, Any] = {"max_retries": self.max_retries, "num_cpus": 1}
+                    if item.memory_bytes:
+                        opts["memory"] = int(item.memory_bytes)
+                    if self.num_gpus_per_task:
+                        opts["num_gpus"] = self.num_gpus_per_task
+                    ref = self._remote.options(**opts).remote(fn_ref, item.args)
+                    pending[ref] = item
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    item = pending.pop(ref)
+                    result, wid, rss = self._get(ref)
+                    self._account(item, wid, rss, progress)
+                    yield item.key, result
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            self.stats.seconds += time.perf_counter() - t0
+
+    def _get(self, ref: Any) -> Any:
+        ray = self._ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, TSwitchError):
+                raise cause from None
+            raise
+
+    def close(self) -> None:
+        if self._owns_ray:
+            self._ray.shutdown()
+
+
+def make_executor(kind: str, address: str | None = None, num_workers: int | None = None, num_gpus: float = 0.0,
+                  max_in_flight: int | None = None) -> LocalExecutor:
+    """``kind`` is "ray" (default in the CLI) or "local" (single process, no Ray)."""
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "ray":
+        return RayExecutor(address=address, num_cpus=num_workers, num_gpus_per_task=num_gpus, max_in_flight=max_in_flight)
+    raise ValueError(f"unknown executor {kind!r}")

@@ -1,0 +1,126 @@
+"""Shard planning: which tensors travel together to one Ray task.
+
+A shard keeps one layer's tensors together (so a worker reads each layer's
+byte ranges once per checkpoint) and shards are balanced by bytes. Each shard
+carries a memory estimate that the executor passes to Ray as the task's
+``memory`` resource, so the scheduler never oversubscribes a node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+from tswitch_ray.zoo import TensorInfo
+
+FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
+
+# Fixed per-task overhead (Python objects, Parquet writer buffers, allocator slack).
+TASK_OVERHEAD_BYTES = 96 * 2**20
+
+_LAYER_RE = re.compile(r"^(.*?\.\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """Layer key of a tensor name: everything up to the first numbered module.
+
+    ``visual.transformer.resblocks.3.attn.in_proj_weight`` -> ``visual.transformer.resblocks.3``;
+    names without a numbered module group by their parent module.
+    """
+    m = _LAYER_RE.match(name)
+    if m:
+        return m.group(1)
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A group of tensors processed by one task."""
+
+    shard_id: int
+    tensors: tuple[str, ...]
+    nbytes: int  # stored bytes of these tensors in ONE checkpoint
+    max_numel: int  # largest tensor in the shard (bounds the working set)
+
+
+def switchable(info: TensorInfo) -> bool:
+    """Only floating-point tensors have task vectors; others are copied from θ0."""
+    return info.dtype in FLOAT_DTYPES
+
+
+def plan_shards(infos: Mapping[str, TensorInfo], target_bytes: int = 64 * 2**20) -> list[Shard]:
+    """Group tensors by layer into shards of about ``target_bytes`` (one checkpoint's bytes).
+
+    Consecutive layers are packed together until the target is reached; a
+    layer larger than the target is split between its tensors (a tensor is
+    never split). The plan depends only on the names, shapes and dtypes, so it
+    is identical across runs and resumes.
+    """
+    if target_bytes <= 0:
+        raise ValueError("target_bytes must be positive")
+    layers: dict[str, list[TensorInfo]] = {}
+    for info in infos.values():
+        if switchable(info):
+            layers.setdefault(layer_of(info.name), []).append(info)
+
+    shards: list[Shard] = []
+    current: list[TensorInfo] = []
+
+    def flush() -> None:
+        if current:
+            shards.append(
+                Shard(
+                    shard_id=len(shards),
+                    tensors=tuple(i.name for i in current),
+                    nbytes=sum(i.nbytes for i in current),
+                    max_numel=max(_numel(i) for i in current),
+                )
+            )
+            current.clear()
+
+    for members in layers.values():
+        layer_bytes = sum(i.nbytes for i in members)
+        if layer_bytes > target_bytes:
+            flush()
+            for info in members:
+                if current and sum(i.nbytes for i in current) + info.nbytes > target_bytes:
+                    flush()
+                current.append(info)
+            flush()
+            continue
+        if current and sum(i.nbytes for i in current) + layer_bytes > target_bytes:
+            flush()
+        current.extend(members)
+    flush()
+    return shards
+
+
+def _numel(info: TensorInfo) -> int:
+    n = 1
+    for d in info.shape:
+        n *= d
+    return n
+
+
+def build_memory_bytes(shard: Shard) -> int:
+    """Working set of a switch-build task: θ0 and one θt at a time.
+
+    fp32 θ0 + one stored θt + fp32 τ + |τ| and mask temporaries ≈ 6 fp32
+    copies of the largest tensor, independent of the number of tasks because
+    tasks are streamed one after another inside the shard.
+    """
+    return TASK_OVERHEAD_BYTES + 6 * 4 * shard.max_numel
+
+
+def merge_memory_bytes(shard: Shard, n_tasks: int) -> int:
+    """Working set of a merge task: every task's τ of one tensor at once, plus temporaries."""
+    return TASK_OVERHEAD_BYTES + (n_tasks + 5) * 4 * shard.max_numel
+
+
+def plan_digest(shards: list[Shard]) -> str:
+    """Stable digest of a plan (part of the resume key)."""
+    payload = json.dumps([asdict(s) for s in shards], sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]

@@ -1,0 +1,67 @@
+"""`tswitch reconstruct`: θ0 + λ·M⊙S for one task and α, streamed to a safetensors file."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from tswitch_ray.artifacts import ArtifactReader
+from tswitch_ray.errors import ArtifactError
+from tswitch_ray.switch import reconstruct
+from tswitch_ray.zoo import load_zoo
+from tswitch_ray.zoo.writer import SafetensorsStreamWriter
+
+
+def match_alpha(alphas: list[float], alpha: float, uri: str) -> float:
+    """The artifact set's α equal to ``alpha`` (to 1e-9), or a clear error listing the available ones."""
+    for a in alphas:
+        if math.isclose(a, alpha, rel_tol=0, abs_tol=1e-9):
+            return a
+    raise ArtifactError(f"{uri}: no switches for α={alpha}; this artifact set has α in {alphas}.")
+
+
+def task_knobs(manifest: dict[str, Any], task: str, alpha: float) -> float | None:
+    """Scope "model": the task-wide knob from the manifest; scope "tensor": None (per-row knobs)."""
+    for entry in manifest.get("knobs") or []:
+        if entry["task"] == task and math.isclose(entry["alpha"], alpha, abs_tol=1e-9):
+            return float(entry["knob"])
+    return None
+
+
+def reconstruct_task(artifacts_uri: str, task: str, alpha: float, out: str, zoo_uri: str | None = None,
+                     storage_options: dict[str, Any] | None = None) -> str:
+    """Write the full state dict θ0 + λ·Mt⊙St (paper 000 eq. 7) for ``task`` at ``alpha``.
+
+    θ0 comes from the zoo recorded in the manifest (or ``zoo_uri``), whose
+    fingerprint must match the one the switches were built from. Tensors
+    without a switch (non-float, or excluded by the zoo's globs) are copied
+    from θ0. One tensor is in memory at a time.
+    """
+    reader = ArtifactReader(artifacts_uri, storage_options=storage_options)
+    manifest = reader.manifest
+    if task not in manifest["tasks"]:
+        raise ArtifactError(f"{artifacts_uri}: no task {task!r}; tasks are {manifest['tasks']}.")
+    alpha = match_alpha(list(manifest["alphas"]), alpha, artifacts_uri)
+    zoo = load_zoo(zoo_uri or manifest["zoo"]["uri"], storage_options=storage_options)
+    if zoo.fingerprint() != manifest["zoo"]["fingerprint"]:
+        raise ArtifactError(
+            f"{artifacts_uri}: built for base model fingerprint {manifest['zoo']['fingerprint'][:12]}…, but the base "
+            f"checkpoint {zoo.base.uri} has fingerprint {zoo.fingerprint()[:12]}… (different tensors or weights); "
+            "pass --zoo with the zoo the switches were built from."
+        )
+    model_knob = task_knobs(manifest, task, alpha)
+    switched = set(manifest["tensors"])
+    infos = zoo.base.infos()
+    meta = {"tswitch_task": task, "tswitch_alpha": repr(alpha), "tswitch_artifacts": artifacts_uri}
+    with SafetensorsStreamWriter(out, list(infos.values()), storage_options=storage_options, metadata=meta) as writer:
+        for name in infos:
+            base = zoo.base.read(name)
+            if name in switched:
+                mask, positive, row_knob = reader.switch(task, alpha, name)
+                lam = model_knob if model_knob is not None else row_knob
+                writer.write(name, reconstruct(base, torch.from_numpy(mask), torch.from_numpy(positive), lam))
+            else:
+                writer.write(name, base)
+    return out
