@@ -1,0 +1,175 @@
+"""Per-input routing drivers: Auto-Switch (paper 000 eq. 8) and WEMoE / E-WEMoE (paper 002)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tswitch_ray.errors import ConfigError
+from tswitch_ray.eval.adapters import LinearHead, OpenClipVisionAdapter
+from tswitch_ray.eval.autoswitch_eval import evaluate_autoswitch, rebuild_state_dict
+from tswitch_ray.eval.datasets import open_eval_dataset, write_image_parquet
+from tswitch_ray.eval.evaluate import evaluate, extract_features
+from tswitch_ray.eval.wemoe_eval import build_wemoe_model, evaluate_wemoe, find_mlp_paths
+from tswitch_ray.methods.autoswitch import autoswitch_weights
+from tswitch_ray.methods.base import merge_in_memory
+from tswitch_ray.methods.task_arithmetic import TaskArithmetic
+from tswitch_ray.methods.wemoe import WeightEnsemblingMLP
+
+TASKS = ["a", "b", "c"]
+N_CLASSES = 4
+CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "mlp_ratio": 2.0},
+    "quick_gelu": False,
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    heads = {t: LinearHead(torch.randn(N_CLASSES, 16)) for t in TASKS}
+    adapter = OpenClipVisionAdapter(heads=heads, source="test", model_cfg=CFG)
+    base = {"visual." + k: v.detach().clone() for k, v in adapter.template().state_dict().items()}
+    task_sds = []
+    for _ in TASKS:
+        sd = {}
+        for k, v in base.items():
+            sd[k] = v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v.clone()
+        task_sds.append(sd)
+    root = tmp_path_factory.mktemp("routing")
+    sets = {}
+    for i, t in enumerate(TASKS):
+        # each task has its own colour cast, so task clusters exist in feature space
+        imgs = np.clip(rng.normal(60 + 70 * i, 40, size=(24, 16, 16, 3)), 0, 255).astype(np.uint8)
+        imgs[..., i] = 255
+        write_image_parquet(str(root / f"{t}.parquet"), imgs, rng.integers(0, N_CLASSES, 24))
+        sets[t] = open_eval_dataset(str(root / f"{t}.parquet"))
+    return adapter, base, task_sds, sets
+
+
+def _switches(base, task_sds, keep=0.3):
+    out = []
+    for sd in task_sds:
+        sw = {}
+        for k, b in base.items():
+            if not b.is_floating_point():
+                continue
+            tau = (sd[k] - b).float().flatten()
+            thr = tau.abs().quantile(1 - keep) if tau.numel() > 1 else 0.0
+            mask = tau.abs() > thr
+            knob = float(tau[mask].pow(2).mean().sqrt()) if mask.any() else 0.0
+            sw[k] = (mask, tau > 0, knob)
+        out.append(sw)
+    return out
+
+
+def test_autoswitch_one_hot_equals_tswitch(zoo):
+    adapter, base, task_sds, sets = zoo
+    sw = _switches(base, task_sds)
+    # query set = the eval inputs themselves: with k = 1 every input finds itself
+    res = evaluate_autoswitch(adapter, base, sw, TASKS, sets, sets, examples_per_task=24, k=1, batch_size=10, device="cpu")
+    assert res["k"] == 1 and res["examples_per_task"] == 24 and res["query_size"] == 72
+    for i, t in enumerate(TASKS):
+        r = res["per_task"][t]
+        assert r["routing_hit_rate"] == 1.0
+        assert r["models_built"] == 1  # one-hot weights: the task's own T-Switch model, built once
+        onehot = [1.0 if j == i else 0.0 for j in range(len(TASKS))]
+        tswitch_model = adapter.build(rebuild_state_dict(base, sw, onehot))
+        ref = evaluate(adapter, tswitch_model, sets[t], t, batch_size=10, device="cpu")
+        assert r["accuracy"] == ref["accuracy"] and r["n"] == ref["n"] == 24
+    assert res["average"] == pytest.approx(np.mean([res["per_task"][t]["accuracy"] for t in TASKS]))
+    assert res["throughput_ratio"] > 0 and res["seconds"] > 0
+
+
+def test_autoswitch_rebuilds_at_most_distinct_weight_vectors(zoo):
+    adapter, base, task_sds, sets = zoo
+    sw = _switches(base, task_sds)
+    m, k = 6, 5
+    # query rows 0..5 of every task, eval rows come from the whole split: mixed neighbourhoods
+    res = evaluate_autoswitch(adapter, base, sw, TASKS, sets, sets, examples_per_task=m, k=k, batch_size=8,
+                              device="cpu", feature_model="base", cache_size=64)
+    fmodel = adapter.build(base)
+    q = torch.cat([extract_features(adapter, fmodel, sets[t], limit=m) for t in TASKS])
+    qid = torch.arange(len(TASKS)).repeat_interleave(m)
+    distinct = set()
+    for t in TASKS:
+        w = autoswitch_weights(q, qid, extract_features(adapter, fmodel, sets[t], limit=None), k=k, n_tasks=3)
+        distinct |= {tuple(r) for r in w.tolist()}
+    built = sum(r["models_built"] for r in res["per_task"].values())
+    assert built == res["models_built"] == len(distinct)  # big cache: one rebuild per distinct vector
+    assert sum(r["groups"] for r in res["per_task"].values()) >= built
+    small = evaluate_autoswitch(adapter, base, sw, TASKS, sets, sets, examples_per_task=m, k=k, batch_size=8,
+                                device="cpu", feature_model="base", cache_size=1)
+    assert small["models_built"] >= built
+    for t in TASKS:  # the cache changes the cost, never the result
+        assert small["per_task"][t]["accuracy"] == res["per_task"][t]["accuracy"]
+    # averaging over the batch: one weight vector per batch
+    avg = evaluate_autoswitch(adapter, base, sw, TASKS, sets, sets, examples_per_task=m, k=k, batch_size=8,
+                              device="cpu", average_over_batch=True)
+    assert all(r["groups"] == 3 for r in avg["per_task"].values())  # 24 rows / 8 per batch
+    with pytest.raises(ConfigError, match="k must be"):
+        evaluate_autoswitch(adapter, base, sw, TASKS, sets, sets, examples_per_task=2, k=7, device="cpu")
+
+
+def test_wemoe_at_init_equals_task_arithmetic(zoo):
+    adapter, base, task_sds, sets = zoo
+    model, mlps = build_wemoe_model(adapter, base, task_sds, init_lambda=0.3, router_init_std=0.0)
+    assert list(mlps) == ["transformer.resblocks.0.mlp", "transformer.resblocks.1.mlp"]
+    ta = adapter.build(merge_in_memory(TaskArithmetic(scale=0.3), base, task_sds))
+    x = adapter.collate(next(sets["a"].batches(8)).items)
+    with torch.no_grad():
+        for t in TASKS:
+            torch.testing.assert_close(adapter.logits(model, x, t), adapter.logits(ta, x, t), atol=1e-4, rtol=1e-4)
+    res = evaluate_wemoe(adapter, base, task_sds, TASKS, sets, sets, tta_steps=0, router_init_std=0.0, device="cpu")
+    assert res["tta_steps"] == 0 and res["variant"] == "wemoe" and res["keep_fraction"] is None
+    for t in TASKS:
+        ref = evaluate(adapter, ta, sets[t], t, device="cpu")
+        assert res["per_task"][t]["accuracy"] == ref["accuracy"] and res["per_task"][t]["n"] == 24
+
+
+def test_wemoe_tta_reduces_entropy(zoo):
+    adapter, base, task_sds, sets = zoo
+    calls = []
+    res = evaluate_wemoe(adapter, base, task_sds, TASKS, sets, sets, tta_steps=24, lr=1e-2, batch_size=8,
+                         device="cpu", measure_entropy=True, progress=lambda s, n: calls.append((s, n)))
+    assert calls[-1] == (24, 24) and len(res["tta_losses"]) == 24
+    assert res["entropy_after"] < res["entropy_before"]
+    assert res["n_routers"] == 2
+
+
+def test_ewemoe_shares_one_router_and_prunes(zoo):
+    adapter, base, task_sds, sets = zoo
+    model, mlps = build_wemoe_model(adapter, base, task_sds, variant="e-wemoe", keep_fraction=0.1)
+    routers = {id(m.router) for m in mlps.values()}
+    assert len(routers) == 1
+    stacked = mlps["transformer.resblocks.0.mlp"].tv__c_fc__weight  # [T, out, in]
+    nz = (stacked[0] != 0).sum().item()
+    assert nz == round(0.1 * stacked[0].numel())
+    res = evaluate_wemoe(adapter, base, task_sds, TASKS, sets, sets, variant="e-wemoe", tta_steps=3,
+                         batch_size=8, device="cpu", limit=8)
+    assert res["n_routers"] == 1 and res["keep_fraction"] == 0.1 and res["variant"] == "e-wemoe"
+    assert all(r["n"] == 8 for r in res["per_task"].values())
+
+
+class _MLPFreeAdapter:
+    kind = "toy"
+
+    def build(self, state_dict):
+        return nn.Sequential(nn.Linear(4, 4))
+
+    def load(self, model, state_dict):
+        return model
+
+
+def test_unknown_mlp_layout_is_a_clear_error(zoo):
+    with pytest.raises(ConfigError, match="Sequential"):
+        find_mlp_paths(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ConfigError, match="no Transformer MLP found in model class Sequential"):
+        build_wemoe_model(_MLPFreeAdapter(), {}, [{}])
+    with pytest.raises(ConfigError, match="variant"):
+        build_wemoe_model(_MLPFreeAdapter(), {}, [{}], variant="moe")
+    assert isinstance(WeightEnsemblingMLP, type)

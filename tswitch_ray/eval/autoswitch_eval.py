@@ -1,0 +1,273 @@
+"""Auto-Switch evaluation driver (paper 000 Sec. 3.4, eq. 8), single process.
+
+The Ray runner calls :func:`evaluate_autoswitch` inside one task. The math
+(kNN weights, grouping, θ0 + Σt wt·λt·Mt⊙St) is :mod:`tswitch_ray.methods.autoswitch`;
+this module wires it to an adapter and eval datasets:
+
+1. **Feature model** (``feature_model``): the model whose pre-classifier
+   features build the query set and route the inputs.
+
+   * ``"average"`` (default, the paper's reading): paper 000 builds the query
+     set with "the model weights obtained after merging the directly averaged
+     task vectors according to the scheme in equation 4". Auto-Switch only
+     holds switches, so we average the *switch* task vectors:
+     θavg = θ0 + (1/T)·Σt λt·Mt⊙St (``combine_switches`` with wt = 1/T). The
+     norm rescaling of eq. 4 (whose body is missing from our copy of the paper)
+     is not applied; pass ``feature_state_dict`` (e.g. the ``pdiscard`` merge)
+     to use any other merged model instead.
+   * ``"base"``: the pretrained θ0 (what the authors' code,
+     lfy-123/Binary-Task-Switch ``merge_vit.py``, uses).
+
+2. **Query set**: features of the first ``examples_per_task`` rows (labels
+   unused) of each task's query split; m = 100 (paper 000 Table 5, authors'
+   ``--knn-pre-sample-num``).
+3. **Routing**: per eval input, wt(x) = |kNN(x) ∩ Qt| / k with k = 10 (the
+   authors' ``--knn-neighbors`` default; the paper's ablation, Fig. 7, reports
+   that accuracy falls as k grows). Per input by default;
+   ``average_over_batch=True`` is the authors' code (one weight vector per batch).
+4. **Rebuild**: inputs with equal weight vectors share one model; rebuilt
+   models are kept in a bounded LRU (``cache_size`` models) keyed by the
+   weight vector, across batches and tasks; an evicted model's module is
+   reused as the target of the next rebuild (``adapter.load``), so at most
+   ``cache_size`` + 1 models (+ the feature model) live at once.
+5. **Scoring**: logits with the eval task's head (heads are never merged).
+
+``throughput_ratio`` compares compute only (decoding and collation excluded
+for both sides): Auto-Switch's inputs/s — feature pass, kNN, grouping,
+rebuilds, grouped forward passes — over the inputs/s of one forward pass of a
+single fixed model (the feature model, same adapter, same collated inputs,
+timed in the same loop).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tswitch_ray.device import pick_device
+from tswitch_ray.errors import ConfigError, ZooError
+from tswitch_ray.eval.adapters import ModelAdapter
+from tswitch_ray.eval.datasets import EvalDataset
+from tswitch_ray.eval.evaluate import extract_features
+from tswitch_ray.methods.autoswitch import autoswitch_weights, combine_switches, group_by_weights
+
+Tensor = torch.Tensor
+Switch = tuple[Tensor, Tensor, float]
+
+FEATURE_MODELS = ("average", "base")
+DEFAULT_K = 10
+DEFAULT_EXAMPLES_PER_TASK = 100
+
+
+def rebuild_state_dict(
+    base_sd: Mapping[str, Tensor],
+    switches: Sequence[Mapping[str, Switch]],
+    weights: Sequence[float] | Tensor,
+) -> dict[str, Tensor]:
+    """θ0 + Σt wt·λt·Mt⊙St for every tensor of ``base_sd`` (eq. 8); tensors no task switches stay θ0.
+
+    Non-floating tensors are copied from the base. The result is in the base
+    dtypes, on the base tensors' devices.
+    """
+    w = [float(v) for v in (weights.tolist() if isinstance(weights, Tensor) else weights)]
+    if len(w) != len(switches):
+        raise ConfigError(f"auto-switch: {len(w)} weights for {len(switches)} task switch sets.")
+    out: dict[str, Tensor] = {}
+    for name, base in base_sd.items():
+        pairs = [(sw[name], wt) for sw, wt in zip(switches, w, strict=True) if name in sw and wt != 0.0]
+        if not pairs or not torch.is_floating_point(base):
+            out[name] = base
+            continue
+        for (mask, _pos, _knob), _ in pairs:
+            if mask.numel() != base.numel():
+                raise ConfigError(
+                    f"auto-switch: the switch of tensor {name!r} has {mask.numel()} elements but the base tensor "
+                    f"has {base.numel()} (shape {tuple(base.shape)}); switches and base come from different models."
+                )
+        out[name] = combine_switches(base, [p[0] for p in pairs], [p[1] for p in pairs])
+    return out
+
+
+class _ModelCache:
+    """Bounded LRU of rebuilt models keyed by the weight vector; counts rebuilds."""
+
+    def __init__(self, adapter: ModelAdapter, base_sd: Mapping[str, Tensor], switches: Sequence[Mapping[str, Switch]], size: int, device: torch.device) -> None:
+        if size < 1:
+            raise ConfigError(f"auto-switch: cache_size must be >= 1, got {size}.")
+        self.adapter, self.base_sd, self.switches = adapter, base_sd, switches
+        self.size, self.device = size, device
+        self.models: OrderedDict[tuple[float, ...], nn.Module] = OrderedDict()
+        self.built = 0
+        self.rebuild_seconds = 0.0
+
+    def get(self, weights: Tensor) -> nn.Module:
+        key = tuple(float(v) for v in weights.tolist())
+        model = self.models.get(key)
+        if model is not None:
+            self.models.move_to_end(key)
+            return model
+        t0 = time.perf_counter()
+        sd = rebuild_state_dict(self.base_sd, self.switches, key)
+        if len(self.models) >= self.size:
+            _, spare = self.models.popitem(last=False)
+            model = self.adapter.load(spare, sd)
+        else:
+            model = self.adapter.build(sd)
+        model = model.to(self.device).eval()
+        del sd
+        self.models[key] = model
+        self.built += 1
+        self.rebuild_seconds += time.perf_counter() - t0
+        return model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate_autoswitch(
+    adapter: ModelAdapter,
+    base_sd: Mapping[str, Tensor],
+    switches: Sequence[Mapping[str, Switch]],
+    tasks: Sequence[str],
+    eval_sets: Mapping[str, EvalDataset],
+    query_sets: Mapping[str, EvalDataset],
+    *,
+    examples_per_task: int = DEFAULT_EXAMPLES_PER_TASK,
+    k: int = DEFAULT_K,
+    batch_size: int = 128,
+    limit: int | None = None,
+    device: str | torch.device | None = None,
+    average_over_batch: bool = False,
+    feature_model: str = "average",
+    feature_state_dict: Mapping[str, Tensor] | None = None,
+    cache_size: int = 8,
+    eval_tasks: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Auto-Switch accuracy per task (see the module docstring for every step and choice).
+
+    ``switches[i]`` is the switch set of ``tasks[i]``: tensor name →
+    ``(mask, positive, knob)`` (flat bool mask, flat bool sign bit of kept
+    elements, scalar λ). ``query_sets[t]`` gives the unlabeled examples of
+    task t, ``eval_sets[t]`` its labelled eval split. ``eval_tasks`` (default
+    all of ``tasks``) picks which eval splits to score — every task's switch and
+    query examples take part in routing regardless. ``limit`` caps the eval
+    rows per task.
+
+    Returns ``{"per_task": {task: {"accuracy", "n", "models_built", "groups",
+    "routing_hit_rate"}}, "average", "seconds", "throughput_ratio", "k",
+    "examples_per_task", "feature_model", "average_over_batch",
+    "query_size", "models_built"}``. ``models_built`` counts rebuilds (LRU
+    misses) while scoring that task; ``groups`` the (batch, weight-vector)
+    groups served; ``routing_hit_rate`` the fraction of inputs whose largest
+    weight is their own task's (ties count as misses).
+    """
+    t_start = time.perf_counter()
+    tasks = list(tasks)
+    n_tasks = len(tasks)
+    if n_tasks == 0:
+        raise ConfigError("auto-switch: no tasks given.")
+    if len(switches) != n_tasks:
+        raise ConfigError(f"auto-switch: {len(switches)} switch sets for {n_tasks} tasks; give one per task, in task order.")
+    if feature_model not in FEATURE_MODELS:
+        raise ConfigError(f"auto-switch: feature_model must be one of {FEATURE_MODELS}, got {feature_model!r}.")
+    if examples_per_task < 1:
+        raise ConfigError(f"auto-switch: examples_per_task must be >= 1, got {examples_per_task}.")
+    scored = list(eval_tasks) if eval_tasks is not None else tasks
+    for t in tasks:
+        if t not in query_sets:
+            raise ConfigError(f"auto-switch: no query set for task {t!r}; the query set needs unlabeled examples of every task.")
+    for t in scored:
+        if t not in eval_sets:
+            raise ConfigError(f"auto-switch: no eval set for task {t!r}.")
+    dev = pick_device(str(device) if device is not None else None)
+
+    # 1. feature model
+    if feature_state_dict is not None:
+        fsd = feature_state_dict
+        feature_model = "custom"
+    elif feature_model == "average":
+        fsd = rebuild_state_dict(base_sd, switches, [1.0 / n_tasks] * n_tasks)
+    else:
+        fsd = base_sd
+    fmodel = adapter.build(fsd).to(dev).eval()
+    del fsd
+
+    # 2. query set
+    feats, ids = [], []
+    for i, t in enumerate(tasks):
+        f = extract_features(adapter, fmodel, query_sets[t], limit=examples_per_task, batch_size=batch_size, device=dev)
+        feats.append(f)
+        ids.append(torch.full((f.shape[0],), i, dtype=torch.long))
+    query = torch.cat(feats).to(dev)
+    query_ids = torch.cat(ids).to(dev)
+    if not 1 <= k <= query.shape[0]:
+        raise ConfigError(f"auto-switch: k must be in [1, {query.shape[0]}] (the query set size: {examples_per_task} examples x {n_tasks} tasks at most), got {k}.")
+
+    cache = _ModelCache(adapter, base_sd, switches, cache_size, dev)
+    per_task: dict[str, dict[str, Any]] = {}
+    auto_s = plain_s = 0.0
+    total_n = 0
+    for t in scored:
+        own = tasks.index(t) if t in tasks else -1
+        n_classes = adapter.num_classes(t)
+        correct = n = groups = hits = 0
+        built_before = cache.built
+        for raw in eval_sets[t].batches(batch_size, num_classes=n_classes, require_labels=True, limit=limit):
+            x = adapter.collate(raw.items).to(dev)
+            y = raw.labels
+            # plain single-model inference on the same inputs (the throughput reference)
+            _sync(dev)
+            t0 = time.perf_counter()
+            adapter.logits(fmodel, x, t)
+            _sync(dev)
+            plain_s += time.perf_counter() - t0
+            # Auto-Switch: features, kNN weights, grouped rebuilt models
+            t0 = time.perf_counter()
+            xf = adapter.features(fmodel, x)
+            w = autoswitch_weights(query, query_ids, xf, k=k, n_tasks=n_tasks, average_over_batch=average_over_batch).cpu()
+            pred = torch.empty(x.shape[0], dtype=torch.long)
+            for wv, idx in group_by_weights(w):
+                model = cache.get(wv)
+                pred[idx] = adapter.logits(model, x[idx.to(dev)], t).argmax(dim=-1).cpu()
+                groups += 1
+            _sync(dev)
+            auto_s += time.perf_counter() - t0
+            correct += int((pred == y).sum())
+            n += int(y.numel())
+            if own >= 0:
+                top = w.max(dim=1)
+                unique_top = (w == top.values.unsqueeze(1)).sum(dim=1) == 1
+                hits += int(((top.indices == own) & unique_top).sum())
+        if n == 0:
+            raise ZooError(f"{getattr(eval_sets[t], 'uri', t)}: the eval split of task {t!r} has no rows.")
+        per_task[t] = {
+            "accuracy": correct / n,
+            "n": n,
+            "models_built": cache.built - built_before,
+            "groups": groups,
+            "routing_hit_rate": hits / n if own >= 0 else None,
+        }
+        total_n += n
+    average = sum(r["accuracy"] for r in per_task.values()) / len(per_task)
+    ratio = (total_n / auto_s) / (total_n / plain_s) if auto_s > 0 and plain_s > 0 else float("nan")
+    return {
+        "per_task": per_task,
+        "average": average,
+        "seconds": time.perf_counter() - t_start,
+        "throughput_ratio": ratio,
+        "k": k,
+        "examples_per_task": examples_per_task,
+        "feature_model": feature_model,
+        "average_over_batch": average_over_batch,
+        "query_size": int(query.shape[0]),
+        "models_built": cache.built,
+        "rebuild_seconds": cache.rebuild_seconds,
+    }

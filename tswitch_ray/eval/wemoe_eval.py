@@ -1,0 +1,308 @@
+"""WEMoE / E-WEMoE evaluation driver (paper 002), single process.
+
+The Ray runner calls :func:`evaluate_wemoe` inside one task. The modules and
+formulas are :mod:`tswitch_ray.methods.wemoe`; this module builds the model,
+runs test-time adaptation and scores it:
+
+1. **Static part** (paper 002 eq. 4): every weight merged by Task Arithmetic,
+   θ0 + λ·Σi τi with λ = ``init_lambda`` = 0.3 (Sec. IV-A, AdaMerging's
+   setting) — ``methods.task_arithmetic`` via ``merge_in_memory``.
+2. **MLPs** (eq. 9): each Transformer block's MLP is found generically
+   (:func:`find_mlp_paths`: open_clip ``ResidualAttentionBlock.mlp`` /
+   ``CustomResidualAttentionBlock.mlp``, HF ``CLIPEncoderLayer.mlp``; or pass
+   ``mlp_paths``), reset to its pretrained weights θ0 and replaced by a
+   :class:`~tswitch_ray.methods.wemoe.WeightEnsemblingMLP` holding the task
+   vectors τi of that MLP (read by loading each fine-tuned state dict into a
+   scratch model through the adapter, so any key layout the adapter accepts
+   works).
+3. **Router init** (Sec. III-B2): 2-layer router, W ~ N(0, σ²) with
+   σ = ``router_init_std`` = 0.1 (variance 0.01, as the paper says), b0 = 0,
+   b1 = λ. ``router_init_std=0`` makes λ(x) ≡ λ exactly, i.e. Task Arithmetic.
+   Hidden width ``router_hidden``: the paper gives none; default = the MLP's
+   input width (FusionBench's choice).
+4. **TTA** (eq. 11): Adam on the router parameters only, minimising the
+   prediction entropy on unlabeled inputs; step s uses one batch of task
+   ``tasks[s % T]`` (round-robin, each task's own head; the split is cycled).
+   ``tta_steps`` = 200: paper 002 Fig. 12 shows TTA converged by about 200
+   steps. ``lr`` = 1e-4, ``batch_size`` = 16: not in the paper; FusionBench's
+   defaults (which run 1000 steps, each step one batch of *every* task).
+5. **E-WEMoE** (Sec. III-C): ``variant="e-wemoe"`` prunes the MLP task
+   vectors to their ``keep_fraction`` largest magnitudes (default 0.1, i.e.
+   E-WEMoE-90 %, the paper's default ρ; 0.01 for 99 %) and shares one router
+   across all layers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tswitch_ray.device import pick_device
+from tswitch_ray.errors import ConfigError
+from tswitch_ray.eval.adapters import ModelAdapter
+from tswitch_ray.eval.datasets import EvalDataset
+from tswitch_ray.eval.evaluate import evaluate
+from tswitch_ray.methods.base import merge_in_memory
+from tswitch_ray.methods.task_arithmetic import TaskArithmetic
+from tswitch_ray.methods.wemoe import WeightEnsemblingMLP, entropy_loss, tta_step, upscale_mlps
+
+Tensor = torch.Tensor
+
+VARIANTS = ("wemoe", "e-wemoe")
+# Transformer-block classes whose ``.mlp`` attribute is the block's MLP.
+MLP_BLOCK_CLASSES = ("ResidualAttentionBlock", "CustomResidualAttentionBlock", "CLIPEncoderLayer")
+
+
+def find_mlp_paths(model: nn.Module) -> list[str]:
+    """Dotted paths of the Transformer MLPs to upscale (``<block>.mlp``), in module order.
+
+    ``ConfigError`` naming the model class when the model has no block of a
+    known layout (:data:`MLP_BLOCK_CLASSES`).
+    """
+    paths = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in MLP_BLOCK_CLASSES and isinstance(getattr(module, "mlp", None), nn.Module):
+            paths.append(f"{name}.mlp" if name else "mlp")
+    if not paths:
+        raise ConfigError(
+            f"wemoe: no Transformer MLP found in model class {type(model).__name__}: WEMoE upscales the `.mlp` of "
+            f"blocks of class {', '.join(MLP_BLOCK_CLASSES)} (open_clip, Hugging Face CLIP). "
+            "Pass mlp_paths=[...] (dotted module paths) for another architecture."
+        )
+    return paths
+
+
+def _batch_first(model: nn.Module, mlp_path: str) -> bool:
+    """Token layout at ``mlp_path``: the nearest enclosing module with a ``batch_first`` attribute decides (default True)."""
+    parts = mlp_path.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        mod = model.get_submodule(".".join(parts[:i])) if i else model
+        bf = getattr(mod, "batch_first", None)
+        if isinstance(bf, bool):
+            return bf
+    return True
+
+
+def _mlp_params(model: nn.Module, paths: Sequence[str]) -> dict[str, dict[str, Tensor]]:
+    return {p: {n: t.detach().to(torch.float32).clone() for n, t in model.get_submodule(p).named_parameters()} for p in paths}
+
+
+def _routers(mlps: Mapping[str, WeightEnsemblingMLP]) -> list[nn.Module]:
+    seen: dict[int, nn.Module] = {}
+    for m in mlps.values():
+        seen.setdefault(id(m.router), m.router)
+    return list(seen.values())
+
+
+def _cycle(adapter: ModelAdapter, dataset: EvalDataset, batch_size: int, limit: int | None) -> Iterator[Tensor]:
+    while True:
+        empty = True
+        for raw in dataset.batches(batch_size, require_labels=False, limit=limit):
+            empty = False
+            yield adapter.collate(raw.items)
+        if empty:
+            raise ConfigError(f"wemoe: the test-time adaptation split {getattr(dataset, 'uri', '?')} has no rows.")
+
+
+def build_wemoe_model(
+    adapter: ModelAdapter,
+    base_sd: Mapping[str, Tensor],
+    task_sds: Sequence[Mapping[str, Tensor]],
+    *,
+    variant: str = "wemoe",
+    keep_fraction: float | None = None,
+    init_lambda: float = 0.3,
+    router_hidden: int | None = None,
+    router_init_std: float = 0.1,
+    router_depth: int = 2,
+    mlp_paths: Sequence[str] | None = None,
+    seed: int = 0,
+    **mlp_options: Any,
+) -> tuple[nn.Module, dict[str, WeightEnsemblingMLP]]:
+    """The upscaled model before adaptation (steps 1–3 and 5 of the module docstring).
+
+    Returns the model (on CPU, all parameters frozen except the routers) and
+    its :class:`WeightEnsemblingMLP` modules by path.
+    """
+    if variant not in VARIANTS:
+        raise ConfigError(f"wemoe: variant must be one of {VARIANTS}, got {variant!r}.")
+    if not task_sds:
+        raise ConfigError("wemoe: at least one fine-tuned state dict is needed.")
+    if variant == "e-wemoe" and keep_fraction is None:
+        keep_fraction = 0.1
+    scratch = adapter.build(base_sd)
+    paths = list(mlp_paths) if mlp_paths is not None else find_mlp_paths(scratch)
+    for p in paths:
+        try:
+            scratch.get_submodule(p)
+        except AttributeError as e:
+            raise ConfigError(f"wemoe: model class {type(scratch).__name__} has no submodule {p!r} to upscale.") from e
+    base_mlp = _mlp_params(scratch, paths)
+    tvs: dict[str, list[dict[str, Tensor]]] = {p: [] for p in paths}
+    for sd in task_sds:
+        adapter.load(scratch, sd)
+        for p, params in _mlp_params(scratch, paths).items():
+            tvs[p].append({n: v - base_mlp[p][n] for n, v in params.items()})
+    del scratch
+
+    merged = merge_in_memory(TaskArithmetic(scale=init_lambda), base_sd, task_sds)
+    model = adapter.build(merged)
+    del merged
+    with torch.no_grad():
+        for p in paths:  # the MLP part is θ0 + Σ λi(x) τi, not the TA merge
+            for n, t in model.get_submodule(p).named_parameters():
+                t.copy_(base_mlp[p][n].to(t.dtype))
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    opts = dict(mlp_options)
+    opts.setdefault("init_std", router_init_std)
+    opts.setdefault("router_depth", router_depth)
+    if "batch_first" in opts:
+        layouts = {p: opts.pop("batch_first") for p in paths}
+    else:
+        layouts = {p: _batch_first(model, p) for p in paths}
+    hidden = router_hidden
+    if hidden is None:
+        first = model.get_submodule(paths[0])
+        hidden = next((m.in_features for m in first.modules() if isinstance(m, nn.Linear)), 0) or 1
+    mlps: dict[str, WeightEnsemblingMLP] = {}
+    shared: bool | nn.Module = variant == "e-wemoe"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for bf in sorted(set(layouts.values())):
+            group = [p for p in paths if layouts[p] == bf]
+            out = upscale_mlps(model, group, {p: tvs[p] for p in group}, hidden, init_lambda,
+                               shared_router=shared, keep_fraction=keep_fraction, batch_first=bf, **opts)
+            mlps.update(out)
+            if variant == "e-wemoe" and not isinstance(shared, nn.Module):
+                shared = next(iter(out.values())).router  # one router for every layer, whatever the layout
+    mlps = {p: mlps[p] for p in paths}
+    for r in _routers(mlps):
+        for prm in r.parameters():
+            prm.requires_grad_(True)
+    return model, mlps
+
+
+def evaluate_wemoe(
+    adapter: ModelAdapter,
+    base_sd: Mapping[str, Tensor],
+    task_sds: Sequence[Mapping[str, Tensor]],
+    tasks: Sequence[str],
+    eval_sets: Mapping[str, EvalDataset],
+    tta_sets: Mapping[str, EvalDataset],
+    *,
+    variant: str = "wemoe",
+    keep_fraction: float | None = None,
+    init_lambda: float = 0.3,
+    tta_steps: int = 200,
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    router_hidden: int | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+    device: str | torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    router_init_std: float = 0.1,
+    router_depth: int = 2,
+    eval_batch_size: int = 128,
+    tta_limit: int | None = None,
+    mlp_paths: Sequence[str] | None = None,
+    measure_entropy: bool = False,
+    **mlp_options: Any,
+) -> dict[str, Any]:
+    """WEMoE (``variant="wemoe"``) or E-WEMoE (``"e-wemoe"``) accuracy per task; see the module docstring.
+
+    ``task_sds[i]`` is the fine-tuned state dict of ``tasks[i]`` (same keys as
+    ``base_sd``). ``tta_sets[t]`` holds unlabeled inputs of task t (the first
+    ``tta_limit`` rows, cycled); ``eval_sets[t]`` its labelled eval split
+    (``limit`` rows at most). ``batch_size`` is the TTA batch, ``eval_batch_size``
+    the scoring batch. ``progress(step, tta_steps)`` is called after each TTA
+    step. ``mlp_options`` go to :class:`WeightEnsemblingMLP` (``token_pool``,
+    ``batch_reduce``, ``batched``). ``measure_entropy=True`` adds
+    ``entropy_before``/``entropy_after``: the mean prediction entropy over the
+    TTA splits (``tta_limit`` rows each) before and after adaptation.
+
+    Returns ``{"per_task": {task: {"accuracy", "n"}}, "average", "seconds",
+    "tta_steps", "variant", "keep_fraction", "tta_seconds", "tta_losses",
+    "n_routers", "router_parameters", "mlp_paths"}``; ``tta_losses`` is the
+    entropy of each TTA step's batch (before that step's update).
+    """
+    t_start = time.perf_counter()
+    tasks = list(tasks)
+    if len(task_sds) != len(tasks):
+        raise ConfigError(f"wemoe: {len(task_sds)} fine-tuned state dicts for {len(tasks)} tasks; give one per task, in task order.")
+    if tta_steps < 0:
+        raise ConfigError(f"wemoe: tta_steps must be >= 0, got {tta_steps}.")
+    for t in tasks:
+        if t not in eval_sets:
+            raise ConfigError(f"wemoe: no eval set for task {t!r}.")
+        if tta_steps and t not in tta_sets:
+            raise ConfigError(f"wemoe: no test-time adaptation set for task {t!r}.")
+    if variant == "e-wemoe" and keep_fraction is None:
+        keep_fraction = 0.1
+    dev = pick_device(str(device) if device is not None else None)
+    model, mlps = build_wemoe_model(
+        adapter, base_sd, task_sds, variant=variant, keep_fraction=keep_fraction, init_lambda=init_lambda,
+        router_hidden=router_hidden, router_init_std=router_init_std, router_depth=router_depth,
+        mlp_paths=mlp_paths, seed=seed, **mlp_options,
+    )
+    model.to(dev).eval()
+    routers = _routers(mlps)
+    params = [p for r in routers for p in r.parameters()]
+
+    entropy_sets = {t: tta_sets[t] for t in tasks if t in tta_sets}
+    extra: dict[str, Any] = {}
+    if measure_entropy:
+        extra["entropy_before"] = mean_entropy(adapter, model, entropy_sets, batch_size=eval_batch_size, limit=tta_limit, device=dev)
+    t_tta = time.perf_counter()
+    losses: list[float] = []
+    if tta_steps:
+        opt = torch.optim.Adam(params, lr=lr)
+        streams = {t: _cycle(adapter, tta_sets[t], batch_size, tta_limit) for t in tasks}
+        for step, t in zip(range(tta_steps), itertools.cycle(tasks)):
+            x = next(streams[t]).to(dev)
+            losses.append(tta_step(model, lambda m, xb, _t=t: adapter.logits(m, xb, _t), x, opt))
+            if progress is not None:
+                progress(step + 1, tta_steps)
+    tta_seconds = time.perf_counter() - t_tta
+    if measure_entropy:
+        extra["entropy_after"] = mean_entropy(adapter, model, entropy_sets, batch_size=eval_batch_size, limit=tta_limit, device=dev)
+
+    per_task: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        r = evaluate(adapter, model, eval_sets[t], t, batch_size=eval_batch_size, device=dev, limit=limit)
+        per_task[t] = {"accuracy": r["accuracy"], "n": r["n"]}
+    return {
+        "per_task": per_task,
+        "average": sum(r["accuracy"] for r in per_task.values()) / len(per_task),
+        "seconds": time.perf_counter() - t_start,
+        "tta_steps": tta_steps,
+        "variant": variant,
+        "keep_fraction": keep_fraction,
+        "tta_seconds": tta_seconds,
+        "tta_losses": losses,
+        "n_routers": len(routers),
+        "router_parameters": sum(p.numel() for p in params),
+        "mlp_paths": list(mlps),
+        **extra,
+    }
+
+
+@torch.no_grad()
+def mean_entropy(adapter: ModelAdapter, model: nn.Module, datasets: Mapping[str, EvalDataset], *, batch_size: int = 128, limit: int | None = None, device: str | torch.device | None = None) -> float:
+    """Mean prediction entropy (eq. 11) over the rows of every task's split, each with its own head."""
+    dev = pick_device(str(device) if device is not None else None)
+    model.to(dev).eval()
+    total = 0.0
+    n = 0
+    for t, ds in datasets.items():
+        for raw in ds.batches(batch_size, require_labels=False, limit=limit):
+            logits = adapter.logits(model, adapter.collate(raw.items).to(dev), t)
+            total += float(entropy_loss(logits)) * logits.shape[0]
+            n += logits.shape[0]
+    return total / max(n, 1)
