@@ -82,6 +82,10 @@ def test_autoswitch_one_hot_equals_tswitch(zoo):
         ref = evaluate(adapter, tswitch_model, sets[t], t, batch_size=10, device="cpu")
         assert r["accuracy"] == ref["accuracy"] and r["n"] == ref["n"] == 24
     assert res["average"] == pytest.approx(np.mean([res["per_task"][t]["accuracy"] for t in TASKS]))
+    # the Ray runner scores one task per call: only that task's eval split, every task's query set
+    one = evaluate_autoswitch(adapter, base, sw, TASKS, {"b": sets["b"]}, sets, examples_per_task=24, k=1, device="cpu")
+    assert list(one["per_task"]) == ["b"] and one["per_task"]["b"]["accuracy"] == res["per_task"]["b"]["accuracy"]
+    assert one["query_bytes"] == 72 * 16 * 4
     assert res["throughput_ratio"] > 0 and res["seconds"] > 0
 
 

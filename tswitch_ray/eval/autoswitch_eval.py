@@ -156,15 +156,15 @@ def evaluate_autoswitch(
     ``switches[i]`` is the switch set of ``tasks[i]``: tensor name →
     ``(mask, positive, knob)`` (flat bool mask, flat bool sign bit of kept
     elements, scalar λ). ``query_sets[t]`` gives the unlabeled examples of
-    task t, ``eval_sets[t]`` its labelled eval split. ``eval_tasks`` (default
-    all of ``tasks``) picks which eval splits to score — every task's switch and
+    task t, ``eval_sets[t]`` its labelled eval split. ``eval_tasks`` (default:
+    the tasks that have an entry in ``eval_sets``, in task order) picks which eval splits to score — every task's switch and
     query examples take part in routing regardless. ``limit`` caps the eval
     rows per task.
 
     Returns ``{"per_task": {task: {"accuracy", "n", "models_built", "groups",
     "routing_hit_rate"}}, "average", "seconds", "throughput_ratio", "k",
     "examples_per_task", "feature_model", "average_over_batch",
-    "query_size", "models_built"}``. ``models_built`` counts rebuilds (LRU
+    "query_size", "query_bytes", "models_built", "rebuild_seconds"}``. ``models_built`` counts rebuilds (LRU
     misses) while scoring that task; ``groups`` the (batch, weight-vector)
     groups served; ``routing_hit_rate`` the fraction of inputs whose largest
     weight is their own task's (ties count as misses).
@@ -180,7 +180,9 @@ def evaluate_autoswitch(
         raise ConfigError(f"auto-switch: feature_model must be one of {FEATURE_MODELS}, got {feature_model!r}.")
     if examples_per_task < 1:
         raise ConfigError(f"auto-switch: examples_per_task must be >= 1, got {examples_per_task}.")
-    scored = list(eval_tasks) if eval_tasks is not None else tasks
+    scored = list(eval_tasks) if eval_tasks is not None else [t for t in tasks if t in eval_sets]
+    if not scored:
+        raise ConfigError(f"auto-switch: no eval set for any of the tasks {tasks}.")
     for t in tasks:
         if t not in query_sets:
             raise ConfigError(f"auto-switch: no query set for task {t!r}; the query set needs unlabeled examples of every task.")
@@ -268,6 +270,7 @@ def evaluate_autoswitch(
         "feature_model": feature_model,
         "average_over_batch": average_over_batch,
         "query_size": int(query.shape[0]),
+        "query_bytes": int(query.numel() * query.element_size()),
         "models_built": cache.built,
         "rebuild_seconds": cache.rebuild_seconds,
     }
