@@ -51,3 +51,52 @@ def s3_bucket(s3_server):
     name = f"t-{uuid.uuid4().hex[:12]}"
     fs.mkdir(name)
     yield f"s3://{name}", opts
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (sqlite backend, local artifact root) on 127.0.0.1; yields its URI."""
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"),
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            if requests.get(f"{uri}/health", timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not start within 120 s")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_zoo(tmp_path_factory):
+    """A 3-task demo zoo made by the real recipe at a tiny size (seconds, not minutes)."""
+    from tswitch_ray.eval.demo_zoo import DemoZooConfig, build_demo_zoo
+
+    cfg = DemoZooConfig(tasks=("digits", "glyphs", "signs"), width=32, layers=2, heads=2, embed_dim=16,
+                        n_train=96, n_eval=48, n_unlabeled=32, pretrain_steps=4, pretrain_batch=32,
+                        probe_steps=20, finetune_steps=4, finetune_batch=16)
+    return build_demo_zoo(tmp_path_factory.mktemp("demo") / "zoo", seed=0, config=cfg)

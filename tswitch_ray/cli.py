@@ -12,6 +12,7 @@ from typing import Any, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tswitch_ray.errors import ConfigError, TSwitchError
@@ -39,11 +40,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except TSwitchError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except ValidationError as exc:
-            msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            console.print(f"[bold red]error:[/] invalid options: {msgs}", highlight=False, soft_wrap=True)
+            msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+            console.print(f"[bold red]error:[/] invalid options: {escape(msgs)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted:[/] nothing was committed; run the same command again to resume "
@@ -230,6 +232,152 @@ def registry_query(
         for row in table.to_pylist():
             t.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
         out.print(t)
+
+
+def _print_eval(result: Any) -> None:
+    from tswitch_ray.eval.weights import StorageModel  # noqa: F401 - keeps the import cost inside the command
+
+    tasks = list(dict.fromkeys(r["task"] for r in result.rows))
+    individual = next((x["storage_bytes"] for x in result.summary if x["method"] == "individual"), None)
+    t = Table(title=f"{result.name}: accuracy (%) per task, average and storage")
+    t.add_column("method", style="bold")
+    for task in tasks:
+        t.add_column(task, justify="right")
+    t.add_column("avg", justify="right", style="bold")
+    t.add_column("storage", justify="right")
+    if individual:
+        t.add_column("vs individual", justify="right")
+    for s in result.summary:
+        cells = [f"{100 * s['per_task'][k]:.1f}" if k in s["per_task"] else "–" for k in tasks]
+        sb = s["storage_bytes"]
+        row = [s["label"], *cells, f"{100 * s['average']:.1f}", _bytes(sb) if sb >= 0 else "–"]
+        if individual:
+            row.append(f"{100 * sb / individual:.1f} %" if sb >= 0 else "–")
+        t.add_row(*row)
+    out.print(t)
+    for s in result.summary:
+        if s.get("throughput_ratio") is not None:
+            out.print(f"{s['label']}: throughput {s['throughput_ratio']:.2f}x of single-model inference")
+    out.print(f"results: {result.files.get('results.md', result.work_dir)}; plot: "
+              f"{result.files.get('accuracy_vs_storage.png', '')}; {result.seconds:.0f} s"
+              + (f"; MLflow run {result.run_id}" if result.run_id else ""))
+
+
+def _eval_overrides(executor: Optional[str], ray_address: Optional[str], workers: Optional[int],
+                    tracking_uri: Optional[str], no_tracking: bool, work_dir: Optional[str],
+                    limit: Optional[int]) -> dict[str, Any]:
+    ov: dict[str, Any] = {"executor": executor, "ray_address": ray_address, "num_workers": workers,
+                          "work_dir": work_dir, "limit": limit}
+    if tracking_uri or no_tracking:
+        ov["tracking"] = {"uri": tracking_uri, "enabled": not no_tracking}
+    return ov
+
+
+TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, ./mlruns).")
+NoTrackingOpt = typer.Option(False, "--no-tracking", help="Do not log to MLflow.")
+
+
+@app.command("eval", epilog="Example: `tswitch eval pipelines/evals/main_table.yaml --tracking-uri http://127.0.0.1:5000`")
+@user_errors
+def eval_cmd(
+    config: str = typer.Argument(..., help="Eval config (YAML): zoo, artifacts, methods; see pipelines/evals/."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="'ray' (default) or 'local'."),
+    ray_address: Optional[str] = AddrOpt,
+    workers: Optional[int] = WorkersOpt,
+    tracking_uri: Optional[str] = TrackingOpt,
+    no_tracking: bool = NoTrackingOpt,
+    work_dir: Optional[str] = typer.Option(None, "--work-dir", help="Where merges, cached cells and results go (default runs/<name>)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N eval rows per task (smoke runs)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    s3_endpoint: Optional[str] = EndpointOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Evaluate merging methods on a zoo: Ray tasks per (method, task), one MLflow run, a results table.
+
+    Finished (method, task) cells are cached under the work dir, so rerunning
+    after an interruption recomputes only what is missing.
+    """
+    from tswitch_ray.distributed.eval_runner import run_eval
+    from tswitch_ray.eval.config import load_eval_config
+
+    so = _storage_options(storage_option, s3_endpoint)
+    ov = _eval_overrides(executor, ray_address, workers, tracking_uri, no_tracking, work_dir, limit)
+    if so:
+        ov["storage_options"] = so
+    cfg = load_eval_config(config, ov)
+    _print_eval(run_eval(cfg, show_progress=not quiet, say=lambda m: console.print(m, highlight=False)))
+
+
+@app.command(epilog="Example: `tswitch sweep pipelines/sweeps/discard_ratio.yaml` (rerun the same command to resume)")
+@user_errors
+def sweep(
+    config: str = typer.Argument(..., help="Eval config with a `grid:` (methods × options); see pipelines/sweeps/."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="'ray' (default) or 'local'."),
+    ray_address: Optional[str] = AddrOpt,
+    workers: Optional[int] = WorkersOpt,
+    tracking_uri: Optional[str] = TrackingOpt,
+    no_tracking: bool = NoTrackingOpt,
+    work_dir: Optional[str] = typer.Option(None, "--work-dir", help="Where cached cells and results go (default runs/<name>)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N eval rows per task."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Run a grid of methods × options; resumable (every finished cell is cached)."""
+    from tswitch_ray.distributed.eval_runner import run_eval
+    from tswitch_ray.eval.config import load_eval_config
+
+    cfg = load_eval_config(config, _eval_overrides(executor, ray_address, workers, tracking_uri, no_tracking,
+                                                   work_dir, limit))
+    if not cfg.grid:
+        raise ConfigError(f"{config}: a sweep config needs a `grid:` list (e.g. - {{method: [dare], options.p: [0.1, 0.5]}}).")
+    _print_eval(run_eval(cfg, show_progress=not quiet, say=lambda m: console.print(m, highlight=False)))
+
+
+@app.command(epilog="Example: `tswitch demo` (first run builds the demo zoo, ~5 min on 2 cores; later runs reuse it)")
+@user_errors
+def demo(
+    root: str = typer.Option(".tswitch/demo", "--root", help="Where the demo zoo, switches, results and MLflow store go."),
+    alpha: list[float] = typer.Option(list((0.6, 0.8, 0.9)), "--alpha", "-a", help="T-Switch discard ratios to build."),
+    wemoe: bool = typer.Option(True, "--wemoe/--no-wemoe", help="Include WEMoE and E-WEMoE (test-time adaptation)."),
+    executor: str = ExecOpt,
+    ray_address: Optional[str] = AddrOpt,
+    workers: Optional[int] = WorkersOpt,
+    tracking_uri: Optional[str] = TrackingOpt,
+    no_tracking: bool = NoTrackingOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """The whole pipeline on the embedded demo zoo: zoo → Ray build → Ray eval → MLflow → table + plot."""
+    from tswitch_ray.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(root=root, alphas=alpha, wemoe=wemoe, executor=executor, ray_address=ray_address,
+                       num_workers=workers, tracking_uri=tracking_uri, tracking=not no_tracking,
+                       show_progress=not quiet)
+    _print_eval(run_demo(opts, say=lambda m: console.print(m, highlight=False)))
+
+
+@zoo_app.command("demo", epilog="Example: `tswitch zoo demo --out .tswitch/demo/zoo`")
+@user_errors
+def zoo_demo(
+    out_dir: str = typer.Option(".tswitch/demo/zoo", "--out", "-o", help="Folder for zoo.yaml, checkpoints, heads and eval data."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a cached build with this recipe exists."),
+) -> None:
+    """Build the offline demo zoo: a tiny open_clip ViT pretrained here, fine-tuned on 8 tasks (cached)."""
+    import json as _json
+
+    from tswitch_ray.eval.demo_zoo import build_demo_zoo
+
+    path = build_demo_zoo(out_dir, seed=seed, force=force, progress=lambda m: console.print(m, highlight=False))
+    report = Path(path).parent / "zoo_report.json"
+    if report.exists():
+        rep = _json.loads(report.read_text())
+        t = Table(title=f"demo zoo: {path}")
+        for col in ("task", "base acc", "fine-tuned acc"):
+            t.add_column(col)
+        for task, r in (rep.get("tasks") or {}).items():
+            t.add_row(task, f"{100 * r.get('base_accuracy', float('nan')):.1f}",
+                      f"{100 * r.get('finetuned_accuracy', float('nan')):.1f}")
+        out.print(t)
+    out.print(str(path))
 
 
 def main() -> None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from tswitch_ray.artifacts import ArtifactReader
 from tswitch_ray.errors import ArtifactError
 from tswitch_ray.switch import reconstruct
-from tswitch_ray.zoo import load_zoo
+from tswitch_ray.zoo import Zoo, load_zoo
 from tswitch_ray.zoo.writer import SafetensorsStreamWriter
 
 
@@ -30,20 +30,11 @@ def task_knobs(manifest: dict[str, Any], task: str, alpha: float) -> float | Non
     return None
 
 
-def reconstruct_task(artifacts_uri: str, task: str, alpha: float, out: str, zoo_uri: str | None = None,
-                     storage_options: dict[str, Any] | None = None) -> str:
-    """Write the full state dict θ0 + λ·Mt⊙St (paper 000 eq. 7) for ``task`` at ``alpha``.
-
-    θ0 comes from the zoo recorded in the manifest (or ``zoo_uri``), whose
-    fingerprint must match the one the switches were built from. Tensors
-    without a switch (non-float, or excluded by the zoo's globs) are copied
-    from θ0. One tensor is in memory at a time.
-    """
+def open_switches(artifacts_uri: str, zoo_uri: str | None = None,
+                  storage_options: dict[str, Any] | None = None) -> tuple[ArtifactReader, Zoo]:
+    """The artifact set and the zoo it was built from, after checking the base model's fingerprint."""
     reader = ArtifactReader(artifacts_uri, storage_options=storage_options)
     manifest = reader.manifest
-    if task not in manifest["tasks"]:
-        raise ArtifactError(f"{artifacts_uri}: no task {task!r}; tasks are {manifest['tasks']}.")
-    alpha = match_alpha(list(manifest["alphas"]), alpha, artifacts_uri)
     zoo = load_zoo(zoo_uri or manifest["zoo"]["uri"], storage_options=storage_options)
     if zoo.fingerprint() != manifest["zoo"]["fingerprint"]:
         raise ArtifactError(
@@ -51,17 +42,45 @@ def reconstruct_task(artifacts_uri: str, task: str, alpha: float, out: str, zoo_
             f"checkpoint {zoo.base.uri} has fingerprint {zoo.fingerprint()[:12]}… (different tensors or weights); "
             "pass --zoo with the zoo the switches were built from."
         )
+    return reader, zoo
+
+
+def iter_reconstructed(reader: ArtifactReader, zoo: Zoo, task: str, alpha: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, θ0 + λ·Mt⊙St) for every tensor of the base, in file order, one tensor at a time (paper 000 eq. 7).
+
+    Tensors without a switch (non-float, or excluded by the zoo's globs) are θ0 as stored.
+    """
+    manifest = reader.manifest
+    if task not in manifest["tasks"]:
+        raise ArtifactError(f"{reader.uri}: no task {task!r}; tasks are {manifest['tasks']}.")
+    alpha = match_alpha(list(manifest["alphas"]), alpha, reader.uri)
     model_knob = task_knobs(manifest, task, alpha)
     switched = set(manifest["tensors"])
-    infos = zoo.base.infos()
+    for name in zoo.base.infos():
+        base = zoo.base.read(name)
+        if name in switched:
+            mask, positive, row_knob = reader.switch(task, alpha, name)
+            lam = model_knob if model_knob is not None else row_knob
+            yield name, reconstruct(base, torch.from_numpy(mask), torch.from_numpy(positive), lam)
+        else:
+            yield name, base
+
+
+def reconstruct_task(artifacts_uri: str, task: str, alpha: float, out: str, zoo_uri: str | None = None,
+                     storage_options: dict[str, Any] | None = None) -> str:
+    """Write the full state dict θ0 + λ·Mt⊙St for ``task`` at ``alpha`` to ``out`` (safetensors).
+
+    θ0 comes from the zoo recorded in the manifest (or ``zoo_uri``), whose
+    fingerprint must match the one the switches were built from. One tensor
+    is in memory at a time.
+    """
+    reader, zoo = open_switches(artifacts_uri, zoo_uri, storage_options)
+    alpha = match_alpha(list(reader.manifest["alphas"]), alpha, artifacts_uri)
+    if task not in reader.manifest["tasks"]:
+        raise ArtifactError(f"{artifacts_uri}: no task {task!r}; tasks are {reader.manifest['tasks']}.")
     meta = {"tswitch_task": task, "tswitch_alpha": repr(alpha), "tswitch_artifacts": artifacts_uri}
+    infos = zoo.base.infos()
     with SafetensorsStreamWriter(out, list(infos.values()), storage_options=storage_options, metadata=meta) as writer:
-        for name in infos:
-            base = zoo.base.read(name)
-            if name in switched:
-                mask, positive, row_knob = reader.switch(task, alpha, name)
-                lam = model_knob if model_knob is not None else row_knob
-                writer.write(name, reconstruct(base, torch.from_numpy(mask), torch.from_numpy(positive), lam))
-            else:
-                writer.write(name, base)
+        for name, tensor in iter_reconstructed(reader, zoo, task, alpha):
+            writer.write(name, tensor)
     return out

@@ -1,0 +1,207 @@
+"""The evaluation config (`tswitch eval CONFIG`, `tswitch sweep CONFIG`), validated with pydantic.
+
+A config names a zoo, how to score it (an adapter spec and each task's eval
+split) and the methods to compare. When ``adapter``/``data`` are left out and
+the zoo's folder has a ``demo.json`` (the demo zoo, or any zoo written the same
+way), they are taken from there.
+
+```yaml
+name: main-table
+zoo: .tswitch/demo/zoo.yaml
+artifacts: .tswitch/demo/switches      # T-Switch / Auto-Switch read switches from here
+methods:
+  - {method: individual}
+  - {method: ta, options: {scale: 0.3}}
+  - {method: tswitch, alpha: 0.6}
+  - {method: autoswitch, alpha: 0.6, options: {k: 10, examples_per_task: 100}}
+grid:                                  # sweeps only: the product of these is added to methods
+  - {method: [dare, pdiscard], options.p: [0.1, 0.5, 0.9]}   # pdiscard calls it alpha
+tracking: {uri: http://127.0.0.1:5000, experiment: tswitch}
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tswitch_ray.errors import ConfigError
+from tswitch_ray.methods import ALIASES, METHODS, method_options
+from tswitch_ray.tracking import TrackingConfig
+
+#: Methods scored by the eval runner, beyond the state-dict merges of ``tswitch_ray.methods``.
+EVAL_ONLY = ("base", "individual", "autoswitch", "wemoe", "e-wemoe")
+#: Merges producing one model for all tasks, and those producing one per task.
+ONE_MODEL = ("avg", "ta", "ties", "dare", "pdiscard")
+PER_TASK_MERGE = ("emr",)
+#: Methods whose single Ray task scores every task at once (training or routing spans tasks).
+ALL_TASKS_AT_ONCE = ("wemoe", "e-wemoe")
+AUTOSWITCH_OPTIONS = {"k": 10, "examples_per_task": 100, "feature_model": None, "average_over_batch": False}
+WEMOE_OPTIONS = {"init_lambda": None, "tta_steps": None, "lr": None, "batch_size": None, "router_hidden": None,
+                 "keep_fraction": None, "seed": 0}
+
+
+def canonical_method(name: str) -> str:
+    key = str(name).lower().replace("_", "-")
+    if key in EVAL_ONLY:
+        return key
+    if key in ("ewemoe", "e_wemoe"):
+        return "e-wemoe"
+    key = key.replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key in METHODS:
+        return key
+    known = ", ".join(list(EVAL_ONLY) + list(METHODS))
+    raise ConfigError(f"unknown method {name!r} in the eval config; choose one of {known}.")
+
+
+class TaskData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    eval: str
+    unlabeled: str | None = None  # Auto-Switch query sets and WEMoE test-time adaptation; default: eval
+
+
+class MethodSpec(BaseModel):
+    """One method to score. ``label`` names its row in tables (default: method + α + options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    alpha: float | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    artifacts: str | None = None  # overrides the config's artifacts (e.g. a build with --knob mean)
+    label: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return canonical_method(v)
+
+    def check(self) -> None:
+        if self.method in ("tswitch", "autoswitch") and self.alpha is None:
+            raise ConfigError(f"method {self.method!r} needs `alpha` (one of the α the switches were built for).")
+        if self.alpha is not None and not 0.0 <= self.alpha < 1.0:
+            raise ConfigError(f"method {self.method!r}: alpha must be in [0, 1), got {self.alpha}.")
+        if self.method == "autoswitch":
+            allowed = AUTOSWITCH_OPTIONS
+        elif self.method in ALL_TASKS_AT_ONCE:
+            allowed = WEMOE_OPTIONS
+        elif self.method in ("base", "individual", "tswitch"):
+            allowed = {}
+        else:
+            allowed = method_options(self.method)
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"method {self.method!r} has no option(s) {', '.join(unknown)}; "
+                f"its options are: {', '.join(allowed) or 'none'}."
+            )
+
+    @property
+    def display(self) -> str:
+        if self.label:
+            return self.label
+        parts = [self.method]
+        if self.alpha is not None:
+            parts.append(f"α={self.alpha:g}")
+        parts += [f"{k}={v}" for k, v in sorted(self.options.items())]
+        return " ".join(parts)
+
+    def key(self) -> str:
+        """Stable id of what this spec computes (for caching results and merges)."""
+        payload = json.dumps(self.model_dump(exclude={"label"}), sort_keys=True, default=str)
+        return f"{self.method}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "eval"
+    zoo: str
+    adapter: dict[str, Any] | None = None
+    data: dict[str, TaskData] | None = None
+    tasks: list[str] | None = None
+    artifacts: str | None = None
+    methods: list[MethodSpec] = Field(default_factory=list)
+    grid: list[dict[str, list[Any]]] = Field(default_factory=list)
+    work_dir: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    executor: Literal["ray", "local"] = "ray"
+    ray_address: str | None = None
+    num_workers: int | None = None
+    num_gpus: float = 0.0
+    batch_size: int = 256
+    limit: int | None = None
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def expanded_methods(self) -> list[MethodSpec]:
+        """``methods`` followed by every point of every ``grid`` entry, without duplicates."""
+        specs = list(self.methods)
+        for entry in self.grid:
+            keys = list(entry)
+            for values in itertools.product(*(entry[k] for k in keys)):
+                raw: dict[str, Any] = {"options": {}}
+                for k, v in zip(keys, values):
+                    if k.startswith("options."):
+                        raw["options"][k.split(".", 1)[1]] = v
+                    else:
+                        raw[k] = v
+                try:
+                    specs.append(MethodSpec.model_validate(raw))
+                except ValidationError as exc:
+                    raise ConfigError(f"eval config grid entry {entry}: {exc}") from exc
+        seen: set[str] = set()
+        unique = []
+        for s in specs:
+            if s.key() not in seen:
+                seen.add(s.key())
+                unique.append(s)
+        return unique
+
+
+def resolve_uri(base_dir: str, uri: str) -> str:
+    """Relative paths resolve from the config file's folder, like the zoo manifest."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return str(Path(base_dir) / uri) if "://" not in base_dir else f"{base_dir.rstrip('/')}/{uri}"
+
+
+def load_eval_config(uri: str, overrides: dict[str, Any] | None = None,
+                     storage_options: dict[str, Any] | None = None) -> EvalConfig:
+    """Read and validate a YAML eval config; relative paths resolve from its folder."""
+    try:
+        with fsspec.open(uri, "r", **(storage_options or {})) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{uri}: eval config not found.") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{uri}: not valid YAML ({exc}).") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{uri}: an eval config must be a YAML mapping.")
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    base_dir = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    if "://" not in uri:
+        base_dir = str(Path(uri).resolve().parent)
+    for key in ("zoo", "artifacts", "work_dir"):
+        if isinstance(raw.get(key), str):
+            raw[key] = resolve_uri(base_dir, raw[key])
+    for m in raw.get("methods") or []:
+        if isinstance(m, dict) and isinstance(m.get("artifacts"), str):
+            m["artifacts"] = resolve_uri(base_dir, m["artifacts"])
+    for d in (raw.get("data") or {}).values():
+        if isinstance(d, dict):
+            for k in ("eval", "unlabeled"):
+                if isinstance(d.get(k), str):
+                    d[k] = resolve_uri(base_dir, d[k])
+    try:
+        return EvalConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{uri}: invalid eval config:\n{exc}") from exc

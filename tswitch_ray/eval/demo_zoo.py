@@ -1,0 +1,388 @@
+"""The offline demo zoo: a tiny open_clip ViT pretrained here, then fine-tuned on 8 tasks.
+
+No hub works on these machines, so the demo makes what a user with a real zoo
+has, by real training on CPU:
+
+1. **Data** — the 8 tasks of :mod:`tswitch_ray.eval._tasks` (5 from package
+   data: sklearn digits, scikit-image textures and photos, matplotlib fonts;
+   3 generated), each with disjoint train/eval material.
+2. **Pretraining** ("the CLIP stage") — a custom open_clip ViT (32x32 input,
+   patch 4, width 96, 3 layers, 4 heads, output dim 64 by default) trained on
+   the mixture of all tasks' *training* images with a generic, label-free
+   objective: predict which source an image comes from (domain, one way per
+   task) and by how much it was rotated (0/90/180/270 degrees). No task
+   labels are seen, so the base tower is generic, as a CLIP tower is for the
+   papers' 8 tasks.
+3. **Heads** — per task, a linear probe on the frozen, L2-normalised base
+   features (the analogue of the papers' zero-shot heads). The base model's
+   accuracy in ``zoo_report.json`` is this linear probe.
+4. **Fine-tuning** — per task, the whole tower from the base weights, with the
+   task head frozen (``head_mode="frozen_probe"``, the protocol of the
+   task-vectors paper: the merged backbone is scored with the same heads), or
+   trained jointly from the probe (``head_mode="joint"``).
+
+Written files (``out_dir``): ``zoo.yaml`` (the DESIGN.md manifest),
+``base.safetensors`` and ``tasks/<task>.safetensors`` (the tower as
+``visual.*`` keys), ``heads/<task>.safetensors`` (:class:`LinearHead`),
+``data/<task>/eval.parquet`` and ``data/<task>/train.parquet`` (a small held-out
+training sample for test-time methods: Auto-Switch query sets, WEMoE
+adaptation), ``demo.json`` (adapter spec + file map + recipe hash) and
+``zoo_report.json`` (accuracies, timings). ``zoo.yaml`` and ``demo.json`` are
+written last, so a build that died midway is never taken for a cached one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from tswitch_ray.errors import ConfigError
+from tswitch_ray.eval import _tasks
+from tswitch_ray.eval.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, LinearHead, OpenClipVisionAdapter, save_head, write_safetensors
+from tswitch_ray.eval.datasets import open_eval_dataset, write_image_parquet
+from tswitch_ray.eval.evaluate import evaluate
+
+RECIPE_VERSION = 1
+ZOO_NAME = "tswitch-demo"
+MODEL_NAME = "tswitch-demo-vit"
+
+
+@dataclass(frozen=True)
+class DemoZooConfig:
+    """Every knob of the recipe; its hash (with the seed) identifies a cached build."""
+
+    tasks: tuple[str, ...] = _tasks.TASK_NAMES
+    image_size: int = 32
+    patch_size: int = 4
+    width: int = 96
+    layers: int = 3
+    heads: int = 4
+    embed_dim: int = 64
+    n_train: int = 1536  # per task: pretraining pool, probe and fine-tuning data
+    n_eval: int = 400
+    n_unlabeled: int = 128  # written as data/<task>/train.parquet
+    pretrain_steps: int = 150
+    pretrain_batch: int = 128
+    pretrain_lr: float = 2e-3
+    probe_steps: int = 300
+    probe_lr: float = 0.05
+    finetune_steps: int = 50
+    finetune_batch: int = 64
+    finetune_lr: float = 5e-4
+    weight_decay: float = 0.05
+    head_mode: str = "frozen_probe"
+    threads: int = 2
+
+    def model_config(self) -> dict:
+        """The open_clip model config (JSON format of open_clip's model_configs)."""
+        return {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": {
+                "image_size": self.image_size,
+                "layers": self.layers,
+                "width": self.width,
+                "head_width": self.width // self.heads,
+                "patch_size": self.patch_size,
+                "mlp_ratio": 4.0,
+            },
+            "quick_gelu": False,
+        }
+
+    def validate(self) -> None:
+        for t in self.tasks:
+            _tasks.task_info(t)
+        if self.head_mode not in ("frozen_probe", "joint"):
+            raise ConfigError(f"demo zoo head_mode {self.head_mode!r} is unknown; use 'frozen_probe' or 'joint'.")
+        if self.width % self.heads or self.image_size % self.patch_size:
+            raise ConfigError("demo zoo: width must be divisible by heads and image_size by patch_size.")
+        if not self.tasks:
+            raise ConfigError("demo zoo: at least one task is needed.")
+
+
+def recipe_hash(config: DemoZooConfig, seed: int) -> str:
+    blob = json.dumps({"version": RECIPE_VERSION, "seed": seed, "config": asdict(config)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- training pieces
+
+
+def _to_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, S, S, 3]`` -> normalised float ``[N, 3, S, S]`` (the adapter's collate, vectorised)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over the first 10 % of steps, then cosine to zero."""
+    warm = max(1, total // 10)
+    if step < warm:
+        return peak * (step + 1) / warm
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _pretrain(tower: nn.Module, pools: list[torch.Tensor], cfg: DemoZooConfig, gen: torch.Generator) -> list[float]:
+    """Domain + rotation prediction on the unlabeled mixture of training pools."""
+    domain_head = nn.Linear(cfg.embed_dim, len(pools))
+    rot_head = nn.Linear(cfg.embed_dim, 4)
+    params = list(tower.parameters()) + list(domain_head.parameters()) + list(rot_head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
+    x_all = torch.cat(pools)
+    d_all = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(pools)])
+    losses = []
+    tower.train()
+    for step in range(cfg.pretrain_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.pretrain_steps, cfg.pretrain_lr)
+        idx = torch.randint(len(x_all), (cfg.pretrain_batch,), generator=gen)
+        x, d = x_all[idx], d_all[idx]
+        r = torch.randint(4, (len(idx),), generator=gen)
+        for k in (1, 2, 3):
+            m = r == k
+            x[m] = torch.rot90(x[m], k, dims=(2, 3))
+        f = tower(x)
+        loss = nn.functional.cross_entropy(domain_head(f), d) + nn.functional.cross_entropy(rot_head(f), r)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    tower.eval()
+    return losses
+
+
+@torch.inference_mode()
+def _features(tower: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    tower.eval()
+    return torch.cat([tower(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def _train_probe(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, cfg: DemoZooConfig, classes: list[str]) -> LinearHead:
+    """Full-batch multinomial logistic regression on L2-normalised frozen features."""
+    f = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    w = torch.zeros(n_classes, f.shape[1], requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=cfg.probe_lr)
+    for _ in range(cfg.probe_steps):
+        loss = nn.functional.cross_entropy(f @ w.T + b, labels) + 1e-4 * (w**2).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return LinearHead(w.detach(), b.detach(), normalize=True, classes=classes)
+
+
+def _finetune(base: nn.Module, head: LinearHead, x: torch.Tensor, y: torch.Tensor, cfg: DemoZooConfig, gen: torch.Generator) -> tuple[nn.Module, LinearHead, list[float]]:
+    tower = copy.deepcopy(base)
+    head = copy.deepcopy(head)
+    params = list(tower.parameters())
+    if cfg.head_mode == "joint":
+        for p in (head.weight, head.bias):
+            p.requires_grad_(True)
+        params += [head.weight, head.bias]
+    opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
+    tower.train()
+    losses = []
+    for step in range(cfg.finetune_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.finetune_steps, cfg.finetune_lr)
+        idx = torch.randint(len(x), (cfg.finetune_batch,), generator=gen)
+        loss = nn.functional.cross_entropy(head(tower(x[idx])), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    tower.eval()
+    for p in (head.weight, head.bias):
+        p.requires_grad_(False)
+    return tower, head, losses
+
+
+def _visual_state(tower: nn.Module) -> dict[str, torch.Tensor]:
+    return {"visual." + k: v.detach().clone().contiguous() for k, v in tower.state_dict().items()}
+
+
+# ---------------------------------------------------------------- build
+
+
+def _cached(out: Path, h: str) -> bool:
+    demo, manifest = out / "demo.json", out / "zoo.yaml"
+    if not (demo.exists() and manifest.exists()):
+        return False
+    try:
+        info = json.loads(demo.read_text())
+    except json.JSONDecodeError:
+        return False
+    if info.get("recipe_hash") != h:
+        return False
+    files = [info["base"]] + [p for t in info["tasks"].values() for p in (t["checkpoint"], t["eval"], t["train"], t["head"])]
+    return all((out / f).exists() for f in files)
+
+
+def build_demo_zoo(
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    force: bool = False,
+    config: DemoZooConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Build (or reuse) the demo zoo in ``out_dir``; returns the path of ``zoo.yaml``.
+
+    Cached: when ``out_dir/zoo.yaml`` and ``demo.json`` exist with this
+    recipe's hash (config + seed + recipe version) and all files are present,
+    nothing is recomputed unless ``force``. Training uses ``config.threads``
+    CPU threads (restored afterwards) and seeded generators only.
+    """
+    cfg = config or DemoZooConfig()
+    cfg.validate()
+    out = Path(out_dir)
+    h = recipe_hash(cfg, seed)
+    if not force and _cached(out, h):
+        return out / "zoo.yaml"
+    say = progress or (lambda msg: None)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # module init draws from the global RNG; fork_rng keeps the caller's state
+            return _build(out, seed, cfg, h, say)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _build(out: Path, seed: int, cfg: DemoZooConfig, h: str, say: Callable[[str], None]) -> Path:
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    for stale in ("zoo.yaml", "demo.json"):
+        (out / stale).unlink(missing_ok=True)
+    for sub in ("tasks", "heads", "data"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. data
+    t0 = time.perf_counter()
+    train_x: dict[str, torch.Tensor] = {}
+    train_y: dict[str, torch.Tensor] = {}
+    for t in cfg.tasks:
+        imgs, labels = _tasks.generate(t, "train", cfg.n_train + cfg.n_unlabeled, seed, cfg.image_size)
+        train_x[t] = _to_input(imgs[: cfg.n_train])
+        train_y[t] = torch.from_numpy(labels[: cfg.n_train])
+        write_image_parquet(str(out / "data" / t / "train.parquet"), imgs[cfg.n_train :], labels[cfg.n_train :])
+        ev_imgs, ev_labels = _tasks.generate(t, "eval", cfg.n_eval, seed, cfg.image_size)
+        write_image_parquet(str(out / "data" / t / "eval.parquet"), ev_imgs, ev_labels)
+    timings["data"] = time.perf_counter() - t0
+    say(f"data: {len(cfg.tasks)} tasks in {timings['data']:.1f}s")
+
+    # 2. pretraining
+    t0 = time.perf_counter()
+    adapter = OpenClipVisionAdapter(heads={}, source=str(out), model_cfg=cfg.model_config())
+    gen = torch.Generator().manual_seed(seed)
+    base = adapter.template()
+    pre_losses = _pretrain(base, [train_x[t] for t in cfg.tasks], cfg, gen)
+    base_sd = _visual_state(base)
+    write_safetensors(str(out / "base.safetensors"), base_sd, {"format": "pt", "model": MODEL_NAME, "recipe": h})
+    timings["pretrain"] = time.perf_counter() - t0
+    say(f"pretrain: {cfg.pretrain_steps} steps, loss {pre_losses[0]:.3f} -> {np.mean(pre_losses[-10:]):.3f}, {timings['pretrain']:.1f}s")
+
+    # 3. heads (linear probes on the frozen base) and 4. fine-tuning
+    t0 = time.perf_counter()
+    heads: dict[str, LinearHead] = {}
+    towers: dict[str, dict[str, torch.Tensor]] = {}
+    ft_losses: dict[str, list[float]] = {}
+    for t in cfg.tasks:
+        info = _tasks.task_info(t)
+        probe = _train_probe(_features(base, train_x[t]), train_y[t], len(info.classes), cfg, list(info.classes))
+        tower, head, losses = _finetune(base, probe, train_x[t], train_y[t], cfg, gen)
+        ft_losses[t] = losses
+        towers[t] = _visual_state(tower)
+        write_safetensors(str(out / "tasks" / f"{t}.safetensors"), towers[t], {"format": "pt", "model": MODEL_NAME, "task": t})
+        heads[t] = head
+        save_head(str(out / "heads" / f"{t}.safetensors"), head)
+        if cfg.head_mode == "joint":  # the base is scored with its own probe
+            save_head(str(out / "heads" / "probe" / f"{t}.safetensors"), probe)
+        say(f"finetune {t}: loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f}")
+    timings["probe_and_finetune"] = time.perf_counter() - t0
+
+    # 5. measure through the real path: parquet -> adapter.collate -> built model -> head
+    t0 = time.perf_counter()
+    report_tasks: dict[str, dict[str, float]] = {}
+    base_model = adapter.build(base_sd)
+    for t in cfg.tasks:
+        ds = open_eval_dataset(str(out / "data" / t / "eval.parquet"))
+        probe_heads = {t: heads[t]}
+        if cfg.head_mode == "joint":
+            from tswitch_ray.eval.adapters import load_head
+
+            probe_heads = {t: load_head(str(out / "heads" / "probe" / f"{t}.safetensors"))}
+        base_ad = OpenClipVisionAdapter(heads=probe_heads, source=str(out), model_cfg=cfg.model_config())
+        ft_ad = OpenClipVisionAdapter(heads={t: heads[t]}, source=str(out), model_cfg=cfg.model_config())
+        acc_base = evaluate(base_ad, base_model, ds, t, device="cpu")["accuracy"]
+        acc_ft = evaluate(ft_ad, ft_ad.build(towers[t]), ds, t, device="cpu")["accuracy"]
+        report_tasks[t] = {"base_linear_probe": acc_base, "finetuned": acc_ft, "n_eval": len(ds), "n_classes": len(heads[t].classes or [])}
+        say(f"eval {t}: base(probe) {acc_base:.3f}  finetuned {acc_ft:.3f}")
+    timings["eval"] = time.perf_counter() - t0
+
+    # 6. manifest and descriptions, last
+    timings["total"] = time.perf_counter() - t_start
+    task_files = {
+        t: {
+            "checkpoint": f"tasks/{t}.safetensors",
+            "head": f"heads/{t}.safetensors",
+            "eval": f"data/{t}/eval.parquet",
+            "train": f"data/{t}/train.parquet",
+            "classes": list(_tasks.task_info(t).classes),
+            "real_data": _tasks.task_info(t).real,
+            "source": _tasks.task_info(t).source,
+            "split": _tasks.task_info(t).split_rule,
+        }
+        for t in cfg.tasks
+    }
+    report = {
+        "recipe_hash": h,
+        "seed": seed,
+        "threads": cfg.threads,
+        "build_seconds": timings,
+        "base_accuracy_is": "linear probe: base tower frozen + the task head trained on its L2-normalised features",
+        "head_mode": cfg.head_mode,
+        "pretrain_loss": {"first": pre_losses[0], "last10_mean": float(np.mean(pre_losses[-10:]))},
+        "finetune_loss": {t: {"first": v[0], "last5_mean": float(np.mean(v[-5:]))} for t, v in ft_losses.items()},
+        "tasks": report_tasks,
+        "mean": {
+            "base_linear_probe": float(np.mean([r["base_linear_probe"] for r in report_tasks.values()])),
+            "finetuned": float(np.mean([r["finetuned"] for r in report_tasks.values()])),
+        },
+    }
+    (out / "zoo_report.json").write_text(json.dumps(report, indent=2))
+    demo = {
+        "name": ZOO_NAME,
+        "recipe_hash": h,
+        "recipe_version": RECIPE_VERSION,
+        "seed": seed,
+        "config": asdict(cfg),
+        "adapter": {"kind": "open_clip", "model": cfg.model_config(), "heads": "heads", "tasks": list(cfg.tasks), "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)},
+        "model_name": MODEL_NAME,
+        "key_layout": "visual.* (open_clip VisionTransformer state dict with a 'visual.' prefix)",
+        "manifest": "zoo.yaml",
+        "base": "base.safetensors",
+        "tasks": task_files,
+        "pretraining": "domain (which task source) + rotation (0/90/180/270) prediction on the unlabeled mixture of all tasks' training images",
+        "report": "zoo_report.json",
+    }
+    (out / "demo.json").write_text(json.dumps(demo, indent=2))
+    manifest = {"name": ZOO_NAME, "base": "base.safetensors", "tasks": [{"name": t, "uri": f"tasks/{t}.safetensors"} for t in cfg.tasks]}
+    text = f"# tswitch demo zoo (recipe {h}); see demo.json and zoo_report.json\n" + yaml.safe_dump(manifest, sort_keys=False)
+    (out / "zoo.yaml").write_text(text)
+    return out / "zoo.yaml"

@@ -1,0 +1,114 @@
+"""The weights each method is scored with, and what storing them costs.
+
+Every function reads lazily (one tensor at a time) from the zoo, the switch
+artifacts or a merge's output files; none holds more than the state dict it
+returns. T-Switch and Auto-Switch read θ0 and the switches only: the
+fine-tuned checkpoints are never touched for them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tswitch_ray.artifacts import ArtifactReader
+from tswitch_ray.eval.adapters import read_safetensors
+from tswitch_ray.reconstruct import iter_reconstructed, match_alpha, open_switches
+from tswitch_ray.zoo import Zoo
+
+Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+
+_MLP_MARKERS = (".mlp.", ".mlp_", ".intermediate.", ".output.dense")
+
+
+def read_checkpoint(zoo: Zoo, which: str) -> StateDict:
+    """A whole checkpoint of the zoo (``"base"`` or a task name), tensor by tensor."""
+    reader = zoo.reader(which)
+    return {name: reader.read(name) for name in reader.infos()}
+
+
+def read_merged(uri: str, storage_options: Mapping[str, Any] | None = None) -> StateDict:
+    return read_safetensors(uri, storage_options)[0]
+
+
+def reconstruct_switched(artifacts_uri: str, zoo_uri: str, task: str, alpha: float,
+                         storage_options: Mapping[str, Any] | None = None) -> StateDict:
+    """θ0 + λ·Mt⊙St for every tensor (paper 000 eq. 7), from the artifacts and θ0 only."""
+    reader, zoo = open_switches(artifacts_uri, zoo_uri, dict(storage_options or {}))
+    return dict(iter_reconstructed(reader, zoo, task, alpha))
+
+
+def read_switches(artifacts_uri: str, zoo_uri: str, tasks: Sequence[str], alpha: float,
+                  storage_options: Mapping[str, Any] | None = None
+                  ) -> tuple[StateDict, list[dict[str, tuple[Tensor, Tensor, float]]]]:
+    """θ0 and every task's switches ``{tensor: (mask, positive, λ)}`` — Auto-Switch's whole input."""
+    reader, zoo = open_switches(artifacts_uri, zoo_uri, dict(storage_options or {}))
+    base = read_checkpoint(zoo, "base")
+    switches = []
+    for task in tasks:
+        per = {}
+        for name, mask, positive, knob in reader.iter_switches(task, alpha):
+            per[name] = (torch.from_numpy(mask), torch.from_numpy(positive), float(knob))
+        switches.append(per)
+    return base, switches
+
+
+# ------------------------------------------------------------------ storage
+
+
+@dataclass
+class StorageModel:
+    """Sizes, from headers and manifests only, that every method's storage is counted from."""
+
+    n_tasks: int
+    model_bytes: int  # one checkpoint as stored (base dtype)
+    float_numel: int  # elements of the tensors that carry task vectors
+    mlp_numel: int  # of which in transformer MLPs (WEMoE's experts)
+    dtype_bytes: float  # mean bytes per element of the float tensors
+    switch_bytes: dict[float, int] = field(default_factory=dict)  # encoded switches, all tasks, per α
+
+    def bytes_for(self, method: str, alpha: float | None = None, options: Mapping[str, Any] | None = None,
+                  query_bytes: int = 0) -> int:
+        """Bytes to store what serves all tasks (base included where a method needs it)."""
+        opts = options or {}
+        if method == "individual":
+            return self.n_tasks * self.model_bytes
+        if method in ("base", "avg", "ta", "ties", "dare", "pdiscard"):
+            return self.model_bytes
+        if method == "emr":  # one unified model + per task a 1-bit mask and one λ per tensor
+            return self.model_bytes + self.n_tasks * math.ceil(self.float_numel / 8)
+        if method in ("tswitch", "autoswitch"):
+            if alpha is None or alpha not in self.switch_bytes:
+                return -1
+            return self.model_bytes + self.switch_bytes[alpha] + (query_bytes if method == "autoswitch" else 0)
+        if method == "wemoe":  # dense MLP task vectors as experts
+            return self.model_bytes + int(self.n_tasks * self.mlp_numel * self.dtype_bytes)
+        if method == "e-wemoe":  # kept values + int32 indices
+            keep = float(opts.get("keep_fraction") or 0.1)
+            return self.model_bytes + int(self.n_tasks * self.mlp_numel * keep * (self.dtype_bytes + 4))
+        return -1
+
+
+def storage_model(zoo: Zoo, artifacts: Sequence[str] = (), storage_options: Mapping[str, Any] | None = None
+                  ) -> StorageModel:
+    infos = zoo.tensor_infos()
+    base_infos = zoo.reader("base").infos()
+    model_bytes = sum(i.nbytes for i in base_infos.values())
+    float_infos = [i for i in infos.values() if i.dtype in ("F32", "F16", "BF16", "F64")]
+    float_numel = sum(i.numel for i in float_infos)
+    mlp_numel = sum(i.numel for i in float_infos if any(m in i.name for m in _MLP_MARKERS))
+    dtype_bytes = sum(i.nbytes for i in float_infos) / max(float_numel, 1)
+    sm = StorageModel(len(zoo.task_names), model_bytes, float_numel, mlp_numel, dtype_bytes)
+    for uri in artifacts:
+        reader = ArtifactReader(uri, storage_options=dict(storage_options or {}))
+        t = reader.table(columns=["alpha", "payload_bytes"])
+        for a in reader.alphas:
+            a = match_alpha(reader.alphas, a, uri)
+            mask = [x == a for x in t.column("alpha").to_pylist()]
+            sm.switch_bytes[a] = int(sum(b for b, m in zip(t.column("payload_bytes").to_pylist(), mask) if m))
+    return sm
