@@ -146,7 +146,7 @@ def score_cell(ctx: EvalContext, spec_json: str, task: str, weights_uri: str | N
             adapter, base, task_sds, list(ctx.tasks),
             {t: open_eval_dataset(ctx.eval_uri(t), so) for t in ctx.tasks},
             {t: open_eval_dataset(ctx.unlabeled_uri(t), so) for t in ctx.tasks},
-            variant=method, batch_size=opts.pop("batch_size", ctx.batch_size), limit=ctx.limit, **opts,
+            variant=method, eval_batch_size=ctx.batch_size, limit=ctx.limit, **opts,
         )
         seconds = time.perf_counter() - t0
         return [{"task": t, "accuracy": out["per_task"][t]["accuracy"], "n": out["per_task"][t]["n"],
@@ -326,7 +326,10 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
             params = {"method": s.method, "options": s.options, "alpha": s.alpha, "label": s.display,
                       "zoo": cfg.zoo}
             if s.method == "autoswitch":
-                params["k"] = s.options.get("k", AUTOSWITCH_OPTIONS["k"])
+                from tswitch_ray.eval.autoswitch_eval import DEFAULT_EXAMPLES_PER_TASK, DEFAULT_K
+
+                params["k"] = s.options.get("k", DEFAULT_K)
+                params["examples_per_task"] = s.options.get("examples_per_task", DEFAULT_EXAMPLES_PER_TASK)
             metrics = {f"acc_{t}": summ["per_task"].get(t) for t in tasks}
             metrics.update({"avg_accuracy": summ["average"], "storage_bytes": summ["storage_bytes"],
                             "wall_seconds": summ["seconds"]})

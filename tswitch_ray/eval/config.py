@@ -43,9 +43,10 @@ ONE_MODEL = ("avg", "ta", "ties", "dare", "pdiscard")
 PER_TASK_MERGE = ("emr",)
 #: Methods whose single Ray task scores every task at once (training or routing spans tasks).
 ALL_TASKS_AT_ONCE = ("wemoe", "e-wemoe")
-AUTOSWITCH_OPTIONS = {"k": 10, "examples_per_task": 100, "feature_model": None, "average_over_batch": False}
+AUTOSWITCH_OPTIONS = {"k": None, "examples_per_task": None, "feature_model": None, "average_over_batch": None}
 WEMOE_OPTIONS = {"init_lambda": None, "tta_steps": None, "lr": None, "batch_size": None, "router_hidden": None,
-                 "keep_fraction": None, "seed": 0}
+                 "keep_fraction": None, "seed": None, "router_init_std": None, "router_depth": None,
+                 "tta_limit": None}
 
 
 def canonical_method(name: str) -> str:
@@ -113,6 +114,8 @@ class MethodSpec(BaseModel):
         if self.alpha is not None:
             parts.append(f"α={self.alpha:g}")
         parts += [f"{k}={v}" for k, v in sorted(self.options.items())]
+        if self.artifacts:
+            parts.append(f"[{self.artifacts.rstrip('/').rsplit('/', 1)[-1]}]")
         return " ".join(parts)
 
     def key(self) -> str:
@@ -186,7 +189,13 @@ def load_eval_config(uri: str, overrides: dict[str, Any] | None = None,
         raise ConfigError(f"{uri}: not valid YAML ({exc}).") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{uri}: an eval config must be a YAML mapping.")
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k == "tracking" and isinstance(raw.get("tracking"), dict):
+            raw["tracking"] = {**raw["tracking"], **{kk: vv for kk, vv in v.items() if vv is not None}}
+        else:
+            raw[k] = v
     base_dir = uri.rsplit("/", 1)[0] if "/" in uri else "."
     if "://" not in uri:
         base_dir = str(Path(uri).resolve().parent)
@@ -196,6 +205,12 @@ def load_eval_config(uri: str, overrides: dict[str, Any] | None = None,
     for m in raw.get("methods") or []:
         if isinstance(m, dict) and isinstance(m.get("artifacts"), str):
             m["artifacts"] = resolve_uri(base_dir, m["artifacts"])
+    tracking = raw.get("tracking")
+    if isinstance(tracking, dict) and isinstance(tracking.get("uri"), str) and ":" not in tracking["uri"].split("/")[0]:
+        tracking["uri"] = resolve_uri(base_dir, tracking["uri"])  # a plain path: a local store, relative to here
+    for entry in raw.get("grid") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("artifacts"), list):
+            entry["artifacts"] = [resolve_uri(base_dir, a) for a in entry["artifacts"]]
     for d in (raw.get("data") or {}).values():
         if isinstance(d, dict):
             for k in ("eval", "unlabeled"):

@@ -1,0 +1,159 @@
+"""End to end: a tiny real zoo → Ray build → Ray eval of every method → a real MLflow server, read back."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from typer.testing import CliRunner
+
+from tswitch_ray.cli import app
+from tswitch_ray.distributed.build import BuildConfig, run_build
+from tswitch_ray.distributed.eval_runner import run_eval
+from tswitch_ray.errors import ArtifactError, ConfigError, ServiceError
+from tswitch_ray.eval.config import EvalConfig, MethodSpec, load_eval_config
+from tswitch_ray.tracking import TrackingConfig
+
+ALL_METHODS = [
+    MethodSpec(method="base"),
+    MethodSpec(method="individual"),
+    MethodSpec(method="avg"),
+    MethodSpec(method="ta", options={"scale": 0.3}),
+    MethodSpec(method="ties"),
+    MethodSpec(method="dare", options={"p": 0.5}),
+    MethodSpec(method="pdiscard", options={"alpha": 0.5}),
+    MethodSpec(method="emr"),
+    MethodSpec(method="tswitch", alpha=0.6),
+    MethodSpec(method="autoswitch", alpha=0.6, options={"k": 3, "examples_per_task": 8}),
+    MethodSpec(method="wemoe", options={"tta_steps": 2, "batch_size": 8}),
+    MethodSpec(method="e-wemoe", options={"tta_steps": 2, "batch_size": 8, "keep_fraction": 0.1}),
+]
+
+
+@pytest.fixture(scope="module")
+def switches(tiny_demo_zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("switches") / "sw"
+    run_build(BuildConfig(zoo=str(tiny_demo_zoo), out=str(out), alphas=[0.6, 0.9], executor="local",
+                          show_progress=False))
+    return out
+
+
+def _config(zoo, switches, work, **kw) -> EvalConfig:
+    kw.setdefault("methods", ALL_METHODS)
+    kw.setdefault("tracking", TrackingConfig(enabled=False))
+    return EvalConfig(name="e2e", zoo=str(zoo), artifacts=str(switches), work_dir=str(work), limit=24,
+                      batch_size=16, **kw)
+
+
+def test_all_methods_on_ray_logged_to_mlflow_server(tiny_demo_zoo, switches, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _config(tiny_demo_zoo, switches, tmp_path / "work", executor="ray", num_workers=2,
+                  tracking=TrackingConfig(uri=mlflow_server, experiment="e2e"))
+    ray.shutdown()
+    try:
+        result = run_eval(cfg, show_progress=False)
+    finally:
+        ray.shutdown()
+    tasks = ["digits", "glyphs", "signs"]
+    assert {(r["method"], r["task"]) for r in result.rows} == {(s.method, t) for s in ALL_METHODS for t in tasks}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 24 for r in result.rows)
+    by = {s["method"]: s for s in result.summary}
+    # Storage ordering follows from the definitions, whatever the accuracies are.
+    assert by["individual"]["storage_bytes"] == 3 * by["ta"]["storage_bytes"]
+    assert by["ta"]["storage_bytes"] < by["tswitch"]["storage_bytes"] < by["individual"]["storage_bytes"]
+    assert by["autoswitch"]["throughput_ratio"] > 0
+    # Individual = the fine-tuned checkpoints themselves: equal to scoring them by hand.
+    from tswitch_ray.eval.evaluate import evaluate, load_demo
+
+    demo = load_demo(str(Path(tiny_demo_zoo).parent))
+    ref = evaluate(demo.adapter, demo.adapter.build(demo.state_dict("glyphs")), demo.eval_dataset("glyphs"),
+                   "glyphs", limit=24)
+    assert by["individual"]["per_task"]["glyphs"] == pytest.approx(ref["accuracy"])
+
+    # The MLflow server holds the run: read the metrics back through the client.
+    client = MlflowClient(tracking_uri=mlflow_server)
+    parent = client.get_run(result.run_id)
+    assert parent.data.params["zoo"] == str(tiny_demo_zoo)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert len(children) == len(ALL_METHODS)
+    logged = {c.data.params["label"]: c.data.metrics for c in children}
+    for s in result.summary:
+        assert logged[s["label"]]["avg_accuracy"] == pytest.approx(s["average"])
+        assert logged[s["label"]]["storage_bytes"] == s["storage_bytes"]
+        for t in tasks:
+            assert logged[s["label"]][f"acc_{t}"] == pytest.approx(s["per_task"][t])
+    auto = next(c for c in children if c.data.params["method"] == "autoswitch")
+    assert auto.data.params["k"] == "3"
+    names = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"results.csv", "results.md", "accuracy_vs_storage.png", "config.json"} <= names
+
+
+def test_rerun_reuses_cached_cells(tiny_demo_zoo, switches, tmp_path):
+    specs = [MethodSpec(method="individual"), MethodSpec(method="tswitch", alpha=0.9)]
+    cfg = _config(tiny_demo_zoo, switches, tmp_path / "w", methods=specs, executor="local")
+    first = run_eval(cfg, show_progress=False)
+    cells = sorted((tmp_path / "w" / "cells").rglob("*.json"))
+    assert len(cells) == 6
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    (cells[0]).unlink()
+    messages: list[str] = []
+    again = run_eval(cfg, show_progress=False, say=messages.append)
+    assert any("scoring 1 " in m for m in messages)
+    assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "w" / "cells").rglob("*.json"))][1:] == stamps[1:]
+    assert again.summary == first.summary
+
+
+def test_unknown_method_and_task_are_clear_errors(tiny_demo_zoo, switches, tmp_path):
+    with pytest.raises(ConfigError, match="unknown method 'magic'"):
+        MethodSpec(method="magic")
+    cfg_file = tmp_path / "eval.yaml"
+    cfg_file.write_text(yaml.safe_dump({"zoo": str(tiny_demo_zoo), "methods": [{"method": "magic"}]}))
+    res = CliRunner().invoke(app, ["eval", str(cfg_file), "--no-tracking"])
+    assert res.exit_code == 2 and "unknown method 'magic'" in res.output
+    cfg = _config(tiny_demo_zoo, switches, tmp_path / "w", tasks=["digits", "cars"], executor="local")
+    with pytest.raises(ConfigError, match="unknown task.*cars"):
+        run_eval(cfg, show_progress=False)
+    assert not (tmp_path / "w").exists()
+
+
+def test_artifacts_of_another_base_model_are_refused(tiny_demo_zoo, switches, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(Path(tiny_demo_zoo).parent, other)
+    base = load_file(other / "base.safetensors")
+    name = next(iter(base))
+    base[name] = base[name] + 1.0
+    save_file(base, other / "base.safetensors")
+    cfg = _config(other / "zoo.yaml", switches, tmp_path / "w", executor="local",
+                  methods=[MethodSpec(method="tswitch", alpha=0.6)])
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        run_eval(cfg, show_progress=False)
+    assert not (tmp_path / "w").exists()
+
+
+def test_unreachable_tracking_server_fails_before_any_work(tiny_demo_zoo, switches, tmp_path):
+    cfg = _config(tiny_demo_zoo, switches, tmp_path / "w", executor="local",
+                  tracking=TrackingConfig(uri="http://127.0.0.1:9", connect_timeout_s=2))
+    with pytest.raises(ServiceError, match="127.0.0.1:9.*does not answer"):
+        run_eval(cfg, show_progress=False)
+    assert not (tmp_path / "w").exists()
+
+
+def test_config_file_resolves_relative_paths_and_grid(tiny_demo_zoo, switches, tmp_path):
+    cfg_file = tmp_path / "sweep.yaml"
+    shutil.copytree(switches, tmp_path / "sw")
+    cfg_file.write_text(yaml.safe_dump({
+        "name": "g", "zoo": str(tiny_demo_zoo), "artifacts": "sw",
+        "grid": [{"method": ["dare", "pdiscard"], "options.scale": [0.3, 0.5]}],
+    }))
+    cfg = load_eval_config(str(cfg_file))
+    assert cfg.artifacts == str(tmp_path / "sw")
+    specs = cfg.expanded_methods()
+    assert [(s.method, s.options) for s in specs] == [
+        ("dare", {"scale": 0.3}), ("dare", {"scale": 0.5}), ("pdiscard", {"scale": 0.3}), ("pdiscard", {"scale": 0.5})]
