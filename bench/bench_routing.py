@@ -152,7 +152,7 @@ def main(argv=None):
 
     ks = [int(v) for v in args.ks.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
-    grid = [(10, m, "average", False) for m in ms] + [(k, 100, "average", False) for k in ks if k != 10]
+    grid = [(10, m, "average", False) for m in sorted(set(ms) | {100})] + [(k, 100, "average", False) for k in ks if k != 10]
     grid += [(10, 100, "base", False), (10, 100, "average", True)]
     for k, m, fm, aob in grid:
         print(f"auto-switch k={k} m={m} {fm} avg_batch={aob}...", file=sys.stderr, flush=True)
