@@ -103,7 +103,7 @@ def test_rerun_reuses_cached_cells(tiny_demo_zoo, switches, tmp_path):
     (cells[0]).unlink()
     messages: list[str] = []
     again = run_eval(cfg, show_progress=False, say=messages.append)
-    assert any("scoring 1 " in m for m in messages)
+    assert any("scoring 1 of 6" in m for m in messages)
     assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "w" / "cells").rglob("*.json"))][1:] == stamps[1:]
     assert again.summary == first.summary
 

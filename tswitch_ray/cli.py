@@ -239,10 +239,11 @@ def _print_eval(result: Any) -> None:
 
     tasks = list(dict.fromkeys(r["task"] for r in result.rows))
     individual = next((x["storage_bytes"] for x in result.summary if x["method"] == "individual"), None)
-    t = Table(title=f"{result.name}: accuracy (%) per task, average and storage")
-    t.add_column("method", style="bold")
+    t = Table(title=f"{result.name}: accuracy (%) per task, average and storage", caption=(
+        "tasks: " + ", ".join(f"{task[:7]}={task}" for task in tasks if len(task) > 7)) or None)
+    t.add_column("method", style="bold", no_wrap=True)
     for task in tasks:
-        t.add_column(task, justify="right")
+        t.add_column(task[:7], justify="right")
     t.add_column("avg", justify="right", style="bold")
     t.add_column("storage", justify="right")
     if individual:
@@ -254,7 +255,7 @@ def _print_eval(result: Any) -> None:
         if individual:
             row.append(f"{100 * sb / individual:.1f} %" if sb >= 0 else "–")
         t.add_row(*row)
-    out.print(t)
+    Console(width=max(out.width, 132)).print(t)  # a results table is worth a wide line even on a narrow terminal
     for s in result.summary:
         if s.get("throughput_ratio") is not None:
             out.print(f"{s['label']}: throughput {s['throughput_ratio']:.2f}x of single-model inference")

@@ -292,7 +292,8 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
             for task in ([ALL] if s.method in ALL_TASKS_AT_ONCE else tasks):
                 if not fs.exists(_cell_file(work_root, s, task)):
                     cells.append(Cell(s, task, merge_dirs.get(s.key())))
-        say(f"scoring {len(cells)} (method, task) cells ({sum(len(tasks) for _ in specs)} in all, the rest cached)")
+        n_all = sum(1 if s.method in ALL_TASKS_AT_ONCE else len(tasks) for s in specs)
+        say(f"scoring {len(cells)} of {n_all} (method, task) cells ({n_all - len(cells)} cached)")
         items = [WorkItem(key=i, args=(ctx, c.spec.model_dump_json(), c.task, c.weights_uri),
                           memory_bytes=0) for i, c in enumerate(cells)]
         with _progress(len(items), show_progress) as advance:
