@@ -41,8 +41,7 @@ from tswitch_ray.distributed.progress import ShardProgress
 from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.switch import (
     KeptStats,
-    binarize,
-    kept_stats,
+    binarize_many,
     knob,
     refine_request,
     resolve_thresholds,
@@ -52,7 +51,7 @@ from tswitch_ray.switch import (
     tensor_thresholds,
 )
 from tswitch_ray.switch.thresholds import Thresholds
-from tswitch_ray.zoo import Zoo, check_finite, load_zoo
+from tswitch_ray.zoo import Zoo, load_zoo
 
 CODEC = "rice-v1"
 
@@ -135,10 +134,17 @@ def _open_zoo(zoo_uri: str, storage_options_json: str) -> Zoo:
 
 
 def _read_tau(zoo: Zoo, task: str, name: str, base: Any, device: Any) -> Any:
+    # No separate isfinite pass: the first pass over every τ (coarse
+    # histograms for scope "model", tensor_thresholds for scope "tensor")
+    # already counts the non-finite buckets and raises ZooError naming the
+    # tensor and the files (see _label).
     theta = zoo.tasks[task].read(name).to(device)
-    tau = task_vector(theta, base)
-    check_finite(tau, zoo.tasks[task].uri, name)
-    return tau
+    return task_vector(theta, base, name)
+
+
+def _label(zoo: Zoo, task: str, name: str) -> str:
+    """Tensor label for threshold errors: the tensor, its task and both files."""
+    return f"{name} (task {task}: {zoo.tasks[task].uri} minus base {zoo.base.uri})"
 
 
 def _device(ctx: ShardContext) -> Any:
@@ -155,7 +161,7 @@ def shard_histograms(ctx: ShardContext, shard: Shard) -> dict[str, Any]:
     for name in shard.tensors:
         base = zoo.base.read(name).to(device)
         for task in zoo.task_names:
-            h = signed_histograms(_read_tau(zoo, task, name, base, device))
+            h = signed_histograms(_read_tau(zoo, task, name, base, device), _label(zoo, task, name))
             out[task] = h if task not in out else out[task] + h
     return out
 
@@ -190,13 +196,16 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
         base = zoo.base.read(name).to(device)
         for task in zoo.task_names:
             tau = _read_tau(zoo, task, name, base, device)
-            ths = global_thresholds[task] if global_thresholds is not None else tensor_thresholds(tau, list(ctx.alphas))
-            for th in ths:
-                mask, positive = binarize(tau, th)
-                stats = kept_stats(tau, mask)
+            if global_thresholds is not None:
+                ths = global_thresholds[task]
+            else:
+                ths = tensor_thresholds(tau, list(ctx.alphas), _label(zoo, task, name))
+            positive, switches = binarize_many(tau, ths)
+            positive_np = positive.reshape(-1).cpu().numpy()
+            for th, (mask, stats) in zip(ths, switches):
                 key = (task, th.alpha)
                 totals[key] = stats if key not in totals else totals[key] + stats
-                enc = encode_switch(mask.reshape(-1).cpu().numpy(), positive.reshape(-1).cpu().numpy())
+                enc = encode_switch(mask.reshape(-1).cpu().numpy(), positive_np)
                 rows.append(_row(task, name, info, th, stats, enc, ctx))
             del tau
         del base

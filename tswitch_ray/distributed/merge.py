@@ -81,14 +81,17 @@ class MergeContext:
         return get_method(self.method, **json.loads(self.options_json))
 
 
-def _load(ctx: MergeContext, name: str) -> tuple[Zoo, torch.Tensor, list[torch.Tensor]]:
+def _load(ctx: MergeContext, name: str, check: bool = True) -> tuple[Zoo, torch.Tensor, list[torch.Tensor]]:
+    """θ0 and every τt of one tensor. ``check``: reject non-finite τ (done on the first
+    pass over the data only: later passes read the very same bytes)."""
     zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json)
     device = torch.device("cuda" if ctx.use_cuda and torch.cuda.is_available() else "cpu")
     base = zoo.base.read(name).to(device)
     taus = []
     for task in zoo.task_names:
-        tau = task_vector(zoo.tasks[task].read(name).to(device), base)
-        check_finite(tau, zoo.tasks[task].uri, name)
+        tau = task_vector(zoo.tasks[task].read(name).to(device), base, name)
+        if check:
+            check_finite(tau, zoo.tasks[task].uri, name)
         taus.append(tau)
     return zoo, base, taus
 
@@ -98,20 +101,21 @@ def shard_stats(ctx: MergeContext, shard: Shard, rnd: int, params: Any) -> list[
     method = ctx.method_obj()
     out = []
     for name in shard.tensors:
-        _, base, taus = _load(ctx, name)
+        _, base, taus = _load(ctx, name, check=rnd == 0)
         out.append((name, method.tensor_stats(rnd, name, base, taus, params)))
     return out
 
 
-def shard_merge(ctx: MergeContext, shard: Shard, params: Any) -> list[str]:
+def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True) -> list[str]:
     """Merge the shard's tensors and stage them as one safetensors part per output model."""
     method = ctx.method_obj()
     zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json)
     models = list(zoo.task_names) if method.per_task else ["merged"]
     outputs: dict[str, dict[str, torch.Tensor]] = {m: {} for m in models}
     for name in shard.tensors:
-        _, base, taus = _load(ctx, name)
+        _, base, taus = _load(ctx, name, check=check)
         merged = method.merge_tensor(name, base, taus, params)
+        del taus
         merged_list = merged if method.per_task else [merged]
         for model, tensor in zip(models, merged_list):
             outputs[model][name] = tensor.to(base.dtype).cpu().contiguous()
@@ -158,7 +162,9 @@ def run_merge(cfg: MergeConfig) -> MergeSummary:
                     by_name.update(pairs)
                 params = method.combine(rnd, [by_name[nm] for nm in order], params)
             progress.set_phase("merge")
-            items = [WorkItem(s.shard_id, (ctx, s, params), (n + 1) * s.nbytes, merge_memory_bytes(s, n)) for s in shards]
+            first_pass = rounds == 0
+            items = [WorkItem(s.shard_id, (ctx, s, params, first_pass), (n + 1) * s.nbytes, merge_memory_bytes(s, n))
+                     for s in shards]
             parts = [p for _, ps in executor.map(shard_merge, items, progress.advance) for p in ps]
         stats = executor.stats
     finally:

@@ -44,18 +44,32 @@ def unified_task_vector(taus: Sequence[Tensor]) -> Tensor:
     γuni = sign(Σt τt) with a zero sum mapped to −1 (reference code);
     εuni = max over t of |τt| among the entries whose sign agrees with γuni,
     0 where none agrees; τuni = γuni ⊙ εuni (fp32; +0.0 where εuni is 0).
+
+    In-place and with two reused buffers: Σ is accumulated in task order in
+    fp32 exactly as :func:`signed_sum`; τt·γ (γ = ±1, an exact sign flip) is
+    |τt| where the signs agree and ≤ 0 elsewhere, so clamping it at 0 and
+    taking the running maximum gives εuni (up to the sign of zeros, which the
+    final ``mag > 0`` test discards).
     """
-    flag = torch.where(signed_sum(taus) > 0, 1.0, -1.0)
+    acc = taus[0].to(torch.float32, copy=True)
+    for tau in taus[1:]:
+        acc.add_(tau)
+    flag = torch.where(acc > 0, 1.0, -1.0)
     mag = torch.zeros_like(flag)
+    buf = acc  # Σ is no longer needed: reuse its memory
     for tau in taus:
-        agree = (tau * flag) > 0
-        mag = torch.maximum(mag, torch.where(agree, tau.abs(), 0.0))
-    return torch.where(mag > 0, mag * flag, 0.0)
+        torch.mul(tau, flag, out=buf)
+        buf.clamp_(min=0.0)
+        torch.maximum(mag, buf, out=mag)
+    positive = mag > 0
+    mag.mul_(flag)
+    return torch.where(positive, mag, 0.0)
 
 
 def task_masks(taus: Sequence[Tensor], tau_uni: Tensor) -> list[Tensor]:
     """Mt = (τt ⊙ τuni > 0) (paper 003 Sec. 3.2 "Task-specific masks"), bool, one per task."""
-    return [(tau * tau_uni) > 0 for tau in taus]
+    buf = torch.empty_like(tau_uni)
+    return [torch.mul(tau, tau_uni, out=buf) > 0 for tau in taus]
 
 
 def rescaler_terms(
@@ -68,10 +82,12 @@ def rescaler_terms(
     n = max(tau_uni.numel(), 1)
     div = float(n) if lambda_mode == "tensor_mean" else 1.0
     abs_uni = tau_uni.abs()
+    buf = torch.empty_like(abs_uni)
     out = np.zeros((2, len(taus)), dtype=np.float64)
     for t, (tau, mask) in enumerate(zip(taus, masks, strict=True)):
-        out[0, t] = sum64(tau.abs()) / div
-        out[1, t] = sum64(torch.where(mask, abs_uni, 0.0)) / div
+        out[0, t] = sum64(torch.abs(tau, out=buf)) / div
+        torch.mul(abs_uni, mask, out=buf)  # |τuni| where kept, +0.0 elsewhere (|τuni| is finite)
+        out[1, t] = sum64(buf) / div
     return out
 
 

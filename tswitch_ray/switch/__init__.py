@@ -7,7 +7,7 @@ either a :class:`RefineRequest` (signed, for thresholds) or an iterable of
 bucket ids (over |x|, as :func:`select.fine_histograms`).
 """
 
-from tswitch_ray.switch.binarize import KNOB_MODES, KeptStats, KnobMode, binarize, kept_stats, knob
+from tswitch_ray.switch.binarize import KNOB_MODES, KeptStats, KnobMode, binarize, binarize_many, kept_stats, knob
 from tswitch_ray.switch.reconstruct import reconstruct, switch_delta
 from tswitch_ray.switch.select import (
     N_BUCKETS,
@@ -50,6 +50,7 @@ __all__ = [
     "add_fine",
     "bin_discard",
     "binarize",
+    "binarize_many",
     "bucket_fine_histograms",
     "coarse_histogram",
     "dare",

@@ -66,6 +66,43 @@ def kept_stats(tau: torch.Tensor, mask: torch.Tensor) -> KeptStats:
     return KeptStats(int(kept.numel()), float(kept.sum()), float(torch.dot(kept, kept)))
 
 
+def binarize_many(
+    tau: torch.Tensor, ths: list[Thresholds]
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, KeptStats]]]:
+    """Switches of several α at once: ``positive`` once, then per threshold (mask, kept stats).
+
+    Equal, element for element and bit for bit, to ``binarize`` + ``kept_stats``
+    per threshold, but cheaper: thresholds grow with α, so each kept set is a
+    subset of the previous one and its values are filtered from the previous
+    (smaller) kept values instead of from the whole tensor; the filtered
+    values are the same elements in the same order, so the float64 sums are
+    the same. Falls back to the whole tensor when thresholds do not grow.
+    """
+    t = _f32(tau)
+    flat = t.reshape(-1)
+    positive = t > 0
+    out: list[tuple[torch.Tensor, KeptStats]] = []
+    prev_vals = flat
+    prev: Thresholds | None = None
+    for th in ths:
+        mask = t > th.t_pos
+        mask |= t < -th.t_neg
+        if prev is not None and th.t_pos >= prev.t_pos and th.t_neg >= prev.t_neg:
+            sel = prev_vals > th.t_pos
+            sel |= prev_vals < -th.t_neg
+            vals = prev_vals[sel]
+        else:
+            vals = flat[mask.reshape(-1)]
+        prev_vals, prev = vals, th
+        if vals.numel() == 0:
+            out.append((mask, KeptStats()))
+            continue
+        v64 = vals.to(torch.float64)
+        v64.abs_()
+        out.append((mask, KeptStats(int(v64.numel()), float(v64.sum()), float(torch.dot(v64, v64)))))
+    return positive, out
+
+
 def knob(stats: KeptStats, mode: KnobMode | str = "rms") -> float:
     """The switch knob λ of paper 000 eqs. (5)–(7) from kept-entry statistics.
 

@@ -99,9 +99,10 @@ def fine_histograms_of_keys(
         else:
             selected = (slots >= start) & (slots < start + len(chunk))
         # The selected elements are a small fraction (a few buckets out of
-        # ~32k), so these gathers are cheap.
-        slot = slots[selected].to(torch.long) - start
-        low = (bits[selected] & _LOW_MASK).to(torch.long)
+        # ~32k), so these gathers are cheap; one nonzero serves both.
+        where = torch.nonzero(selected).reshape(-1)
+        slot = slots.index_select(0, where).to(torch.long) - start
+        low = (bits.index_select(0, where) & _LOW_MASK).to(torch.long)
         flat = torch.bincount(slot * N_BUCKETS + low, minlength=len(chunk) * N_BUCKETS)
         table = flat.cpu().numpy().astype(np.int64, copy=False).reshape(len(chunk), N_BUCKETS)
         for i, b in enumerate(chunk):

@@ -175,8 +175,9 @@ def _signed_histograms(bits: torch.Tensor, keys: torch.Tensor, name: str | None)
             "files for this tensor."
         )
     # Exact ±0.0 share bucket 0 with the tiniest subnormals; count them out.
-    pos_zero = int(torch.count_nonzero(bits == 0))
-    neg_zero = int(torch.count_nonzero(bits == _INT32_MIN))
+    # Only scan for them when the bucket is not empty (-0.0 is rare: one pass usually).
+    pos_zero = int(torch.count_nonzero(bits == 0)) if counts[0] else 0
+    neg_zero = int(torch.count_nonzero(bits == _INT32_MIN)) if counts[_HALF] else 0
     pos = np.zeros(select.N_BUCKETS, dtype=np.int64)
     neg = np.zeros(select.N_BUCKETS, dtype=np.int64)
     pos[:_HALF] = counts[:_HALF]
