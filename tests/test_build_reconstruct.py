@@ -242,11 +242,6 @@ def test_round_trip_s3_zoo_to_local_artifacts(tmp_path, s3_bucket):
 
 # --- a task checkpoint replaced at the same URI (new fine-tune arrives) -------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG in tswitch_ray/distributed/build.py run_key_for: the resume key hashes the base fingerprint and the task "
-    "URIs but not the task checkpoints' content, so rebuilding into the same --out after a task file was replaced "
-    "reuses every staged part and commits the old task's switches (0 bytes read). Fix: put a per-task "
-    "fingerprint (like Zoo.fingerprint, over each task reader) into the run key."))
 def test_rebuild_after_task_checkpoint_replaced_uses_new_weights(tmp_path):
     states = make_state(seed=21)
     zoo = write_zoo(tmp_path / "zoo", states, "safetensors")
@@ -260,12 +255,6 @@ def test_rebuild_after_task_checkpoint_replaced_uses_new_weights(tmp_path):
     assert_matches(dst, reference(states, "cars", 0.5, "tensor", "rms")[0])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG in tswitch_ray/distributed/build.py _open_zoo: an lru_cache keyed by (zoo URI, storage options) keeps "
-    "the readers' parsed headers (byte offsets) across builds in one process. A checkpoint rewritten with another "
-    "header length is then read at stale offsets: garbage task vectors (here a bogus NaN error, elsewhere silently "
-    "wrong switches). Fix: key the cache on the files' identity too (size/mtime/ETag), or open the zoo once per "
-    "build and pass it to the shard functions."))
 def test_second_build_in_one_process_reads_the_current_files(tmp_path):
     states = make_state(seed=31)
     zoo = write_zoo(tmp_path / "zoo", states, "safetensors")

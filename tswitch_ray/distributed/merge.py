@@ -64,7 +64,8 @@ class MergeSummary:
 
 
 @functools.lru_cache(maxsize=4)
-def _open_zoo(zoo_uri: str, storage_options_json: str) -> Zoo:
+def _open_zoo(zoo_uri: str, storage_options_json: str, files_identity: str) -> Zoo:
+    # files_identity is part of the cache key: a checkpoint rewritten in place gets fresh headers.
     return load_zoo(zoo_uri, storage_options=json.loads(storage_options_json))
 
 
@@ -76,6 +77,7 @@ class MergeContext:
     options_json: str
     staging: str
     use_cuda: bool
+    files_identity: str = ""
 
     def method_obj(self) -> Any:
         return get_method(self.method, **json.loads(self.options_json))
@@ -84,7 +86,7 @@ class MergeContext:
 def _load(ctx: MergeContext, name: str, check: bool = True) -> tuple[Zoo, torch.Tensor, list[torch.Tensor]]:
     """θ0 and every τt of one tensor. ``check``: reject non-finite τ (done on the first
     pass over the data only: later passes read the very same bytes)."""
-    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json)
+    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.files_identity)
     device = torch.device("cuda" if ctx.use_cuda and torch.cuda.is_available() else "cpu")
     base = zoo.base.read(name).to(device)
     taus = []
@@ -109,7 +111,7 @@ def shard_stats(ctx: MergeContext, shard: Shard, rnd: int, params: Any) -> list[
 def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True) -> list[str]:
     """Merge the shard's tensors and stage them as one safetensors part per output model."""
     method = ctx.method_obj()
-    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json)
+    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.files_identity)
     models = list(zoo.task_names) if method.per_task else ["merged"]
     outputs: dict[str, dict[str, torch.Tensor]] = {m: {} for m in models}
     for name in shard.tensors:
@@ -145,7 +147,7 @@ def run_merge(cfg: MergeConfig) -> MergeSummary:
     out = cfg.out.rstrip("/")
     staging = f"{out}/.staging/{cfg.method}-{key}"
     ctx = MergeContext(cfg.zoo, json.dumps(cfg.storage_options, sort_keys=True), cfg.method,
-                       json.dumps(cfg.options, sort_keys=True), staging, cfg.num_gpus > 0)
+                       json.dumps(cfg.options, sort_keys=True), staging, cfg.num_gpus > 0, zoo.files_identity())
     n = len(zoo.task_names)
     executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus, cfg.max_in_flight)
     order = [nm for s in shards for nm in s.tensors]

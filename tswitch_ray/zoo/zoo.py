@@ -33,6 +33,7 @@ class Zoo:
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
         manifest_uri: str | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if not tasks:
             raise ZooError(f"zoo {name!r} has no tasks; a zoo needs at least one fine-tuned checkpoint.")
@@ -42,6 +43,7 @@ class Zoo:
         self.include = list(include)
         self.exclude = list(exclude)
         self.manifest_uri = manifest_uri
+        self._storage_options = dict(storage_options or {})
         self._infos: dict[str, TensorInfo] | None = None
         self._fingerprint: str | None = None
 
@@ -51,7 +53,7 @@ class Zoo:
     ) -> Zoo:
         base = open_checkpoint(resolve_uri(manifest_uri, manifest.base), storage_options)
         tasks = {t.name: open_checkpoint(resolve_uri(manifest_uri, t.uri), storage_options) for t in manifest.tasks}
-        return cls(manifest.name, base, tasks, manifest.include, manifest.exclude, manifest_uri)
+        return cls(manifest.name, base, tasks, manifest.include, manifest.exclude, manifest_uri, storage_options)
 
     @classmethod
     def from_uris(
@@ -70,6 +72,7 @@ class Zoo:
             {k: open_checkpoint(v, storage_options) for k, v in tasks.items()},
             include,
             exclude,
+            storage_options=storage_options,
         )
 
     # -- description ----------------------------------------------------
@@ -196,6 +199,29 @@ class Zoo:
             h.update(samples[n].digest())
         self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+    def files_identity(self) -> str:
+        """sha256 over every checkpoint file's path, size and modification stamp (mtime, ETag, ...).
+
+        Cheap (metadata only) and changes when a checkpoint is replaced at the
+        same path — what a resumed or cached build must notice. Sharded
+        folders contribute every file in them.
+        """
+        import fsspec
+
+        h = hashlib.sha256(b"tswitch-files-v1")
+        uris = [self.base.uri] + [self.tasks[t].uri for t in self.task_names]
+        for uri in uris:
+            fs, path = fsspec.core.url_to_fs(uri, **self._storage_options)
+            try:
+                infos = [fs.info(f) for f in sorted(fs.find(path))] if fs.isdir(path) else [fs.info(path)]
+            except FileNotFoundError as e:
+                raise ZooError(f"{self._where()}: checkpoint {uri} does not exist.") from e
+            for info in infos:
+                stamp = [info.get(k) for k in ("mtime", "ETag", "LastModified", "last_modified", "created") if
+                         info.get(k) is not None]
+                h.update(f"{info.get('name')}\t{info.get('size')}\t{stamp}\n".encode())
+        return h.hexdigest()
 
     def __repr__(self) -> str:
         return f"Zoo({self.name!r}, base={self.base.uri!r}, tasks={self.task_names})"
