@@ -1,0 +1,358 @@
+"""Switch-build benchmark: time and peak memory of `tswitch build` against the least possible work.
+
+On a synthetic zoo (``tswitch zoo synth``; the issue's setting is ViT-B/16 x 30
+tasks, fp16, ~5 GB) it measures, side by side in one process:
+
+* ``floor``: a plain single-process loop that reads every tensor of θ0 and of
+  every θt and computes τ = θt − θ0 in fp32 (``safetensors.safe_open``; the
+  least work any method must do). Run before *and* after the build, the
+  faster of the runs is the denominator (warm page cache for both);
+* ``build``: :func:`tswitch_ray.distributed.build.run_build` with the Ray
+  executor — Ray start-up, three passes (coarse histograms, fine histograms,
+  encode) for scope "model", Parquet writing and the atomic commit all
+  included — for every α at once;
+* peak memory of the whole job: a sampler thread sums, every 50 ms, the
+  proportional set size (PSS, /proc/PID/smaps_rollup: shared pages such as
+  Ray's object store are split between the processes that map them, so the
+  sum is what the job really occupies) and the plain RSS of this process and
+  all its descendants (raylet, gcs_server, dashboard agents, every worker);
+* ``idle``: the same sampler over Ray freshly started with torch imported in
+  the driver and in every worker, doing nothing — the floor of any Ray job;
+* the memory of loading the whole zoo in fp32 (31 models: numel x 4 x 31),
+  computed from the headers.
+
+    .venv/bin/python bench/bench_build.py --zoo /work/bench_data/zoo30/zoo.yaml \
+        --alpha 0.5 --alpha 0.7 --alpha 0.9 --scope model --workers 2
+    .venv/bin/python bench/bench_build.py --synth 6 --data /work/bench_data   # make a zoo first
+
+Prints a Markdown table and a JSON line (``--json FILE`` writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+GiB = 2**30
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size of one process (0 if it vanished)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
+
+
+def job_processes() -> list[psutil.Process]:
+    """This process and all its descendants (Ray's gcs_server, raylet, agents and workers)."""
+    me = psutil.Process()
+    try:
+        return [me, *me.children(recursive=True)]
+    except psutil.Error:
+        return [me]
+
+
+@dataclass
+class MemorySample:
+    pss: int = 0
+    rss: int = 0
+    processes: int = 0
+
+
+class PeakMemory:
+    """Samples the summed PSS and RSS of the whole process tree in a thread; keeps the peaks."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak = MemorySample()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> MemorySample:
+        procs = job_processes()
+        s = MemorySample(processes=len(procs))
+        for p in procs:
+            try:
+                s.rss += p.memory_info().rss
+            except psutil.Error:
+                continue
+            s.pss += _pss_bytes(p.pid)
+        return s
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            s = self.sample()
+            self.samples += 1
+            if s.pss > self.peak.pss:
+                self.peak.pss = s.pss
+            if s.rss > self.peak.rss:
+                self.peak.rss = s.rss
+            self.peak.processes = max(self.peak.processes, s.processes)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _child(fn: Callable[[], Any], conn: Any) -> None:
+    try:
+        t0 = time.perf_counter()
+        result = fn()
+        conn.send(("ok", time.perf_counter() - t0, result))
+    except BaseException as exc:  # report, then exit
+        conn.send(("error", 0.0, repr(exc)))
+    finally:
+        conn.close()
+
+
+def measure(fn: Callable[[], Any], isolated: bool = True) -> tuple[float, MemorySample, Any]:
+    """Wall time (measured inside the job), peak memory of the process tree and result of ``fn()``.
+
+    ``isolated`` runs ``fn`` in a fresh spawned process, so that memory kept
+    by an earlier job (allocator caches, torch's pools) is not counted and
+    every job pays its own imports; the sampler covers this process, the
+    child and all their descendants (Ray's processes). ``fn`` must be
+    picklable (a module-level function or a functools.partial of one).
+    """
+    if not isolated:
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            result = fn()
+            seconds = time.perf_counter() - t0
+        return seconds, mem.peak, result
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(fn, child))
+    with PeakMemory() as mem:
+        proc.start()
+        child.close()
+        status, seconds, result = parent.recv()
+        proc.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmarked job failed: {result}")
+    return seconds, mem.peak, result
+
+
+def _warm_worker() -> int:
+    import torch  # noqa: F401  (what every shard task imports)
+
+    import tswitch_ray.distributed.build  # noqa: F401
+
+    return os.getpid()
+
+
+def idle_ray_baseline(workers: int, settle_s: float = 3.0) -> MemorySample:
+    """Peak memory of Ray started and idle, torch imported in the driver and in ``workers`` workers."""
+    import ray
+    import torch  # noqa: F401
+
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=1)(_warm_worker)
+        pids = set(ray.get([remote.remote() for _ in range(4 * workers)]))
+        with PeakMemory() as mem:
+            time.sleep(settle_s)
+        mem.peak.processes = max(mem.peak.processes, len(pids))
+        return mem.peak
+    finally:
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------- zoo
+
+
+def zoo_files(zoo_uri: str) -> tuple[str, list[str]]:
+    """Local paths of the base and the task checkpoints of a zoo manifest."""
+    from tswitch_ray.zoo import load_zoo
+
+    zoo = load_zoo(zoo_uri)
+    return zoo.base.uri, [zoo.tasks[t].uri for t in zoo.task_names]
+
+
+def zoo_numel(zoo_uri: str) -> int:
+    from tswitch_ray.zoo import load_zoo
+
+    return sum(i.numel for i in load_zoo(zoo_uri).tensor_infos().values())
+
+
+def drop_page_cache_hint(paths: list[str]) -> None:
+    """Not possible without root; the bench warms the cache instead (floor run first)."""
+
+
+def floor_loop(zoo_uri: str) -> float:
+    """The least work: read every tensor of θ0 and every θt, τ = θt − θ0 in fp32. Returns Σ|τ| checksum-ish."""
+    import torch
+    from safetensors import safe_open
+
+    base_path, task_paths = zoo_files(zoo_uri)
+    handles = [safe_open(p, framework="pt") for p in [base_path, *task_paths]]
+    base_h, task_hs = handles[0], handles[1:]
+    check = 0.0
+    for name in base_h.keys():
+        base = base_h.get_tensor(name)
+        if not base.is_floating_point():
+            continue
+        base32 = base.to(torch.float32)
+        for h in task_hs:
+            tau = h.get_tensor(name).to(torch.float32)
+            tau.sub_(base32)
+            check += float(tau.view(-1)[0])  # touch the result
+    return check
+
+
+# --------------------------------------------------------------------------- build
+
+
+@dataclass
+class BuildRun:
+    seconds: float
+    peak: MemorySample
+    encoded_bytes: int
+    fp32_bytes: int
+    shards: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_build_bench(zoo_uri: str, out: str, alphas: list[float], scope: str, workers: int, executor: str,
+                    shard_mb: float | None, max_in_flight: int | None) -> BuildRun:
+    from tswitch_ray.distributed.build import BuildConfig
+
+    kw: dict[str, Any] = {}
+    if shard_mb:
+        kw["shard_bytes"] = int(shard_mb * 2**20)
+    cfg = BuildConfig(zoo=zoo_uri, out=out, alphas=alphas, scope=scope, executor=executor, num_workers=workers,
+                      max_in_flight=max_in_flight, show_progress=False, overwrite=True, **kw)
+    seconds, peak, summary = measure(functools.partial(_build_job, cfg))
+    return BuildRun(seconds, peak, summary[0], summary[1], summary[2])
+
+
+def _build_job(cfg: Any) -> tuple[int, int, int]:
+    from tswitch_ray.distributed.build import run_build
+
+    s = run_build(cfg)
+    return s.encoded_bytes, s.fp32_bytes, s.shards
+
+
+def synth(data: str, tasks: int, arch: str = "vit-b-16") -> str:
+    from tswitch_ray.zoo.synth import synth_zoo
+
+    out = os.path.join(data, f"zoo-{arch}-{tasks}")
+    if os.path.exists(os.path.join(out, "zoo.yaml")):
+        return os.path.join(out, "zoo.yaml")
+    return synth_zoo(arch, tasks, "fp16", out, seed=0)
+
+
+def dir_bytes(path: str) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", help="zoo manifest (else --synth N makes one under --data)")
+    ap.add_argument("--synth", type=int, default=0, help="make a ViT-B/16 fp16 zoo with N tasks")
+    ap.add_argument("--data", default="/work/bench_data")
+    ap.add_argument("--alpha", type=float, action="append", dest="alphas")
+    ap.add_argument("--scope", default="model", choices=["tensor", "model"])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--executor", default="ray", choices=["ray", "local"])
+    ap.add_argument("--shard-mb", type=float, default=None)
+    ap.add_argument("--max-in-flight", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=1, help="build runs (the fastest is reported)")
+    ap.add_argument("--skip-idle", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    alphas = sorted(set(args.alphas or [0.5, 0.7, 0.9]))
+    zoo_uri = args.zoo or synth(args.data, args.synth or 6)
+
+    base_path, task_paths = zoo_files(zoo_uri)
+    zoo_bytes = sum(os.path.getsize(p) for p in [base_path, *task_paths])
+    numel = zoo_numel(zoo_uri)
+    n_models = 1 + len(task_paths)
+
+    idle = None if args.skip_idle or args.executor != "ray" else idle_ray_baseline(args.workers)
+
+    floor_times = []
+    t, floor_peak, _ = measure(functools.partial(floor_loop, zoo_uri))
+    floor_times.append(t)
+    tmp = tempfile.mkdtemp(prefix="bench-build-", dir=args.data if os.path.isdir(args.data) else None)
+    runs = []
+    try:
+        for i in range(args.repeat):
+            runs.append(run_build_bench(zoo_uri, os.path.join(tmp, f"switches-{i}"), alphas, args.scope,
+                                        args.workers, args.executor, args.shard_mb, args.max_in_flight))
+        t, _, _ = measure(functools.partial(floor_loop, zoo_uri))
+        floor_times.append(t)
+        art_bytes = dir_bytes(os.path.join(tmp, "switches-0"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    best = min(runs, key=lambda r: r.seconds)
+    floor = min(floor_times)
+    result = {
+        "zoo": zoo_uri, "tasks": len(task_paths), "zoo_bytes": zoo_bytes, "numel_per_model": numel,
+        "alphas": alphas, "scope": args.scope, "workers": args.workers, "executor": args.executor,
+        "shard_mb": args.shard_mb, "floor_s": floor_times, "build_s": [r.seconds for r in runs],
+        "ratio": best.seconds / floor,
+        "peak_pss": best.peak.pss, "peak_rss": best.peak.rss, "peak_processes": best.peak.processes,
+        "floor_peak_pss": floor_peak.pss,
+        "idle_pss": idle.pss if idle else None, "idle_rss": idle.rss if idle else None,
+        "load_all_fp32_bytes": 4 * numel * n_models,
+        "encoded_bytes": best.encoded_bytes, "artifact_bytes": art_bytes, "fp32_task_vector_bytes": best.fp32_bytes,
+        "shards": best.shards, "cpus": os.cpu_count(), "platform": platform.platform(),
+    }
+    print(f"| zoo | {len(task_paths)} tasks + base, {zoo_bytes / 1e9:.2f} GB, {numel / 1e6:.1f} M params/model |")
+    print("| --- | --- |")
+    print(f"| α, scope | {alphas}, {args.scope} |")
+    print(f"| floor loop (read + τ in fp32, 1 process) | {', '.join(f'{x:.1f} s' for x in floor_times)} |")
+    print(f"| build ({args.executor}, {args.workers} workers, {best.shards} shards) | "
+          f"{', '.join(f'{r.seconds:.1f} s' for r in runs)} |")
+    print(f"| **ratio build / floor** | **{result['ratio']:.2f}** |")
+    print(f"| peak memory of the job (Σ PSS / Σ RSS, {best.peak.processes} processes) | "
+          f"{gib(best.peak.pss)} / {gib(best.peak.rss)} |")
+    if idle:
+        print(f"| idle Ray + torch (Σ PSS / Σ RSS) | {gib(idle.pss)} / {gib(idle.rss)} |")
+    print(f"| floor loop peak (PSS) | {gib(floor_peak.pss)} |")
+    print(f"| all {n_models} models in fp32 | {gib(4 * numel * n_models)} |")
+    print(f"| artifacts | {art_bytes / 1e6:.1f} MB = {100 * best.encoded_bytes / best.fp32_bytes:.2f} % of fp32 τ |")
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        Path(args.json).write_text(line + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
