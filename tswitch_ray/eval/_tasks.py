@@ -18,6 +18,10 @@ satellite           gen.    synthetic land-use patterns                       by
 svhn_like           gen.    coloured font digits on coloured backgrounds      by seed
 ==================  ======  ================================================  =================
 
+The base tower's generic pretraining set (:func:`generate_pretrain`: letters
+K-Z/lowercase and signs in matplotlib's training fonts; no digit, none of A-J)
+lives here too.
+
 Every generator is a pure function of ``(split, n, seed, image_size)``: the
 same arguments give the same bytes. Labels are balanced (``i % n_classes``,
 then shuffled).
@@ -423,6 +427,40 @@ def _gen_svhn_like(split: str, n: int, rng: np.random.Generator, size: int) -> t
         shade = (0.7 + 0.6 * _smooth_noise(rng, size, 3, 1))[..., None]
         img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 0.8))))
         out[i] = _add_noise(np.clip(np.asarray(img) * shade, 0, 255).astype(np.uint8), rng, 8.0)
+    return out, labels
+
+
+# ---------------------------------------------------------------- the generic pretraining set
+
+
+# Symbols for the generic pretraining set: no digit and none of the glyphs task's
+# letters A-J, so no task's classes are seen as labels before fine-tuning.
+PRETRAIN_SYMBOLS = tuple("KLMNPRSTUVWXYZabdefghkmnpqrtwy#$%&@?+=<>*") 
+
+
+def generate_pretrain(n: int, seed: int, image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The broad generic pretraining set: ``n`` symbols (labels index :data:`PRETRAIN_SYMBOLS`).
+
+    Letters and signs rendered in matplotlib's training fonts (never the
+    glyphs task's held-out fonts) with random colours, size, position and
+    rotation, on flat or value-noise backgrounds, plus pixel noise: a stand-in
+    for the broad web data a CLIP tower is pretrained on. Deterministic in
+    ``(n, seed, image_size)``; its rng stream differs from every task's.
+    """
+    rng = np.random.default_rng([seed, len(TASK_NAMES), 7, image_size])
+    size = image_size
+    fonts = [p for p in _font_paths() if os.path.basename(p) not in _HELD_OUT_FONTS]
+    cache = _Fonts()
+    labels = _balanced_labels(n, len(PRETRAIN_SYMBOLS), rng)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i, y in enumerate(labels):
+        font = cache.get(fonts[int(rng.integers(len(fonts)))], int(rng.integers(int(0.5 * size), int(0.9 * size) + 1)))
+        fg, bg = _contrasting_colours(rng, 70.0)
+        c = size / 2 + rng.uniform(-0.15, 0.15, 2) * size
+        img = np.asarray(_render_text(PRETRAIN_SYMBOLS[int(y)], font, size, fg, bg, (float(c[0]), float(c[1])), float(rng.uniform(-20, 20)))).astype(np.float32)
+        if rng.random() < 0.5:
+            img = img * (0.6 + 0.8 * _smooth_noise(rng, size, int(rng.integers(2, 6)), 1)[..., None])
+        out[i] = _add_noise(np.clip(img, 0, 255).astype(np.uint8), rng, 8.0)
     return out, labels
 
 
