@@ -184,3 +184,26 @@ def test_dare_is_seeded_unbiased_and_drops_p():
     for bad in (1.0, -0.1, 2):
         with pytest.raises(ConfigError, match="DARE"):
             dare(tau, bad, seed=0)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.lists(st.sampled_from([0.0, 0.3, 0.5, 0.6, 0.9, 0.99]), min_size=1, max_size=4, unique=True))
+def test_kept_many_and_encode_kept_equal_binarize_and_encode_switch(case, alphas):
+    """The build's compacted path gives the same elements, signs, float64 sums and bytes as the plain one."""
+    from tswitch_ray.artifacts.encoding import encode_kept, encode_switch
+    from tswitch_ray.switch.binarize import binarize_many, kept_many
+
+    theta_t, theta_0, _, _ = case
+    tau = task_vector(theta_t, theta_0)
+    # Sorted α (as the build passes them) and, once, a reversed order: thresholds that do not grow.
+    for order in (sorted(alphas), sorted(alphas, reverse=True)):
+        ths = tensor_thresholds(tau, order)
+        positive, plain = binarize_many(tau, ths)
+        for th, sw, (mask, stats) in zip(ths, kept_many(tau, ths), plain):
+            m = mask.reshape(-1).numpy()
+            np.testing.assert_array_equal(sw.positions, np.flatnonzero(m))
+            np.testing.assert_array_equal(sw.positive, positive.reshape(-1).numpy()[m])
+            assert sw.stats == stats == kept_stats(tau, mask)
+            want = encode_switch(m, positive.reshape(-1).numpy())
+            assert encode_kept(m.size, sw.positions, sw.positive, sw.mask) == want
+            assert encode_kept(m.size, sw.positions, sw.positive) == want

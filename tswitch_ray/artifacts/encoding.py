@@ -146,6 +146,14 @@ def _pack_fixed(values: np.ndarray, k: int) -> bytes:
     """Pack each value as exactly k bits, MSB first, all concatenated."""
     if k == 0 or values.size == 0:
         return b""
+    if k == 1:
+        return np.packbits((values & 1).astype(np.uint8)).tobytes()
+    if k <= 8:
+        # Left-align the k bits in a byte and let unpackbits split them: one
+        # byte per value instead of k machine words (k <= 8 covers gap means
+        # up to ~350, i.e. every α below 0.997).
+        aligned = (values.astype(np.uint8) << np.uint8(8 - k)).reshape(-1, 1)
+        return np.packbits(np.unpackbits(aligned, axis=1)[:, :k].reshape(-1)).tobytes()
     dt = _word_dtype(k)
     shifts = np.arange(k - 1, -1, -1, dtype=dt)
     bits = (values.astype(dt)[:, None] >> shifts) & dt.type(1)
@@ -177,14 +185,40 @@ def encode_switch(mask: np.ndarray, positive: np.ndarray) -> EncodedSwitch:
     positive = np.ascontiguousarray(positive, dtype=bool).reshape(-1)
     if mask.size != positive.size:
         raise ValueError(f"mask has {mask.size} elements but positive has {positive.size}")
-    numel = int(mask.size)
     kept_pos = np.flatnonzero(mask)
+    return encode_kept(int(mask.size), kept_pos, positive[kept_pos], mask)
+
+
+def encode_kept(numel: int, kept_pos: np.ndarray, kept_positive: np.ndarray,
+                mask: np.ndarray | None = None) -> EncodedSwitch:
+    """:func:`encode_switch` from the kept positions, byte for byte the same result.
+
+    ``kept_pos`` are the ascending flat indices of the kept elements and
+    ``kept_positive`` the sign (True = positive) of each of them, in the same
+    order. The build computes exactly these (compacted, a fraction of the
+    tensor) and so never scatters a full mask only to search it again.
+    ``mask`` (the full flat boolean mask) is optional: where the caller has it
+    anyway, the k = 0 unary stream is packed from it directly.
+    """
+    numel = int(numel)
+    kept_pos = np.asarray(kept_pos).reshape(-1)
+    kept_positive = np.ascontiguousarray(kept_positive, dtype=bool).reshape(-1)
+    if kept_positive.size != kept_pos.size:
+        raise ValueError(f"{kept_pos.size} kept positions but {kept_positive.size} signs")
     kept = int(kept_pos.size)
     # Code the minority value's positions: gaps are then runs of the majority,
     # which is what a Rice code of geometric gaps is efficient for.
     inverted = 2 * kept > numel
-    coded_mask = ~mask if inverted else mask
-    coded_pos = np.flatnonzero(coded_mask) if inverted else kept_pos
+    coded_mask: np.ndarray | None = None
+    if inverted:
+        if mask is None:
+            mask = np.zeros(numel, dtype=bool)
+            mask[kept_pos] = True
+        coded_mask = ~mask
+        coded_pos = np.flatnonzero(coded_mask)
+    else:
+        coded_mask = mask
+        coded_pos = kept_pos
     gaps = np.empty_like(coded_pos)
     if coded_pos.size:
         gaps[0] = coded_pos[0]
@@ -196,15 +230,24 @@ def encode_switch(mask: np.ndarray, positive: np.ndarray) -> EncodedSwitch:
         mask_bits = b""
     elif k == 0:
         # With k = 0 the unary code of the gaps is the coded mask itself, cut after its last 1.
-        mask_bits = np.packbits(coded_mask[: int(coded_pos[-1]) + 1]).tobytes()
+        end = int(coded_pos[-1]) + 1
+        if coded_mask is None:
+            unary = np.zeros(end, dtype=np.uint8)
+            unary[coded_pos] = 1
+            mask_bits = np.packbits(unary).tobytes()
+        else:
+            mask_bits = np.packbits(coded_mask[:end]).tobytes()
     else:
         # Terminator of gap i sits after its quotient's zeros and all earlier codes.
-        terminators = np.cumsum(np.right_shift(gaps, k) + 1) - 1
+        terminators = np.right_shift(gaps, k)
+        terminators += 1
+        np.cumsum(terminators, out=terminators)
+        terminators -= 1
         unary = np.zeros(int(terminators[-1]) + 1, dtype=np.uint8)
         unary[terminators] = 1
         mask_bits = np.packbits(unary).tobytes()
     rem_bits = _pack_fixed(np.bitwise_and(gaps, (1 << k) - 1), k)
-    sign_bits = np.packbits(positive[kept_pos]).tobytes()
+    sign_bits = np.packbits(kept_positive).tobytes()
     return EncodedSwitch(numel=numel, kept=kept, k=k, inverted=bool(inverted), mask_bits=mask_bits,
                          rem_bits=rem_bits, sign_bits=sign_bits)
 

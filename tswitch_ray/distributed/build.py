@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tswitch_ray import __version__
-from tswitch_ray.artifacts import ArtifactWriter, encode_switch
+from tswitch_ray.artifacts import ArtifactWriter
+from tswitch_ray.artifacts.encoding import encode_kept
 from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_digest, plan_shards
@@ -41,7 +43,6 @@ from tswitch_ray.distributed.progress import ShardProgress
 from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.switch import (
     KeptStats,
-    binarize_many,
     knob,
     refine_request,
     resolve_thresholds,
@@ -50,6 +51,7 @@ from tswitch_ray.switch import (
     task_vector,
     tensor_thresholds,
 )
+from tswitch_ray.switch.binarize import kept_many
 from tswitch_ray.switch.thresholds import Thresholds
 from tswitch_ray.zoo import Zoo, load_zoo
 
@@ -145,6 +147,15 @@ def _read_tau(zoo: Zoo, task: str, name: str, base: Any, device: Any) -> Any:
     return task_vector(theta, base, name)
 
 
+def _read_base(zoo: Zoo, name: str, device: Any) -> Any:
+    # fp16/bf16 θ0 widened to fp32 once per tensor (exact): every τ = θt − θ0
+    # of the tensor's N tasks is then an fp32 − fp32 subtraction, ~4x faster
+    # on the CPU than torch's mixed fp32 − fp16 one, and bit-identical. fp64
+    # stays fp64 (narrowing it first would round twice).
+    base = zoo.base.read(name).to(device)
+    return base.to(torch.float32) if base.dtype in (torch.float16, torch.bfloat16) else base
+
+
 def _label(zoo: Zoo, task: str, name: str) -> str:
     """Tensor label for threshold errors: the tensor, its task and both files."""
     return f"{name} (task {task}: {zoo.tasks[task].uri} minus base {zoo.base.uri})"
@@ -162,7 +173,7 @@ def shard_histograms(ctx: ShardContext, shard: Shard) -> dict[str, Any]:
     device = _device(ctx)
     out: dict[str, Any] = {}
     for name in shard.tensors:
-        base = zoo.base.read(name).to(device)
+        base = _read_base(zoo, name, device)
         for task in zoo.task_names:
             h = signed_histograms(_read_tau(zoo, task, name, base, device), _label(zoo, task, name))
             out[task] = h if task not in out else out[task] + h
@@ -175,7 +186,7 @@ def shard_fine_histograms(ctx: ShardContext, shard: Shard, requests: dict[str, A
     device = _device(ctx)
     out: dict[str, Any] = {}
     for name in shard.tensors:
-        base = zoo.base.read(name).to(device)
+        base = _read_base(zoo, name, device)
         for task in zoo.task_names:
             f = signed_fine_histograms(_read_tau(zoo, task, name, base, device), requests[task])
             out[task] = f if task not in out else out[task] + f
@@ -196,20 +207,19 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
     rows: list[dict[str, Any]] = []
     for name in shard.tensors:
         info = zoo.base.infos()[name]
-        base = zoo.base.read(name).to(device)
+        base = _read_base(zoo, name, device)
         for task in zoo.task_names:
             tau = _read_tau(zoo, task, name, base, device)
             if global_thresholds is not None:
                 ths = global_thresholds[task]
             else:
                 ths = tensor_thresholds(tau, list(ctx.alphas), _label(zoo, task, name))
-            positive, switches = binarize_many(tau, ths)
-            positive_np = positive.reshape(-1).cpu().numpy()
-            for th, (mask, stats) in zip(ths, switches):
+            numel = tau.numel()
+            for th, sw in zip(ths, kept_many(tau, ths)):
                 key = (task, th.alpha)
-                totals[key] = stats if key not in totals else totals[key] + stats
-                enc = encode_switch(mask.reshape(-1).cpu().numpy(), positive_np)
-                rows.append(_row(task, name, info, th, stats, enc, ctx))
+                totals[key] = sw.stats if key not in totals else totals[key] + sw.stats
+                enc = encode_kept(numel, sw.positions, sw.positive, sw.mask)
+                rows.append(_row(task, name, info, th, sw.stats, enc, ctx))
             del tau
         del base
     writer.write_part(shard.shard_id, rows)
