@@ -216,3 +216,26 @@ def test_checkpoint_disappearing_mid_run_commits_nothing(small_zoo, tmp_path):
     finally:
         os.environ.pop("TSWITCH_TEST_SLOW_SHARD_S", None)
     assert not (out / "manifest.json").exists()
+
+
+def test_model_scope_window_miss_falls_back_to_the_exact_pass(small_zoo, tmp_path, monkeypatch):
+    """A sampled window that misses its rank costs a pass, never exactness: same bytes as a hit."""
+    import tswitch_ray.distributed.build as build_mod
+    from tswitch_ray.switch.thresholds import RefineRequest
+
+    hit = str(tmp_path / "hit" / "switches")
+    _build(small_zoo, hit, scope="model", executor="local")
+    calls = []
+    real = build_mod.shard_fine_histograms
+
+    def counting(*args):
+        calls.append(args[1].shard_id)
+        return real(*args)
+
+    monkeypatch.setattr(build_mod, "window_request", lambda sample, alphas: RefineRequest())
+    monkeypatch.setattr(build_mod, "shard_fine_histograms", counting)
+    miss = str(tmp_path / "miss" / "switches")
+    _build(small_zoo, miss, scope="model", executor="local")
+    assert calls  # the fallback pass ran
+    assert _parts(hit) == _parts(miss)
+    assert _manifest(hit) == _manifest(miss)

@@ -224,3 +224,59 @@ def test_cuda_matches_cpu():
     assert tensor_thresholds(tau.cuda(), alphas) == tensor_thresholds(tau, alphas)
     ranks = [1, 12345, 300_000]
     assert kth_smallest(tau.abs().cuda(), ranks) == kth_smallest(tau.abs(), ranks)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(KINDS), st.integers(0, 2**32 - 1), _alphas, st.sampled_from([1, 3, 1000]))
+def test_window_pass_equals_two_passes_or_says_it_missed(kind, seed, alphas, stride):
+    """Sampled window + one pass: exact when the window covers the ranks, and a miss is detected.
+
+    ``stride`` 1 samples everything (the window must cover), 3 a third, 1000
+    next to nothing (misses happen; ``covers`` must report them).
+    """
+    from tswitch_ray.switch.thresholds import WindowPass, covers, window_request
+
+    rng = np.random.default_rng(seed)
+    shapes = [(int(rng.integers(1, 40)), int(rng.integers(1, 40))), (int(rng.integers(1, 90)),), (3, 2, 4)]
+    shards = [torch.from_numpy(make_delta(kind, s, rng)).float() for s in shapes]
+    sample = WindowPass(RefineRequest())
+    for s in shards:
+        sample.add(s.reshape(-1)[::stride].contiguous())
+    window = window_request(sample.result()[0], alphas)
+    passes = [WindowPass(window) for _ in shards]
+    for p, s in zip(passes, shards):
+        p.add(s, "t")
+    results = [p.result() for p in passes]
+    hist = sum((h for h, _ in results), SignedHistograms.empty())
+    picked = results[0][1] + results[1][1] + results[2][1]
+    two_pass = sum((signed_histograms(s) for s in shards), SignedHistograms.empty())
+    np.testing.assert_array_equal(hist.coarse_pos, two_pass.coarse_pos)
+    np.testing.assert_array_equal(hist.coarse_neg, two_pass.coarse_neg)
+    assert (hist.n_pos, hist.n_neg) == (two_pass.n_pos, two_pass.n_neg)
+    need = refine_request(hist, alphas)
+    whole = torch.cat([s.reshape(-1) for s in shards])
+    if stride == 1:
+        assert covers(window, need)
+    if covers(window, need):
+        assert resolve_thresholds(hist, picked.fine(need), alphas) == [ref_thresholds(whole.numpy(), a) for a in alphas]
+    else:
+        assert stride > 1
+
+
+def test_window_pass_flags_non_finite_and_pickles_sparse():
+    import pickle
+
+    from tswitch_ray.switch.thresholds import WindowPass
+
+    p = WindowPass(RefineRequest((1,), ()))
+    with pytest.raises(ZooError, match="blocks.1.bias"):
+        p.add(torch.tensor([1.0, float("nan")]), "blocks.1.bias")
+    h = signed_histograms(torch.linspace(-1, 1, 10_001))
+    back = pickle.loads(pickle.dumps(h))
+    np.testing.assert_array_equal(back.coarse_pos, h.coarse_pos)
+    np.testing.assert_array_equal(back.coarse_neg, h.coarse_neg)
+    assert (back.n_pos, back.n_neg) == (h.n_pos, h.n_neg)
+    assert len(pickle.dumps(h)) < 100_000  # sparse on the wire, not 2 x 512 KB
+    f = signed_fine_histograms(torch.linspace(-1, 1, 10_001), refine_request(h, [0.5]))
+    back_f = pickle.loads(pickle.dumps(f))
+    assert f.pos.keys() == back_f.pos.keys() and all((f.pos[b] == back_f.pos[b]).all() for b in f.pos)

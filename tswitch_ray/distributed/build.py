@@ -5,13 +5,20 @@ tensors, one checkpoint at a time, and encodes every α at once.
 
 Scope "model" needs thresholds over each task's whole task vector:
 
-1. every shard returns coarse magnitude histograms per task (small, sparse);
-   the driver adds them and finds, per task, sign and α, the bucket that
-   holds the wanted rank;
-2. every shard returns fine histograms of just those buckets; the driver adds
-   them and resolves the exact thresholds;
+0. every shard reads a small sample (1/32, a few slices per tensor) and
+   returns its coarse histograms per task; the driver adds them and predicts,
+   per task, sign and α, a window of buckets that holds the wanted rank
+   (:func:`window_request`, Floyd–Rivest);
+1. every shard returns coarse histograms per task (sparse on the wire) and
+   the exact bit patterns of its elements inside the windows; the driver adds
+   them, finds the bucket that holds each rank and, when the window covers it
+   (checked), resolves the exact threshold from the gathered patterns;
+2. only for a task whose window missed: every shard returns fine histograms
+   of the buckets that hold its ranks (the exact fallback, rarely run);
 3. every shard encodes with the global thresholds and returns kept
    statistics, from which the driver derives each task's knob.
+
+So the data is read twice (plus the sample), not three times.
 
 Shards are idempotent: a part already staged under the same resume key is
 reused, so an interrupted run restarted with the same command recomputes only
@@ -24,6 +31,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,13 +55,22 @@ from tswitch_ray.switch import (
     refine_request,
     resolve_thresholds,
     signed_fine_histograms,
-    signed_histograms,
     task_vector,
     tensor_thresholds,
 )
 from tswitch_ray.switch.binarize import kept_many
-from tswitch_ray.switch.thresholds import Thresholds
+from tswitch_ray.switch.thresholds import RefineRequest, Thresholds, WindowPass, covers, window_request
 from tswitch_ray.zoo import Zoo, load_zoo
+from tswitch_ray.zoo.readers import dtype_to_torch
+
+# Sample of scope "model" (phase 0): SAMPLE_CHUNKS evenly spaced slices of
+# every tensor, SAMPLE_FRACTION of its elements in all; tensors up to
+# SAMPLE_WHOLE_NUMEL elements are taken whole. Slices, not a stride, so the
+# sample reads ~1/32 of the bytes; several of them, so a tensor whose rows
+# differ is not judged by its first rows only.
+SAMPLE_CHUNKS = 4
+SAMPLE_FRACTION = 1 / 32
+SAMPLE_WHOLE_NUMEL = 1 << 16
 
 CODEC = "rice-v1"
 
@@ -167,27 +184,67 @@ def _device(ctx: ShardContext) -> Any:
 
 # --- shard functions (run inside Ray tasks or locally) ------------------------
 
-def shard_histograms(ctx: ShardContext, shard: Shard) -> dict[str, Any]:
-    """Pass 1 of scope "model": per task, coarse signed magnitude histograms of this shard."""
+def _sample_spans(numel: int) -> list[tuple[int, int]]:
+    """Element ranges [start, end) of the sample of a tensor of ``numel`` elements."""
+    if numel <= SAMPLE_WHOLE_NUMEL:
+        return [(0, numel)]
+    size = max(1, int(numel * SAMPLE_FRACTION) // SAMPLE_CHUNKS)
+    step = numel // SAMPLE_CHUNKS
+    return [(i * step, i * step + size) for i in range(SAMPLE_CHUNKS)]
+
+
+def _read_sample(reader: Any, name: str, spans: list[tuple[int, int]], device: Any) -> Any:
+    """The sampled elements of one tensor, flat, in its stored dtype (only those bytes are read)."""
+    info = reader.infos()[name]
+    raw = getattr(reader, "_read_raw", None)
+    if raw is None or sys.byteorder != "little" or spans == [(0, info.numel)]:
+        flat = reader.read(name).reshape(-1)
+        return torch.cat([flat[a:b] for a, b in spans]).to(device)
+    dtype = dtype_to_torch(info.dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    parts = [torch.frombuffer(bytearray(raw(name, a * size, b * size)), dtype=dtype) for a, b in spans]
+    return torch.cat(parts).to(device)
+
+
+def shard_sample(ctx: ShardContext, shard: Shard) -> dict[str, Any]:
+    """Phase 0 of scope "model": per task, coarse histograms of a ~1/32 sample of this shard."""
     zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.run_key)
     device = _device(ctx)
-    out: dict[str, Any] = {}
+    passes = {task: WindowPass(RefineRequest()) for task in zoo.task_names}
+    for name in shard.tensors:
+        spans = _sample_spans(zoo.base.infos()[name].numel)
+        base = _sample_base(zoo, name, spans, device)
+        for task in zoo.task_names:
+            theta = _read_sample(zoo.tasks[task], name, spans, device)
+            passes[task].add(task_vector(theta, base, name), _label(zoo, task, name))
+    return {task: p.result()[0] for task, p in passes.items()}
+
+
+def _sample_base(zoo: Zoo, name: str, spans: list[tuple[int, int]], device: Any) -> Any:
+    base = _read_sample(zoo.base, name, spans, device)
+    return base.to(torch.float32) if base.dtype in (torch.float16, torch.bfloat16) else base
+
+
+def shard_histograms(ctx: ShardContext, shard: Shard, windows: dict[str, RefineRequest]) -> dict[str, Any]:
+    """Pass 1 of scope "model": per task, coarse histograms and the in-window bit patterns of this shard."""
+    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.run_key)
+    device = _device(ctx)
+    passes = {task: WindowPass(windows[task]) for task in zoo.task_names}
     for name in shard.tensors:
         base = _read_base(zoo, name, device)
         for task in zoo.task_names:
-            h = signed_histograms(_read_tau(zoo, task, name, base, device), _label(zoo, task, name))
-            out[task] = h if task not in out else out[task] + h
-    return out
+            passes[task].add(_read_tau(zoo, task, name, base, device), _label(zoo, task, name))
+    return {task: p.result() for task, p in passes.items()}
 
 
 def shard_fine_histograms(ctx: ShardContext, shard: Shard, requests: dict[str, Any]) -> dict[str, Any]:
-    """Pass 2 of scope "model": per task, fine histograms of the boundary buckets only."""
+    """Pass 2 of scope "model", only for the tasks in ``requests``: fine histograms of the boundary buckets."""
     zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.run_key)
     device = _device(ctx)
     out: dict[str, Any] = {}
     for name in shard.tensors:
         base = _read_base(zoo, name, device)
-        for task in zoo.task_names:
+        for task in requests:
             f = signed_fine_histograms(_read_tau(zoo, task, name, base, device), requests[task])
             out[task] = f if task not in out else out[task] + f
     return out
@@ -305,8 +362,9 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus, cfg.max_in_flight)
     try:
         thresholds: dict[str, list[Thresholds]] | None = None
-        passes = 3 if (cfg.scope == "model" and todo) else 1
-        with ShardProgress(total_bytes=passes * n_models * sum(s.nbytes for s in todo), enabled=cfg.show_progress) as progress:
+        passes = 2 + SAMPLE_FRACTION if (cfg.scope == "model" and todo) else 1
+        with ShardProgress(total_bytes=int(passes * n_models * sum(s.nbytes for s in todo)),
+                           enabled=cfg.show_progress) as progress:
             if cfg.scope == "model" and todo:
                 thresholds = _model_thresholds(executor, ctx, shards, zoo.task_names, cfg.alphas, n_models, progress)
             totals: dict[tuple[str, float], KeptStats] = {}
@@ -338,19 +396,35 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
 
 def _model_thresholds(executor: LocalExecutor, ctx: ShardContext, shards: Sequence[Shard], tasks: Sequence[str],
                       alphas: list[float], n_models: int, progress: ShardProgress) -> dict[str, list[Thresholds]]:
+    progress.set_phase("sample")
+    sample: dict[str, Any] = {}
+    items = [WorkItem(s.shard_id, (ctx, s), int(n_models * s.nbytes * SAMPLE_FRACTION), build_memory_bytes(s))
+             for s in shards]
+    for _, per_task in executor.map(shard_sample, items, progress.advance):
+        for task, h in per_task.items():
+            sample[task] = h if task not in sample else sample[task] + h
+    windows = {t: window_request(sample[t], alphas) for t in tasks}
+
     progress.set_phase("histograms")
     hist: dict[str, Any] = {}
-    items = [WorkItem(s.shard_id, (ctx, s), n_models * s.nbytes, build_memory_bytes(s)) for s in shards]
+    picked: dict[str, Any] = {}
+    items = [WorkItem(s.shard_id, (ctx, s, windows), n_models * s.nbytes, build_memory_bytes(s)) for s in shards]
     for _, per_task in executor.map(shard_histograms, items, progress.advance):
-        for task, h in per_task.items():
+        for task, (h, p) in per_task.items():
             hist[task] = h if task not in hist else hist[task] + h
-    requests = {t: refine_request(hist[t], alphas) for t in tasks}
-    progress.set_phase("refine")
-    fine: dict[str, Any] = {}
-    items = [WorkItem(s.shard_id, (ctx, s, requests), n_models * s.nbytes, build_memory_bytes(s)) for s in shards]
-    for _, per_task in executor.map(shard_fine_histograms, items, progress.advance):
-        for task, f in per_task.items():
-            fine[task] = f if task not in fine else fine[task] + f
+            picked[task] = p if task not in picked else picked[task] + p
+    need = {t: refine_request(hist[t], alphas) for t in tasks}
+    fine = {t: picked[t].fine(need[t]) for t in tasks if covers(windows[t], need[t])}
+    missing = {t: need[t] for t in tasks if t not in fine}
+    if missing:
+        # A window missed its rank (an unrepresentative sample): the exact
+        # fine-histogram pass, for those tasks only.
+        progress.set_phase("refine")
+        items = [WorkItem(s.shard_id, (ctx, s, missing), (1 + len(missing)) * s.nbytes, build_memory_bytes(s))
+                 for s in shards]
+        for _, per_task in executor.map(shard_fine_histograms, items, progress.advance):
+            for task, f in per_task.items():
+                fine[task] = f if task not in fine else fine[task] + f
     return {t: resolve_thresholds(hist[t], fine[t], alphas) for t in tasks}
 
 
