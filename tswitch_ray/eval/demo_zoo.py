@@ -57,7 +57,7 @@ from tswitch_ray.eval.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, LinearH
 from tswitch_ray.eval.datasets import open_eval_dataset, write_image_parquet
 from tswitch_ray.eval.evaluate import evaluate
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 ZOO_NAME = "tswitch-demo"
 MODEL_NAME = "tswitch-demo-vit"
 
@@ -73,6 +73,7 @@ class DemoZooConfig:
     layers: int = 3
     heads: int = 4
     embed_dim: int = 64
+    pool_type: str = "tok"  # open_clip's pooling: "tok" (CLS, as CLIP) or "avg"
     n_train: int = 1536  # per task: pretraining pool, probe and fine-tuning data
     n_eval: int = 400
     n_unlabeled: int = 128  # written as data/<task>/train.parquet
@@ -82,9 +83,9 @@ class DemoZooConfig:
     pretrain_lr: float = 2e-3
     probe_steps: int = 300
     probe_lr: float = 0.05
-    finetune_steps: int = 150
+    finetune_steps: int = 300
     finetune_batch: int = 64
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 2e-3
     weight_decay: float = 0.05
     head_mode: str = "frozen_probe"
     # One thread: this tower's matmuls are too small to gain from a second one, and
@@ -102,6 +103,7 @@ class DemoZooConfig:
                 "head_width": self.width // self.heads,
                 "patch_size": self.patch_size,
                 "mlp_ratio": 4.0,
+                "pool_type": self.pool_type,
             },
             "quick_gelu": False,
         }
