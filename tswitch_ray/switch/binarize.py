@@ -121,8 +121,13 @@ class KeptSwitch:
 
 
 def _stats_of(vals: np.ndarray) -> KeptStats:
-    # The same torch float64 ops, on the same elements in the same (flat)
-    # order, as kept_stats and binarize_many: identical sums, bit for bit.
+    """:class:`KeptStats` of compacted kept values.
+
+    The same torch float64 ops, on the same elements in the same (flat)
+    order, as :func:`kept_stats` and :func:`binarize_many`: identical sums,
+    bit for bit (and torch's float64 sum and dot are ~1.7x faster than
+    NumPy's here).
+    """
     if vals.size == 0:
         return KeptStats()
     v64 = torch.from_numpy(vals).to(torch.float64)
@@ -154,13 +159,15 @@ def kept_many(tau: torch.Tensor, ths: list[Thresholds]) -> list[KeptSwitch]:
         if prev is not None and th.t_pos >= prev.t_pos and th.t_neg >= prev.t_neg:
             sel = vals > th.t_pos
             sel |= vals < -th.t_neg
-            pos, vals = pos[sel], vals[sel]
+            # flatnonzero + take: NumPy's boolean indexing is ~5x slower.
+            keep = np.flatnonzero(sel)
+            pos, vals = pos.take(keep), vals.take(keep)
             mask = None
         else:
             mask = t > th.t_pos
             mask |= t < -th.t_neg
             pos = np.flatnonzero(mask)
-            vals = t[pos]
+            vals = t.take(pos)
         prev = th
         out.append(KeptSwitch(pos, vals > 0, _stats_of(vals), mask))
     return out
