@@ -160,3 +160,25 @@ def test_config_file_resolves_relative_paths_and_grid(tiny_demo_zoo, switches, t
     specs = cfg.expanded_methods()
     assert [(s.method, s.options) for s in specs] == [
         ("dare", {"scale": 0.3}), ("dare", {"scale": 0.5}), ("pdiscard", {"scale": 0.3}), ("pdiscard", {"scale": 0.5})]
+
+
+def test_sweep_cli_runs_a_grid_and_refuses_a_config_without_one(tiny_demo_zoo, switches, tmp_path):
+    import json
+
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"zoo": str(tiny_demo_zoo), "methods": [{"method": "ta"}]}))
+    res = CliRunner().invoke(app, ["sweep", str(plain), "--no-tracking"])
+    assert res.exit_code == 2 and "needs a `grid:`" in res.output
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "g", "zoo": str(tiny_demo_zoo), "artifacts": str(switches),
+        "methods": [{"method": "ta", "options": {"scale": 0.3}}],
+        "grid": [{"method": ["pdiscard"], "options.alpha": [0.2, 0.8], "options.scale": [0.3]}],
+    }))
+    work = tmp_path / "sweep"
+    res = CliRunner().invoke(app, ["sweep", str(grid), "--no-tracking", "--executor", "local", "--limit", "16",
+                                   "--work-dir", str(work), "--quiet"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((work / "summary.json").read_text())
+    assert sorted((r["method"], r["options"].get("alpha")) for r in rows) == [("pdiscard", 0.2), ("pdiscard", 0.8), ("ta", None)]
+    assert all(len(r["per_task"]) == 3 for r in rows)

@@ -276,19 +276,37 @@ def _eval_overrides(executor: Optional[str], ray_address: Optional[str], workers
 
 TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, ./mlruns).")
 NoTrackingOpt = typer.Option(False, "--no-tracking", help="Do not log to MLflow.")
+ExecutorOpt = typer.Option(None, "--executor", help="'ray' (default) or 'local'.")
+WorkDirOpt = typer.Option(None, "--work-dir", help="Where merges, cached cells and results go (default runs/<name>).")
+LimitOpt = typer.Option(None, "--limit", help="Score only the first N eval rows per task (smoke runs).")
+
+
+def _run_eval_command(config: str, overrides: dict[str, Any], storage_option: Optional[list[str]],
+                      s3_endpoint: Optional[str], quiet: bool, require_grid: bool) -> None:
+    """What `eval` and `sweep` share: load the config with the CLI's overrides, run it, print the table."""
+    from tswitch_ray.distributed.eval_runner import run_eval
+    from tswitch_ray.eval.config import load_eval_config
+
+    so = _storage_options(storage_option, s3_endpoint)
+    if so:
+        overrides["storage_options"] = so
+    cfg = load_eval_config(config, overrides)
+    if require_grid and not cfg.grid:
+        raise ConfigError(f"{config}: a sweep config needs a `grid:` list (e.g. - {{method: [dare], options.p: [0.1, 0.5]}}).")
+    _print_eval(run_eval(cfg, show_progress=not quiet, say=lambda m: console.print(m, highlight=False)))
 
 
 @app.command("eval", epilog="Example: `tswitch eval pipelines/evals/main_table.yaml --tracking-uri http://127.0.0.1:5000`")
 @user_errors
 def eval_cmd(
     config: str = typer.Argument(..., help="Eval config (YAML): zoo, artifacts, methods; see pipelines/evals/."),
-    executor: Optional[str] = typer.Option(None, "--executor", help="'ray' (default) or 'local'."),
+    executor: Optional[str] = ExecutorOpt,
     ray_address: Optional[str] = AddrOpt,
     workers: Optional[int] = WorkersOpt,
     tracking_uri: Optional[str] = TrackingOpt,
     no_tracking: bool = NoTrackingOpt,
-    work_dir: Optional[str] = typer.Option(None, "--work-dir", help="Where merges, cached cells and results go (default runs/<name>)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N eval rows per task (smoke runs)."),
+    work_dir: Optional[str] = WorkDirOpt,
+    limit: Optional[int] = LimitOpt,
     storage_option: Optional[list[str]] = StorageOpt,
     s3_endpoint: Optional[str] = EndpointOpt,
     quiet: bool = QuietOpt,
@@ -298,39 +316,28 @@ def eval_cmd(
     Finished (method, task) cells are cached under the work dir, so rerunning
     after an interruption recomputes only what is missing.
     """
-    from tswitch_ray.distributed.eval_runner import run_eval
-    from tswitch_ray.eval.config import load_eval_config
-
-    so = _storage_options(storage_option, s3_endpoint)
     ov = _eval_overrides(executor, ray_address, workers, tracking_uri, no_tracking, work_dir, limit)
-    if so:
-        ov["storage_options"] = so
-    cfg = load_eval_config(config, ov)
-    _print_eval(run_eval(cfg, show_progress=not quiet, say=lambda m: console.print(m, highlight=False)))
+    _run_eval_command(config, ov, storage_option, s3_endpoint, quiet, require_grid=False)
 
 
 @app.command(epilog="Example: `tswitch sweep pipelines/sweeps/discard_ratio.yaml` (rerun the same command to resume)")
 @user_errors
 def sweep(
     config: str = typer.Argument(..., help="Eval config with a `grid:` (methods × options); see pipelines/sweeps/."),
-    executor: Optional[str] = typer.Option(None, "--executor", help="'ray' (default) or 'local'."),
+    executor: Optional[str] = ExecutorOpt,
     ray_address: Optional[str] = AddrOpt,
     workers: Optional[int] = WorkersOpt,
     tracking_uri: Optional[str] = TrackingOpt,
     no_tracking: bool = NoTrackingOpt,
-    work_dir: Optional[str] = typer.Option(None, "--work-dir", help="Where cached cells and results go (default runs/<name>)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N eval rows per task."),
+    work_dir: Optional[str] = WorkDirOpt,
+    limit: Optional[int] = LimitOpt,
+    storage_option: Optional[list[str]] = StorageOpt,
+    s3_endpoint: Optional[str] = EndpointOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Run a grid of methods × options; resumable (every finished cell is cached)."""
-    from tswitch_ray.distributed.eval_runner import run_eval
-    from tswitch_ray.eval.config import load_eval_config
-
-    cfg = load_eval_config(config, _eval_overrides(executor, ray_address, workers, tracking_uri, no_tracking,
-                                                   work_dir, limit))
-    if not cfg.grid:
-        raise ConfigError(f"{config}: a sweep config needs a `grid:` list (e.g. - {{method: [dare], options.p: [0.1, 0.5]}}).")
-    _print_eval(run_eval(cfg, show_progress=not quiet, say=lambda m: console.print(m, highlight=False)))
+    ov = _eval_overrides(executor, ray_address, workers, tracking_uri, no_tracking, work_dir, limit)
+    _run_eval_command(config, ov, storage_option, s3_endpoint, quiet, require_grid=True)
 
 
 @app.command(epilog="Example: `tswitch demo` (first run builds the demo zoo, ~5 min on 2 cores; later runs reuse it)")
