@@ -374,24 +374,44 @@ def results_markdown(summary: Sequence[Mapping[str, Any]], tasks: Sequence[str],
     return "\n".join(lines) + "\n"
 
 
+# Label offsets (points) tried in order until a label overlaps no earlier label.
+_LABEL_OFFSETS = ((5, 3, "left"), (5, -10, "left"), (-5, 3, "right"), (-5, -10, "right"), (5, 12, "left"), (5, -19, "left"))
+
+
 def plot_accuracy_vs_storage(summary: Sequence[Mapping[str, Any]], title: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for s in summary:
-        if s["storage_bytes"] < 0:
-            continue
-        ax.scatter(s["storage_bytes"] / 1e6, 100 * s["average"], s=40)
-        ax.annotate(s["label"], (s["storage_bytes"] / 1e6, 100 * s["average"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    points = [(s["storage_bytes"] / 1e6, 100 * s["average"], s["label"]) for s in summary if s["storage_bytes"] >= 0]
+    for x, y, _ in points:
+        ax.scatter(x, y, s=40)
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for x, y, label in sorted(points, key=lambda p: (-p[1], p[0])):
+        for dx, dy, ha in _LABEL_OFFSETS:
+            text = ax.annotate(label, (x, y), fontsize=7, xytext=(dx, dy), textcoords="offset points", ha=ha)
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+        else:  # every offset collides: keep the first rather than drop the label
+            text = ax.annotate(label, (x, y), fontsize=7, xytext=_LABEL_OFFSETS[0][:2], textcoords="offset points")
+            box = text.get_window_extent(renderer)
+        placed.append(box)
     ax.set_xlabel("storage for all tasks (MB, log scale)")
     ax.set_ylabel("average accuracy (%)")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
