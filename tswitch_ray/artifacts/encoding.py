@@ -108,26 +108,34 @@ def entropy_bound_bits(numel: int, kept: int) -> float:
     return numel * h + kept
 
 
-def _rice_cost(gaps: np.ndarray, k: int) -> int:
-    """Exact Rice cost in bits of ``gaps`` with parameter ``k`` (before byte padding)."""
-    return int(np.right_shift(gaps, k).sum()) + gaps.size * (1 + k)
+def _rice_cost(gaps: np.ndarray, k: int, total: int | None = None) -> int:
+    """Exact Rice cost in bits of ``gaps`` with parameter ``k`` (before byte padding).
+
+    ``total`` (= gaps.sum(), if the caller knows it) makes k = 0 free.
+    """
+    shifted = int(total) if (k == 0 and total is not None) else int(np.right_shift(gaps, k).sum())
+    return shifted + gaps.size * (1 + k)
 
 
-def best_rice_k(gaps: np.ndarray) -> int:
+def best_rice_k(gaps: np.ndarray, total: int | None = None) -> int:
     """The ``k`` minimising the exact Rice cost of ``gaps``.
 
     Start from the geometric-distribution estimate k ≈ log2(mean·ln 2) and walk
     downhill; the cost is unimodal in k for all practical gap sets, and each
-    step is one vectorised pass over the gaps.
+    step is one vectorised pass over the gaps. ``total`` is ``gaps.sum()``
+    when the caller knows it without a pass (the gaps of ascending positions
+    p sum to p[-1] + 1 − len(p)): the mean and the k = 0 cost are then free,
+    and equal to what a pass would give (integer sums below 2^53 are exact in
+    float64), so the chosen k is the same.
     """
     if gaps.size == 0:
         return 0
-    mean = float(gaps.mean())
+    mean = float(gaps.mean()) if total is None else int(total) / gaps.size
     k = 0 if mean < 1 else min(_MAX_K, max(0, round(math.log2(mean * math.log(2)))))
-    cost = _rice_cost(gaps, k)
+    cost = _rice_cost(gaps, k, total)
     for step in (-1, 1):
         while 0 <= k + step <= _MAX_K:
-            c = _rice_cost(gaps, k + step)
+            c = _rice_cost(gaps, k + step, total)
             if c >= cost:
                 break
             k, cost = k + step, c
@@ -143,17 +151,32 @@ def _word_dtype(k: int) -> np.dtype:
 
 
 def _pack_fixed(values: np.ndarray, k: int) -> bytes:
-    """Pack each value as exactly k bits, MSB first, all concatenated."""
+    """Pack each value as exactly k bits, MSB first, all concatenated.
+
+    Several layouts of the same bits, by speed (one CPU thread, ~250 k values):
+    whole bytes are the values themselves; k <= 4 is built one bit plane at a
+    time into a (values, k) byte array; 5 <= k <= 7 packs 8 values into one
+    64-bit word and keeps its k low bytes; wider k broadcasts a shift per bit.
+    """
     if k == 0 or values.size == 0:
         return b""
-    if k == 1:
-        return np.packbits((values & 1).astype(np.uint8)).tobytes()
-    if k <= 8:
-        # Left-align the k bits in a byte and let unpackbits split them: one
-        # byte per value instead of k machine words (k <= 8 covers gap means
-        # up to ~350, i.e. every α below 0.997).
-        aligned = (values.astype(np.uint8) << np.uint8(8 - k)).reshape(-1, 1)
-        return np.packbits(np.unpackbits(aligned, axis=1)[:, :k].reshape(-1)).tobytes()
+    if k in (8, 16, 32):
+        return values.astype(np.dtype(f">u{k // 8}")).tobytes()
+    if k <= 4:
+        u = values.astype(np.uint8)
+        bits = np.empty((u.size, k), dtype=np.uint8)
+        for j in range(k):
+            np.right_shift(u, k - 1 - j, out=bits[:, j])
+        bits &= 1
+        return np.packbits(bits.reshape(-1)).tobytes()
+    if k < 8:
+        m = values.size
+        words = np.zeros(m + (-m) % 8, dtype=np.uint64)
+        words[:m] = values
+        words = words.reshape(-1, 8)
+        words <<= (k * (7 - np.arange(8, dtype=np.uint64))).astype(np.uint64)
+        packed = np.bitwise_or.reduce(words, axis=1).astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - k :]
+        return packed.reshape(-1)[: (m * k + 7) // 8].tobytes()
     dt = _word_dtype(k)
     shifts = np.arange(k - 1, -1, -1, dtype=dt)
     bits = (values.astype(dt)[:, None] >> shifts) & dt.type(1)
@@ -224,7 +247,8 @@ def encode_kept(numel: int, kept_pos: np.ndarray, kept_positive: np.ndarray,
         gaps[0] = coded_pos[0]
         np.subtract(coded_pos[1:], coded_pos[:-1], out=gaps[1:])
         gaps[1:] -= 1
-    k = best_rice_k(gaps)
+    # Σ gaps = last position + 1 − count: best_rice_k needs no pass for it.
+    k = best_rice_k(gaps, int(coded_pos[-1]) + 1 - coded_pos.size if coded_pos.size else 0)
 
     if not gaps.size:
         mask_bits = b""

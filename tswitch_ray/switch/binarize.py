@@ -153,6 +153,7 @@ def kept_many(tau: torch.Tensor, ths: list[Thresholds]) -> list[KeptSwitch]:
     out: list[KeptSwitch] = []
     prev: Thresholds | None = None
     pos = vals = None
+    tmp = np.empty(t.size, dtype=bool)
     for th in ths:
         # t_pos/t_neg are float32 values, so the comparisons are exact in any
         # width; −τ > t⁻ ⇔ τ < −t⁻ exactly.
@@ -164,8 +165,8 @@ def kept_many(tau: torch.Tensor, ths: list[Thresholds]) -> list[KeptSwitch]:
             pos, vals = pos.take(keep), vals.take(keep)
             mask = None
         else:
-            mask = t > th.t_pos
-            mask |= t < -th.t_neg
+            mask = np.greater(t, th.t_pos)
+            mask |= np.less(t, -th.t_neg, out=tmp)
             pos = np.flatnonzero(mask)
             vals = t.take(pos)
         prev = th

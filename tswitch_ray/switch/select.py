@@ -100,7 +100,11 @@ def fine_histograms_of_keys(
             selected = (slots >= start) & (slots < start + len(chunk))
         # The selected elements are a small fraction (a few buckets out of
         # ~32k), so these gathers are cheap; one nonzero serves both.
-        where = torch.nonzero(selected).reshape(-1)
+        if selected.device.type == "cpu":
+            # NumPy's flatnonzero is ~7x faster than torch.nonzero on one CPU thread.
+            where = torch.from_numpy(np.flatnonzero(selected.numpy()))
+        else:
+            where = torch.nonzero(selected).reshape(-1)
         slot = slots.index_select(0, where).to(torch.long) - start
         low = (bits.index_select(0, where) & _LOW_MASK).to(torch.long)
         flat = torch.bincount(slot * N_BUCKETS + low, minlength=len(chunk) * N_BUCKETS)
