@@ -8,9 +8,10 @@ tasks, fp16, ~5 GB) it measures, side by side in one process:
   least work any method must do). Run before *and* after the build, the
   faster of the runs is the denominator (warm page cache for both);
 * ``build``: :func:`tswitch_ray.distributed.build.run_build` with the Ray
-  executor — Ray start-up, three passes (coarse histograms, fine histograms,
-  encode) for scope "model", Parquet writing and the atomic commit all
-  included — for every α at once;
+  executor — Ray start-up, for scope "model" a 1/32 sample and two full
+  passes (coarse histograms with the sampled windows' bit patterns, then
+  encode; a third, exact pass only if a window misses), Parquet writing and
+  the atomic commit all included — for every α at once;
 * peak memory of the whole job: a sampler thread sums, every 50 ms, the
   proportional set size (PSS, /proc/PID/smaps_rollup: shared pages such as
   Ray's object store are split between the processes that map them, so the

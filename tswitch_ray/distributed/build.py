@@ -369,9 +369,17 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                 thresholds = _model_thresholds(executor, ctx, shards, zoo.task_names, cfg.alphas, n_models, progress)
             totals: dict[tuple[str, float], KeptStats] = {}
             progress.set_phase("encode")
-            items = [WorkItem(s.shard_id, (ctx, s, thresholds), n_models * s.nbytes, build_memory_bytes(s)) for s in todo]
-            for _, shard_totals in executor.map(shard_encode, items, progress.advance):
-                for key, st in shard_totals.items():
+            # Scope "model" encodes in the reverse order of its histogram
+            # pass: the shards read last are the likeliest to be still in
+            # the page cache when the zoo is larger than what the machine
+            # keeps cached (LRU), so fewer bytes come from disk twice.
+            order = todo[::-1] if thresholds is not None else todo
+            items = [WorkItem(s.shard_id, (ctx, s, thresholds), n_models * s.nbytes, build_memory_bytes(s)) for s in order]
+            per_shard = dict(executor.map(shard_encode, items, progress.advance))
+            # Float sums in shard order, not in completion order: the knobs
+            # are then the same bits whatever the scheduling.
+            for shard_id in sorted(per_shard):
+                for key, st in per_shard[shard_id].items():
                     totals[key] = st if key not in totals else totals[key] + st
         manifest = _manifest(cfg, zoo, run_key, shards, writer, totals)
         writer.commit(manifest, overwrite=cfg.overwrite)
