@@ -239,3 +239,19 @@ def test_model_scope_window_miss_falls_back_to_the_exact_pass(small_zoo, tmp_pat
     assert calls  # the fallback pass ran
     assert _parts(hit) == _parts(miss)
     assert _manifest(hit) == _manifest(miss)
+
+
+def test_model_scope_resume_reuses_parts_and_gets_the_same_knobs(small_zoo, tmp_path):
+    """Scope "model" knobs sum every shard's kept statistics, the reused (staged) parts' too."""
+    clean = str(tmp_path / "clean" / "switches")
+    _build(small_zoo, clean, scope="model", executor="local")
+    out = str(tmp_path / "resumed" / "switches")
+    first = _build(small_zoo, out, scope="model", executor="local")
+    (Path(out) / "manifest.json").unlink()
+    staged = sorted(p for p in Path(out).rglob("part-*.parquet"))
+    for p in staged[:2]:
+        p.unlink()
+    second = _build(small_zoo, out, scope="model", executor="local")
+    assert second.shards_reused == first.shards - 2
+    assert _parts(out) == _parts(clean)
+    assert _manifest(out) == _manifest(clean)

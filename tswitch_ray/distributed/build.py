@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tswitch_ray import __version__
 from tswitch_ray.artifacts import ArtifactWriter
 from tswitch_ray.artifacts.encoding import encode_kept
+from tswitch_ray.artifacts.store import read_table
 from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_digest, plan_shards
@@ -283,6 +284,23 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
     return totals
 
 
+def _staged_totals(writer: ArtifactWriter, part: Any) -> dict[tuple[str, float], KeptStats]:
+    """Kept statistics per (task, α) of a part staged by an earlier, interrupted run.
+
+    Summed in row order, which is the order :func:`shard_encode` summed them
+    in (float64 values round-trip through Parquet exactly), so a resumed
+    build gets the same knobs, bit for bit, as an uninterrupted one.
+    """
+    table = read_table(f"{writer.uri}/{part.path}", writer.storage_options,
+                       columns=["task", "alpha", "kept", "sum_abs", "sum_sq"])
+    totals: dict[tuple[str, float], KeptStats] = {}
+    for row in table.to_pylist():
+        key = (row["task"], float(row["alpha"]))
+        st = KeptStats(int(row["kept"]), float(row["sum_abs"]), float(row["sum_sq"]))
+        totals[key] = st if key not in totals else totals[key] + st
+    return totals
+
+
 def _fault_injection_delay() -> None:
     """Tests slow shards down (TSWITCH_TEST_SLOW_SHARD_S) to kill nodes or interrupt runs mid-build."""
     delay = float(os.environ.get("TSWITCH_TEST_SLOW_SHARD_S") or 0)
@@ -376,6 +394,12 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
             order = todo[::-1] if thresholds is not None else todo
             items = [WorkItem(s.shard_id, (ctx, s, thresholds), n_models * s.nbytes, build_memory_bytes(s)) for s in order]
             per_shard = dict(executor.map(shard_encode, items, progress.advance))
+            if cfg.scope == "model":
+                # Reused parts of an interrupted run count towards the task knobs too.
+                staged = writer.existing_parts()
+                for shard in shards:
+                    if shard.shard_id not in per_shard:
+                        per_shard[shard.shard_id] = _staged_totals(writer, staged[shard.shard_id])
             # Float sums in shard order, not in completion order: the knobs
             # are then the same bits whatever the scheduling.
             for shard_id in sorted(per_shard):
