@@ -394,12 +394,12 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
             order = todo[::-1] if thresholds is not None else todo
             items = [WorkItem(s.shard_id, (ctx, s, thresholds), n_models * s.nbytes, build_memory_bytes(s)) for s in order]
             per_shard = dict(executor.map(shard_encode, items, progress.advance))
-            if cfg.scope == "model":
+            reused = [s.shard_id for s in shards if s.shard_id not in per_shard]
+            if cfg.scope == "model" and reused:
                 # Reused parts of an interrupted run count towards the task knobs too.
                 staged = writer.existing_parts()
-                for shard in shards:
-                    if shard.shard_id not in per_shard:
-                        per_shard[shard.shard_id] = _staged_totals(writer, staged[shard.shard_id])
+                for shard_id in reused:
+                    per_shard[shard_id] = _staged_totals(writer, staged[shard_id])
             # Float sums in shard order, not in completion order: the knobs
             # are then the same bits whatever the scheduling.
             for shard_id in sorted(per_shard):
