@@ -30,7 +30,7 @@ from tswitch_ray.methods import get_method
 from tswitch_ray.switch import task_vector
 from tswitch_ray.zoo import Zoo, check_finite, load_zoo
 from tswitch_ray.zoo.concat import concat_safetensors
-from tswitch_ray.zoo.writer import save_safetensors
+from tswitch_ray.zoo.writer import SafetensorsStreamWriter, save_safetensors
 
 
 class MergeConfig(BaseModel):
@@ -109,24 +109,36 @@ def shard_stats(ctx: MergeContext, shard: Shard, rnd: int, params: Any) -> list[
 
 
 def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True) -> list[str]:
-    """Merge the shard's tensors and stage them as one safetensors part per output model."""
+    """Merge the shard's tensors and stage them as one safetensors part per output model.
+
+    Each merged tensor is streamed to its part as soon as it exists (the
+    parts' headers come from the base's tensor infos), so a per-task method
+    with N tasks holds one tensor's N outputs, never the shard's: EMR on 30
+    tasks held 30 × the shard before (4.87 GiB Σ PSS measured on ViT-B/16).
+    """
     method = ctx.method_obj()
     zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.files_identity)
     models = list(zoo.task_names) if method.per_task else ["merged"]
-    outputs: dict[str, dict[str, torch.Tensor]] = {m: {} for m in models}
-    for name in shard.tensors:
-        _, base, taus = _load(ctx, name, check=check)
-        merged = method.merge_tensor(name, base, taus, params)
-        del taus
-        merged_list = merged if method.per_task else [merged]
-        for model, tensor in zip(models, merged_list):
-            outputs[model][name] = tensor.to(base.dtype).cpu().contiguous()
-    paths = []
+    infos = zoo.tensor_infos()
+    layout = [infos[name] for name in shard.tensors]
     opts = json.loads(ctx.storage_options_json)
-    for model, tensors in outputs.items():
-        path = f"{ctx.staging}/{model}/part-{shard.shard_id:05d}.safetensors"
-        save_safetensors(tensors, path, storage_options=opts)
-        paths.append(path)
+    paths = [f"{ctx.staging}/{model}/part-{shard.shard_id:05d}.safetensors" for model in models]
+    writers = [SafetensorsStreamWriter(path, layout, storage_options=opts) for path in paths]
+    try:
+        for name in shard.tensors:
+            _, base, taus = _load(ctx, name, check=check)
+            merged = method.merge_tensor(name, base, taus, params)
+            del taus
+            merged_list = merged if method.per_task else [merged]
+            for writer, tensor in zip(writers, merged_list, strict=True):
+                writer.write(name, tensor.to(base.dtype))
+            del merged, merged_list
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
     return paths
 
 
