@@ -399,3 +399,19 @@ def test_stream_writer_abort_and_order_errors(tmp_path):
     with pytest.raises(ZooError, match="never written"):
         w.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_writers_finish_all_or_none(tmp_path):
+    from tswitch_ray.zoo.writer import all_or_none
+
+    layout = [("a", (2,), "F32")]
+    paths = [str(tmp_path / f"{i}.safetensors") for i in range(3)]
+    with pytest.raises(ZooError, match="layout says"):
+        with all_or_none(SafetensorsStreamWriter(p, layout) for p in paths) as ws:
+            ws[0].write("a", torch.zeros(2))
+            ws[1].write("a", torch.zeros(3))  # wrong shape: every file must vanish, the good one too
+    assert os.listdir(tmp_path) == []
+    with all_or_none(SafetensorsStreamWriter(p, layout) for p in paths) as ws:
+        for w in ws:
+            w.write("a", torch.ones(2))
+    assert sorted(os.listdir(tmp_path)) == ["0.safetensors", "1.safetensors", "2.safetensors"]

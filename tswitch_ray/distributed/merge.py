@@ -30,7 +30,7 @@ from tswitch_ray.methods import get_method
 from tswitch_ray.switch import task_vector
 from tswitch_ray.zoo import Zoo, check_finite, load_zoo
 from tswitch_ray.zoo.concat import concat_safetensors
-from tswitch_ray.zoo.writer import SafetensorsStreamWriter, save_safetensors
+from tswitch_ray.zoo.writer import SafetensorsStreamWriter, all_or_none, save_safetensors
 
 
 class MergeConfig(BaseModel):
@@ -123,8 +123,7 @@ def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True
     layout = [infos[name] for name in shard.tensors]
     opts = json.loads(ctx.storage_options_json)
     paths = [f"{ctx.staging}/{model}/part-{shard.shard_id:05d}.safetensors" for model in models]
-    writers = [SafetensorsStreamWriter(path, layout, storage_options=opts) for path in paths]
-    try:
+    with all_or_none(SafetensorsStreamWriter(path, layout, storage_options=opts) for path in paths) as writers:
         for name in shard.tensors:
             _, base, taus = _load(ctx, name, check=check)
             merged = method.merge_tensor(name, base, taus, params)
@@ -133,12 +132,6 @@ def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True
             for writer, tensor in zip(writers, merged_list, strict=True):
                 writer.write(name, tensor.to(base.dtype))
             del merged, merged_list
-        for writer in writers:
-            writer.close()
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
     return paths
 
 

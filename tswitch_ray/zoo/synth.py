@@ -36,7 +36,7 @@ import yaml
 
 from tswitch_ray.errors import ConfigError
 from tswitch_ray.zoo._fs import join_uri
-from tswitch_ray.zoo.writer import SafetensorsStreamWriter, _atomic_write_bytes
+from tswitch_ray.zoo.writer import SafetensorsStreamWriter, _atomic_write_bytes, all_or_none
 
 # open_clip model configs (ViT-*-*.json): vision width, depth, patch size,
 # image size and joint embedding dim.
@@ -163,12 +163,9 @@ def synth_zoo(
     def meta(role: str) -> dict[str, str]:
         return {"format": "pt", "tswitch_synth": json.dumps({**params, "role": role})}
 
-    writers = [SafetensorsStreamWriter(join_uri(out_dir, "base.safetensors"), st_layout, storage_options, meta("base"))]
-    try:
-        for t in task_names:
-            writers.append(
-                SafetensorsStreamWriter(join_uri(out_dir, f"{t}.safetensors"), st_layout, storage_options, meta(t))
-            )
+    roles = [("base", "base.safetensors")] + [(t, f"{t}.safetensors") for t in task_names]
+    opened = (SafetensorsStreamWriter(join_uri(out_dir, f), st_layout, storage_options, meta(r)) for r, f in roles)
+    with all_or_none(opened) as writers:
         for tname, shape in layout:
             base = _base_tensor(tname, shape, width, seed).to(torch_dtype)
             writers[0].write(tname, base)
@@ -177,12 +174,6 @@ def synth_zoo(
                 theta = (base32 + _task_vector(tname, shape, k, seed)).to(torch_dtype)
                 writers[k].write(tname, theta)
             del base, base32
-        for w in writers:
-            w.close()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
     manifest = {
         "name": name or f"synth-{arch}-{n_tasks}x-{dtype}" + (f"-{layers}l" if layers is not None else ""),
         "base": "base.safetensors",

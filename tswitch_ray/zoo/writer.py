@@ -10,15 +10,18 @@ PUT (or one multipart upload that only becomes visible when completed).
   outputs too large to hold at once (the synthetic zoo generator, merged or
   reconstructed models): the header is computed up front from the tensors'
   names, shapes and dtypes and each tensor is written as it arrives.
+* :func:`all_or_none` - several stream writers finished together, or all
+  aborted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -247,3 +250,20 @@ class SafetensorsStreamWriter:
             self.close()
         else:
             self.abort()
+
+
+@contextlib.contextmanager
+def all_or_none(make_writers: Iterable[SafetensorsStreamWriter]) -> Iterator[list[SafetensorsStreamWriter]]:
+    """Open the writers (lazily, so one that fails to open aborts those before it),
+    yield them, close them all on success and abort them all on any error."""
+    writers: list[SafetensorsStreamWriter] = []
+    try:
+        for writer in make_writers:
+            writers.append(writer)
+        yield writers
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
