@@ -104,7 +104,14 @@ def test_interrupted_process_resumes(small_zoo, tmp_path):
     cmd = [sys.executable, "-m", "tswitch_ray.cli", "build", "--zoo", small_zoo, "--out", out, "--alpha", "0.5",
            "--alpha", "0.9", "--executor", "local", "--shard-mb", "1", "--quiet"]
     env = dict(os.environ, TSWITCH_TEST_SLOW_SHARD_S="0.4")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A child inherits an ignored or blocked SIGINT (then Python never raises KeyboardInterrupt
+    # and the build runs to its commit, as seen in CI): whatever earlier tests left in this
+    # process's handlers or signal mask, the build gets the defaults a terminal gives it.
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     deadline = time.time() + 120
     # A part counts once its sha256 sidecar is written (the SIGINT may land between the two writes).
     while time.time() < deadline and not list(Path(out).rglob("part-*.parquet.sha256")):
