@@ -103,7 +103,9 @@ def test_interrupted_process_resumes(small_zoo, tmp_path):
     out = str(tmp_path / "b")
     cmd = [sys.executable, "-m", "tswitch_ray.cli", "build", "--zoo", small_zoo, "--out", out, "--alpha", "0.5",
            "--alpha", "0.9", "--executor", "local", "--shard-mb", "1", "--quiet"]
-    env = dict(os.environ, TSWITCH_TEST_SLOW_SHARD_S="0.4")
+    # Seconds per shard, not tenths: on a loaded CI machine this test process may be
+    # scheduled late, and the last shards must still be running when SIGINT lands.
+    env = dict(os.environ, TSWITCH_TEST_SLOW_SHARD_S="3")
     # A child inherits an ignored or blocked SIGINT (then Python never raises KeyboardInterrupt
     # and the build runs to its commit, as seen in CI): whatever earlier tests left in this
     # process's handlers or signal mask, the build gets the defaults a terminal gives it.
