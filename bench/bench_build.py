@@ -305,6 +305,14 @@ def dir_bytes(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def emit_result(result: dict[str, Any], json_path: str | None) -> None:
+    """The bench's machine-readable line: printed, and written to ``json_path`` when given."""
+    line = json.dumps(result)
+    print(line)
+    if json_path:
+        Path(json_path).write_text(line + "\n")
+
+
 def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
@@ -376,10 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"| floor loop peak (PSS) | {gib(floor_peak.pss)} |")
     print(f"| all {n_models} models in fp32 | {gib(4 * numel * n_models)} |")
     print(f"| artifacts | {art_bytes / 1e6:.1f} MB = {100 * best.encoded_bytes / best.fp32_bytes:.2f} % of fp32 τ |")
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
+    emit_result(result, args.json)
     return result
 
 

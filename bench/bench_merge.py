@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import shutil
 import sys
@@ -35,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_build import GiB, floor_loop, gib, idle_ray_baseline, measure, zoo_files, zoo_numel  # noqa: E402
+from bench_build import GiB, emit_result, floor_loop, gib, idle_ray_baseline, measure, zoo_files, zoo_numel  # noqa: E402
 
 
 def emr_load_everything(zoo_uri: str, out_dir: str) -> list[str]:
@@ -186,10 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"| all {n_models} models in fp32 | {gib(4 * numel * n_models)} |")
     if checked:
         print(f"| outputs compared | {checked[0]} files, max |Δ| {checked[1]:.3g} |")
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
+    emit_result(result, args.json)
     return result
 
 
