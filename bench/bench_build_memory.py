@@ -9,8 +9,9 @@ checked here (issue 3) is
 N is the number of tasks, so N + 1 checkpoints. largest_tensor_bytes is the
 fp32 size of the largest selected tensor. The fixed overhead is the peak RSS
 of a process that only imports torch and tswitch_ray (the modules
-`tswitch build` imports) and opens the zoo: it reads the manifest,
-validates every header and computes the base fingerprint.
+`tswitch build` imports), loads the build's compiled loops (numba, one tiny
+call each) and opens the zoo: it reads the manifest, validates every header
+and computes the base fingerprint.
 
 How it is measured: each process runs in a small wrapper (RUNNER below). The
 wrapper calls the real CLI entry point `tswitch_ray.cli:main` with the given
@@ -52,6 +53,17 @@ try:
         import torch, tswitch_ray, tswitch_ray.cli, tswitch_ray.distributed.build  # what `tswitch build` imports
         if args[1:] == ["ray"]:  # what a Ray worker has on top: the ray package
             import ray
+        # ... and the compiled (numba) loops the build runs: their code is fixed
+        # overhead too, like torch's (one call each loads them from numba's cache).
+        from tswitch_ray.artifacts.encoding import encode_kept
+        from tswitch_ray.switch import tensor_thresholds
+        from tswitch_ray.switch.binarize import kept_switches
+        from tswitch_ray.switch.thresholds import RefineRequest, WindowPass
+        x = torch.linspace(-1, 1, 64)
+        ths = tensor_thresholds(x, [0.5, 0.9])
+        for sw in kept_switches(x, ths):
+            encode_kept(64, sw.positions, sw.positive, dropped_pos=sw.dropped)
+        WindowPass(RefineRequest()).add(x)
         from tswitch_ray.zoo import load_zoo
         zoo = load_zoo(args[0])
         zoo.validate()
@@ -241,7 +253,7 @@ def main() -> None:
         f"{(n_tasks + 1) * ckpt_bytes / MiB:.0f} MiB in all; α = {alphas}.",
         f"Largest tensor: {largest_name}, {largest / MiB:.1f} MiB in fp32.",
         f"Streaming term 3 × largest × (N+1) = 3 × {largest / MiB:.1f} MiB × {n_tasks + 1} = {streaming / MiB:.0f} MiB.",
-        f"Fixed overhead (peak RSS of a process that imports torch + tswitch_ray and opens the zoo): "
+        f"Fixed overhead (peak RSS of a process that imports torch + tswitch_ray, loads the compiled loops and opens the zoo): "
         f"{overhead.vmhwm / MiB:.0f} MiB.",
         f"Bound = overhead + streaming term = {(overhead.vmhwm + streaming) / MiB:.0f} MiB.",
         "",

@@ -1,8 +1,8 @@
 """Peak RSS of `tswitch build --executor local` stays under the streaming bound (issue 3).
 
 Bound: fixed overhead + 3 x largest_tensor_bytes x (N + 1). The fixed
-overhead is the peak RSS of a process that imports torch and tswitch_ray and
-opens the zoo. Both numbers are measured by bench/bench_build_memory.py's
+overhead is the peak RSS of a process that imports torch and tswitch_ray,
+loads the build's compiled (numba) loops and opens the zoo. Both numbers are measured by bench/bench_build_memory.py's
 ``measure``, the same code that writes bench/results/build_memory.md. The
 zoo is the benchmark's, 8 tasks of ViT-B/32 shapes in fp32, cut to one
 block so the test runs in seconds. Its largest tensor (conv1, 9 MiB) is the

@@ -188,36 +188,63 @@ def test_dare_is_seeded_unbiased_and_drops_p():
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.lists(st.sampled_from([0.0, 0.3, 0.5, 0.6, 0.9, 0.99]), min_size=1, max_size=4, unique=True))
-def test_kept_many_and_encode_kept_equal_binarize_and_encode_switch(case, alphas):
-    """The build's compacted path gives the same elements, signs, float64 sums and bytes as the plain one."""
+def test_kept_switches_equal_binarize_and_encode_switch(case, alphas):
+    """The build's compiled path gives the same elements, signs and bytes as binarize + encode_switch,
+    and the kept sums of kept_stats up to float64 rounding."""
     from tswitch_ray.artifacts.encoding import encode_kept, encode_switch
-    from tswitch_ray.switch.binarize import binarize_many, kept_many
+    from tswitch_ray.switch.binarize import SwitchScratch, kept_switches
 
     theta_t, theta_0, _, _ = case
     tau = task_vector(theta_t, theta_0)
-    # Sorted α (as the build passes them) and, once, a reversed order: thresholds that do not grow.
-    for order in (sorted(alphas), sorted(alphas, reverse=True)):
-        ths = tensor_thresholds(tau, order)
-        positive, plain = binarize_many(tau, ths)
-        for th, sw, (mask, stats) in zip(ths, kept_many(tau, ths), plain):
-            m = mask.reshape(-1).numpy()
-            np.testing.assert_array_equal(sw.positions, np.flatnonzero(m))
-            np.testing.assert_array_equal(sw.positive, positive.reshape(-1).numpy()[m])
-            assert sw.stats == stats == kept_stats(tau, mask)
-            want = encode_switch(m, positive.reshape(-1).numpy())
-            assert encode_kept(m.size, sw.positions, sw.positive, sw.mask) == want
-            assert encode_kept(m.size, sw.positions, sw.positive) == want
+    ths = tensor_thresholds(tau, sorted(alphas))
+    scratch = SwitchScratch()
+    for _ in range(2):  # the second time through reuses the scratch buffers
+        for th, sw in zip(ths, kept_switches(tau, ths, scratch)):
+            mask, positive = (x.reshape(-1).numpy() for x in binarize(tau, th))
+            np.testing.assert_array_equal(sw.positions, np.flatnonzero(mask))
+            np.testing.assert_array_equal(sw.positive.astype(bool), positive[mask])
+            if sw.dropped is not None:
+                np.testing.assert_array_equal(sw.dropped, np.flatnonzero(~mask))
+            want = kept_stats(tau, torch.from_numpy(mask).reshape(tau.shape))
+            assert sw.stats.kept == want.kept
+            assert sw.stats.sum_abs == pytest.approx(want.sum_abs, rel=1e-12, abs=1e-300)
+            assert sw.stats.sum_sq == pytest.approx(want.sum_sq, rel=1e-12, abs=1e-300)
+            enc = encode_switch(mask, positive)
+            assert encode_kept(mask.size, sw.positions, sw.positive, dropped_pos=sw.dropped) == enc
+            assert encode_kept(mask.size, sw.positions, sw.positive) == enc
 
 
-def test_rice_remainder_packing_every_width_matches_the_bitwise_definition():
-    """_pack_fixed's fast layouts (bit planes, 64-bit words, whole bytes) give the codec's exact bits."""
-    from tswitch_ray.artifacts.encoding import _pack_fixed, _unpack_fixed
+def test_kept_switches_needs_nested_thresholds():
+    from tswitch_ray.switch.binarize import kept_switches
 
-    rng = np.random.default_rng(1)
-    for k in range(1, 63):
-        for m in (1, 7, 8, 9, 1001):
-            v = rng.integers(0, 1 << k, m, dtype=np.int64)
-            bits = ((v[:, None] >> np.arange(k - 1, -1, -1)) & 1).astype(np.uint8).reshape(-1)
-            packed = _pack_fixed(v, k)
-            assert packed == np.packbits(bits).tobytes(), (k, m)
-            np.testing.assert_array_equal(_unpack_fixed(packed, m, k), v)
+    tau = torch.linspace(-1, 1, 101)
+    ths = tensor_thresholds(tau, [0.9, 0.5])  # descending α: the kept sets grow
+    with pytest.raises(ValueError, match="nested"):
+        next(kept_switches(tau, ths))
+
+
+def test_kept_switch_sums_have_a_fixed_order():
+    """Four lanes in a fixed order, no fastmath: the knob's sums are the same bits on every run,
+    whatever the CPU's vector width. With one α the order is exactly: position q to lane q % 4, each
+    lane summed in order, then ((l0 + l1) + (l2 + l3))."""
+    from tswitch_ray.switch.binarize import SwitchScratch, kept_switches
+
+    g = torch.Generator().manual_seed(3)
+    tau = torch.randn(10_003, generator=g) * 1e-3
+    ths = tensor_thresholds(tau, [0.3])
+    (sw,) = kept_switches(tau, ths)
+    vals = tau.double().abs().numpy()[binarize(tau, ths[0])[0].numpy()]
+    lanes = [0.0, 0.0, 0.0, 0.0]
+    sq = [0.0, 0.0, 0.0, 0.0]
+    for q, v in enumerate(vals.tolist()):
+        lanes[q % 4] += v
+        sq[q % 4] += v * v
+    assert sw.stats.sum_abs == (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+    assert sw.stats.sum_sq == (sq[0] + sq[1]) + (sq[2] + sq[3])
+    ths3 = tensor_thresholds(tau, [0.3, 0.6, 0.9])
+    first = [s.stats for s in kept_switches(tau, ths3)]
+    scratch = SwitchScratch()
+    for _ in range(2):
+        assert [s.stats for s in kept_switches(tau.clone(), ths3, scratch)] == first
+
+

@@ -132,6 +132,17 @@ def test_read_fetches_exactly_one_tensor_range(tmp_path, monkeypatch):
     header_bytes = sum(c[2] for c in calls)
     assert len(calls) == 1 and header_bytes <= 256 * 1024  # one small ranged read for the header
     calls.clear()
+    import tswitch_ray.zoo.readers as readers_mod
+
+    orig_local = readers_mod._read_local
+
+    def counting_local(p, offset, size):
+        out = orig_local(p, offset, size)
+        calls.append((offset, offset + size, len(out)))
+        return out
+
+    # Local tensor data is read with readinto (no fsspec bytes copy): one read of exactly the tensor's bytes.
+    monkeypatch.setattr(readers_mod, "_read_local", counting_local)
     _assert_same(reader.read("t5"), sd["t5"])
     assert [c[2] for c in calls] == [256 * 256 * 4]
 

@@ -96,7 +96,7 @@ def build(
     scope: str = typer.Option("tensor", "--scope", help="Threshold and knob scope: 'tensor' (authors' code) or 'model' (paper text)."),
     knob: str = typer.Option("rms", "--knob", help="Switch knob: 'rms' (authors' code) or 'mean' (least squares)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed artifact set built with other options."),
-    shard_mb: int = typer.Option(16, "--shard-mb", help="Target shard size in MiB of one checkpoint."),
+    shard_mb: int = typer.Option(8, "--shard-mb", help="Target shard size in MiB of one checkpoint."),
     executor: str = ExecOpt,
     ray_address: Optional[str] = AddrOpt,
     workers: Optional[int] = WorkersOpt,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,60 +132,24 @@ def best_rice_k(gaps: np.ndarray, total: int | None = None) -> int:
     if gaps.size == 0:
         return 0
     mean = float(gaps.mean()) if total is None else int(total) / gaps.size
+    return _downhill_k(mean, lambda k: _rice_cost(gaps, k, total))
+
+
+def _downhill_k(mean: float, cost_of: Callable[[int], int]) -> int:
+    """The walk of :func:`best_rice_k`, given the mean gap and the exact cost of any k."""
     k = 0 if mean < 1 else min(_MAX_K, max(0, round(math.log2(mean * math.log(2)))))
-    cost = _rice_cost(gaps, k, total)
+    cost = cost_of(k)
     for step in (-1, 1):
         while 0 <= k + step <= _MAX_K:
-            c = _rice_cost(gaps, k + step, total)
+            c = cost_of(k + step)
             if c >= cost:
                 break
             k, cost = k + step, c
     return k
 
 
-def _word_dtype(k: int) -> np.dtype:
-    """Smallest unsigned dtype holding k bits."""
-    for nbytes in (1, 2, 4, 8):
-        if k <= 8 * nbytes:
-            return np.dtype(f"u{nbytes}")
-    raise ValueError(f"k={k} exceeds 64 bits")
-
-
-def _pack_fixed(values: np.ndarray, k: int) -> bytes:
-    """Pack each value as exactly k bits, MSB first, all concatenated.
-
-    Several layouts of the same bits, by speed (one CPU thread, ~250 k values):
-    whole bytes are the values themselves; k <= 4 is built one bit plane at a
-    time into a (values, k) byte array; 5 <= k <= 7 packs 8 values into one
-    64-bit word and keeps its k low bytes; wider k broadcasts a shift per bit.
-    """
-    if k == 0 or values.size == 0:
-        return b""
-    if k in (8, 16, 32):
-        return values.astype(np.dtype(f">u{k // 8}")).tobytes()
-    if k <= 4:
-        u = values.astype(np.uint8)
-        bits = np.empty((u.size, k), dtype=np.uint8)
-        for j in range(k):
-            np.right_shift(u, k - 1 - j, out=bits[:, j])
-        bits &= 1
-        return np.packbits(bits.reshape(-1)).tobytes()
-    if k < 8:
-        m = values.size
-        words = np.zeros(m + (-m) % 8, dtype=np.uint64)
-        words[:m] = values
-        words = words.reshape(-1, 8)
-        words <<= (k * (7 - np.arange(8, dtype=np.uint64))).astype(np.uint64)
-        packed = np.bitwise_or.reduce(words, axis=1).astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - k :]
-        return packed.reshape(-1)[: (m * k + 7) // 8].tobytes()
-    dt = _word_dtype(k)
-    shifts = np.arange(k - 1, -1, -1, dtype=dt)
-    bits = (values.astype(dt)[:, None] >> shifts) & dt.type(1)
-    return np.packbits(bits.astype(np.uint8).reshape(-1)).tobytes()
-
-
 def _unpack_fixed(data: bytes, count: int, k: int) -> np.ndarray:
-    """Inverse of :func:`_pack_fixed`: ``count`` k-bit values as int64."""
+    """The ``count`` k-bit values (MSB first) of a remainder stream, as int64."""
     out = np.zeros(count, dtype=np.int64)
     if k == 0 or count == 0:
         return out
@@ -213,67 +178,71 @@ def encode_switch(mask: np.ndarray, positive: np.ndarray) -> EncodedSwitch:
 
 
 def encode_kept(numel: int, kept_pos: np.ndarray, kept_positive: np.ndarray,
-                mask: np.ndarray | None = None) -> EncodedSwitch:
+                mask: np.ndarray | None = None, dropped_pos: np.ndarray | None = None) -> EncodedSwitch:
     """:func:`encode_switch` from the kept positions, byte for byte the same result.
 
     ``kept_pos`` are the ascending flat indices of the kept elements and
-    ``kept_positive`` the sign (True = positive) of each of them, in the same
-    order. The build computes exactly these (compacted, a fraction of the
-    tensor) and so never scatters a full mask only to search it again.
-    ``mask`` (the full flat boolean mask) is optional: where the caller has it
-    anyway, the k = 0 unary stream is packed from it directly.
+    ``kept_positive`` the sign (True or 1 = positive) of each of them, in the
+    same order. The build computes exactly these (compacted, a fraction of the
+    tensor) and so never scatters a full mask only to search it again. When
+    more than half the elements are kept the *dropped* positions are coded:
+    pass them as ``dropped_pos`` (ascending) or the full flat boolean ``mask``
+    if at hand; else they are derived from ``kept_pos``. The streams are
+    written by compiled loops (:mod:`._rice_kernels`).
     """
+    from tswitch_ray.artifacts import _rice_kernels as rk  # numba compiles on first use, not at import
+
     numel = int(numel)
-    kept_pos = np.asarray(kept_pos).reshape(-1)
-    kept_positive = np.ascontiguousarray(kept_positive, dtype=bool).reshape(-1)
+    kept_pos = _positions(kept_pos)
+    kept_positive = np.asarray(kept_positive).reshape(-1)
     if kept_positive.size != kept_pos.size:
         raise ValueError(f"{kept_pos.size} kept positions but {kept_positive.size} signs")
     kept = int(kept_pos.size)
     # Code the minority value's positions: gaps are then runs of the majority,
     # which is what a Rice code of geometric gaps is efficient for.
     inverted = 2 * kept > numel
-    coded_mask: np.ndarray | None = None
-    if inverted:
+    if not inverted:
+        coded = kept_pos
+    elif dropped_pos is not None:
+        coded = _positions(dropped_pos)
+    else:
         if mask is None:
             mask = np.zeros(numel, dtype=bool)
             mask[kept_pos] = True
-        coded_mask = ~mask
-        coded_pos = np.flatnonzero(coded_mask)
-    else:
-        coded_mask = mask
-        coded_pos = kept_pos
-    gaps = np.empty_like(coded_pos)
-    if coded_pos.size:
-        gaps[0] = coded_pos[0]
-        np.subtract(coded_pos[1:], coded_pos[:-1], out=gaps[1:])
-        gaps[1:] -= 1
-    # Σ gaps = last position + 1 − count: best_rice_k needs no pass for it.
-    k = best_rice_k(gaps, int(coded_pos[-1]) + 1 - coded_pos.size if coded_pos.size else 0)
+        coded = np.flatnonzero(~np.asarray(mask, dtype=bool).reshape(-1))
+    n = int(coded.size)
+    if n:
+        total = int(coded[-1]) + 1 - n  # Σ gaps of ascending positions, without a pass
+        shifted: dict[int, int] = {0: total}
 
-    if not gaps.size:
-        mask_bits = b""
-    elif k == 0:
-        # With k = 0 the unary code of the gaps is the coded mask itself, cut after its last 1.
-        end = int(coded_pos[-1]) + 1
-        if coded_mask is None:
-            unary = np.zeros(end, dtype=np.uint8)
-            unary[coded_pos] = 1
-            mask_bits = np.packbits(unary).tobytes()
-        else:
-            mask_bits = np.packbits(coded_mask[:end]).tobytes()
+        def cost(k: int) -> int:
+            if k not in shifted:
+                # The walk visits a few neighbouring widths: get five per pass over the positions.
+                first = max(0, k - 2)
+                sums = rk.shifted_gap_sums(coded, first)
+                shifted.update((first + i, int(v)) for i, v in enumerate(sums))
+            return shifted[k] + n * (1 + k)
+
+        k = _downhill_k(total / n, cost)
+        unary_bits = cost(k) - n * k  # Σ (g >> k) zeros and n ones
+        words = np.zeros((unary_bits + 63) // 64, dtype=np.uint64)
+        rk.write_unary(coded, k, words)
+        unary = words.astype(">u8", copy=False).view(np.uint8)[: (unary_bits + 7) // 8]
+        rem = np.zeros((n * k + 7) // 8, dtype=np.uint8)
+        rk.write_remainders(coded, k, rem)
+        mask_bits, rem_bits = unary.tobytes(), rem.tobytes()
     else:
-        # Terminator of gap i sits after its quotient's zeros and all earlier codes.
-        terminators = np.right_shift(gaps, k)
-        terminators += 1
-        np.cumsum(terminators, out=terminators)
-        terminators -= 1
-        unary = np.zeros(int(terminators[-1]) + 1, dtype=np.uint8)
-        unary[terminators] = 1
-        mask_bits = np.packbits(unary).tobytes()
-    rem_bits = _pack_fixed(np.bitwise_and(gaps, (1 << k) - 1), k)
-    sign_bits = np.packbits(kept_positive).tobytes()
+        k, mask_bits, rem_bits = 0, b"", b""
     return EncodedSwitch(numel=numel, kept=kept, k=k, inverted=bool(inverted), mask_bits=mask_bits,
-                         rem_bits=rem_bits, sign_bits=sign_bits)
+                         rem_bits=rem_bits, sign_bits=np.packbits(kept_positive).tobytes())
+
+
+def _positions(pos: np.ndarray) -> np.ndarray:
+    """Flat contiguous int32 or int64 positions (the compiled writers take either without a copy)."""
+    pos = np.asarray(pos)
+    if pos.dtype not in (np.int32, np.int64):
+        pos = pos.astype(np.int64)
+    return np.ascontiguousarray(pos).reshape(-1)
 
 
 def _corrupt(enc: EncodedSwitch, cause: str) -> ArtifactError:

@@ -27,6 +27,7 @@ import math
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -192,6 +193,14 @@ def _normalize_row(row: dict[str, Any], shard_id: int) -> dict[str, Any]:
     return out
 
 
+# The codec streams are already within a few percent of their entropy: zstd
+# saved 0.4 % of their bytes and cost a third of a part's serialisation time
+# (0.50 s against 0.30-0.38 s for an 80 MB part of the 30-task ViT-B/16 zoo).
+# Everything else (names, shapes, statistics) compresses well and stays zstd.
+_PART_COMPRESSION = {f.name: ("none" if f.name in ("mask_bits", "rem_bits", "sign_bits") else "zstd")
+                     for f in PART_SCHEMA}
+
+
 def _part_bytes(rows: list[dict[str, Any]], metadata: dict[str, str]) -> memoryview:
     """Serialise rows to Parquet: zstd, page checksums, bounded row groups.
 
@@ -208,8 +217,8 @@ def _part_bytes(rows: list[dict[str, Any]], metadata: dict[str, str]) -> memoryv
     pool = pa.system_memory_pool()
     schema = PART_SCHEMA.with_metadata(metadata)
     sink = pa.BufferOutputStream(memory_pool=pool)
-    with pq.ParquetWriter(sink, schema, compression="zstd", write_page_checksum=True, write_statistics=True,
-                          memory_pool=pool) as w:
+    with pq.ParquetWriter(sink, schema, compression=_PART_COMPRESSION, write_page_checksum=True,
+                          write_statistics=True, memory_pool=pool) as w:
         start, acc = 0, 0
         for i, r in enumerate(rows):
             acc += r["payload_bytes"]
@@ -392,9 +401,7 @@ class ArtifactWriter:
         ids = sorted(shard_ids) if shard_ids is not None else self._staged_ids()
         if not ids:
             raise ArtifactError(f"{where}: run {self.run_key!r} has no staged parts to commit.")
-        infos: list[PartInfo] = []
-        tables: list[pa.Table] = []
-        for sid in ids:
+        def verified_meta(sid: int) -> tuple[PartInfo, pa.Table]:
             v = self._verified(sid)
             if v is None:
                 raise ArtifactError(
@@ -402,11 +409,16 @@ class ArtifactWriter:
                     "its sha256 sidecar; rerun the build to rewrite it before committing."
                 )
             info, data = v
-            infos.append(info)
-            meta = pq.read_table(io.BytesIO(data), columns=["task", "tensor", "alpha", "scope", "knob_mode",
-                                                               "numel", "kept", "knob", "payload_bytes"])
-            tables.append(meta)
-        rows = pa.concat_tables(tables)
+            return info, pq.read_table(io.BytesIO(data), columns=["task", "tensor", "alpha", "scope", "knob_mode",
+                                                                  "numel", "kept", "knob", "payload_bytes"])
+
+        # Reading and hashing release the GIL: parts verify side by side (the
+        # whole artifact set is read back once; serially that was ~2 s of the
+        # 30-task ViT-B/16 build's commit).
+        with ThreadPoolExecutor(max_workers=min(8, len(ids))) as pool:
+            verified = list(pool.map(verified_meta, ids))
+        infos = [info for info, _ in verified]
+        rows = pa.concat_tables([meta for _, meta in verified])
         body = self._manifest_body(manifest, infos, rows)
 
         _atomic_write(self.fs, f"{self.root}/{MANIFEST_NAME}", json.dumps(body, indent=1).encode())

@@ -59,7 +59,7 @@ from tswitch_ray.switch import (
     task_vector,
     tensor_thresholds,
 )
-from tswitch_ray.switch.binarize import kept_many
+from tswitch_ray.switch.binarize import SwitchScratch, kept_switches
 from tswitch_ray.switch.thresholds import RefineRequest, Thresholds, WindowPass, covers, window_request
 from tswitch_ray.zoo import Zoo, load_zoo
 from tswitch_ray.zoo.readers import dtype_to_torch
@@ -91,9 +91,12 @@ class BuildConfig(BaseModel):
     ray_address: str | None = None
     num_workers: int | None = None
     num_gpus: float = 0.0
-    # 16 MiB ≈ one ViT-B transformer block in fp16: ~11 shards for ViT-B/16, so
-    # 2+ workers stay busy to the end of each pass (64 MiB gave 3 shards).
-    shard_bytes: int = 16 * 2**20
+    # 8 MiB ≈ half a ViT-B transformer block in fp16 (38 shards for ViT-B/16).
+    # A worker holds one shard's encoded rows and Parquet bytes, which grow
+    # with tasks x α: on the 30-task ViT-B/16 zoo, 3 α, the whole job peaked
+    # at 3.44 GiB PSS with 16 MiB shards and 2.87 GiB with 8 MiB, in the same
+    # time (bench/bench_build.py); 64 MiB gave 3 shards and idle workers.
+    shard_bytes: int = 8 * 2**20
     max_in_flight: int | None = None
     overwrite: bool = False
     show_progress: bool = True
@@ -156,13 +159,27 @@ def _open_zoo(zoo_uri: str, storage_options_json: str, run_key: str) -> Zoo:
     return load_zoo(zoo_uri, storage_options=json.loads(storage_options_json))
 
 
-def _read_tau(zoo: Zoo, task: str, name: str, base: Any, device: Any) -> Any:
+class _TauBuffer:
+    """One float32 buffer per shard task that every τ of the shard is computed into (grown as needed)."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.data = torch.empty(0, dtype=torch.float32, device=device)
+
+    def fit(self, numel: int) -> Any:
+        if self.data.numel() < numel:
+            self.data = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return self.data
+
+
+def _read_tau(zoo: Zoo, task: str, name: str, base: Any, device: Any, buf: _TauBuffer) -> Any:
+    """τ of one task and tensor, in ``buf``: valid until the next call with the same buffer."""
     # No separate isfinite pass: the first pass over every τ (coarse
     # histograms for scope "model", tensor_thresholds for scope "tensor")
     # already counts the non-finite buckets and raises ZooError naming the
     # tensor and the files (see _label).
     theta = zoo.tasks[task].read(name).to(device)
-    return task_vector(theta, base, name)
+    return task_vector(theta, base, name, out=buf.fit(theta.numel()))
 
 
 def _read_base(zoo: Zoo, name: str, device: Any) -> Any:
@@ -231,10 +248,11 @@ def shard_histograms(ctx: ShardContext, shard: Shard, windows: dict[str, RefineR
     zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.run_key)
     device = _device(ctx)
     passes = {task: WindowPass(windows[task]) for task in zoo.task_names}
+    buf = _TauBuffer(device)
     for name in shard.tensors:
         base = _read_base(zoo, name, device)
         for task in zoo.task_names:
-            passes[task].add(_read_tau(zoo, task, name, base, device), _label(zoo, task, name))
+            passes[task].add(_read_tau(zoo, task, name, base, device, buf), _label(zoo, task, name))
     return {task: p.result() for task, p in passes.items()}
 
 
@@ -243,10 +261,11 @@ def shard_fine_histograms(ctx: ShardContext, shard: Shard, requests: dict[str, A
     zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.run_key)
     device = _device(ctx)
     out: dict[str, Any] = {}
+    buf = _TauBuffer(device)
     for name in shard.tensors:
         base = _read_base(zoo, name, device)
         for task in requests:
-            f = signed_fine_histograms(_read_tau(zoo, task, name, base, device), requests[task])
+            f = signed_fine_histograms(_read_tau(zoo, task, name, base, device, buf), requests[task])
             out[task] = f if task not in out else out[task] + f
     return out
 
@@ -257,30 +276,36 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
     Returns the kept statistics per (task, α) so the driver can compute
     scope-"model" knobs without reading anything back.
     """
+    _t0 = time.perf_counter()
     writer = ArtifactWriter(ctx.out, ctx.run_key, storage_options=ctx.storage_options)
     zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.run_key)
     device = _device(ctx)
     _fault_injection_delay()
     totals: dict[tuple[str, float], KeptStats] = {}
     rows: list[dict[str, Any]] = []
+    scratch = SwitchScratch()
+    buf = _TauBuffer(device)
     for name in shard.tensors:
         info = zoo.base.infos()[name]
         base = _read_base(zoo, name, device)
         for task in zoo.task_names:
-            tau = _read_tau(zoo, task, name, base, device)
+            tau = _read_tau(zoo, task, name, base, device, buf)
             if global_thresholds is not None:
                 ths = global_thresholds[task]
             else:
                 ths = tensor_thresholds(tau, list(ctx.alphas), _label(zoo, task, name))
             numel = tau.numel()
-            for th, sw in zip(ths, kept_many(tau, ths)):
+            for th, sw in zip(ths, kept_switches(tau, ths, scratch)):
                 key = (task, th.alpha)
                 totals[key] = sw.stats if key not in totals else totals[key] + sw.stats
-                enc = encode_kept(numel, sw.positions, sw.positive, sw.mask)
+                enc = encode_kept(numel, sw.positions, sw.positive, dropped_pos=sw.dropped)
                 rows.append(_row(task, name, info, th, sw.stats, enc, ctx))
             del tau
         del base
+    _t1 = time.perf_counter()
     writer.write_part(shard.shard_id, rows)
+    with open("/tmp/shard_times.log", "a") as _f:
+        _f.write(f"{os.getpid()} shard {shard.shard_id} start {_t0:.2f} compute {_t1-_t0:.2f} write {time.perf_counter()-_t1:.2f}\n")
     return totals
 
 
@@ -464,7 +489,7 @@ def _manifest(cfg: BuildConfig, zoo: Zoo, run_key: str, shards: Sequence[Shard],
               totals: dict[tuple[str, float], KeptStats]) -> dict[str, Any]:
     infos = zoo.tensor_infos()
     numel = sum(int(np.prod(infos[n].shape)) for s in shards for n in s.tensors)
-    parts = writer.existing_parts()
+    parts = writer.existing_parts(verify=False)  # commit verifies every part right after
     encoded_bytes = sum(p.payload_bytes for p in parts.values())
     knobs = None
     if cfg.scope == "model":

@@ -7,7 +7,8 @@ import torch
 from tswitch_ray.errors import ZooError
 
 
-def task_vector(theta_t: torch.Tensor, theta_0: torch.Tensor, name: str | None = None) -> torch.Tensor:
+def task_vector(theta_t: torch.Tensor, theta_0: torch.Tensor, name: str | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """τt = θt − θ0, computed and returned in float32 (DESIGN "The math").
 
     Task Arithmetic (Ilharco et al.), as used by paper 000 Sec. 3.1. The
@@ -16,6 +17,10 @@ def task_vector(theta_t: torch.Tensor, theta_0: torch.Tensor, name: str | None =
     depend on the storage dtype beyond the stored values themselves.
 
     ``name`` is only used in error messages. Neither input is modified.
+    ``out``: a flat float32 buffer of at least ``theta_t.numel()`` elements on
+    the same device to compute into (the result is a view of it): a loop over
+    many tensors then reuses one buffer, where a fresh multi-megabyte tensor
+    each time measured twice as slow (page faults).
     """
     label = name or "<unnamed tensor>"
     if theta_t.shape != theta_0.shape:
@@ -30,6 +35,11 @@ def task_vector(theta_t: torch.Tensor, theta_0: torch.Tensor, name: str | None =
             f"(task) and {theta_0.dtype} (base); exclude integer buffers from the zoo with "
             "'exclude:' globs."
         )
+    if out is not None:
+        out = out[: theta_t.numel()].view(theta_t.shape)
+        out.copy_(theta_t)
+        out.sub_(theta_0)
+        return out
     # copy=True: for an fp32 input .to() would otherwise alias it and sub_ would
     # overwrite the caller's checkpoint tensor.
     out = theta_t.to(torch.float32, copy=True)

@@ -445,7 +445,9 @@ class WindowPass:
         lut = np.zeros(select.N_BUCKETS, dtype=bool)
         lut[list(window.pos)] = True
         lut[[b + _NEG_KEY for b in window.neg]] = True
+        self._lut_np = lut.view(np.uint8)
         self._lut = torch.from_numpy(lut)
+        self._scratch = np.empty(0, dtype=np.int32)
         self._counts = np.zeros(select.N_BUCKETS, dtype=np.int64)
         self._zeros = [0, 0]
         self._picked: list[np.ndarray] = []
@@ -454,6 +456,9 @@ class WindowPass:
 
     def add(self, tau: torch.Tensor, name: str | None = None) -> None:
         """Count one tensor (any shape) of the task vector; ``name`` labels errors."""
+        if tau.device.type == "cpu":
+            self._add_cpu(tau, name)
+            return
         bits, keys = _signed_keys(tau)
         counts = select.histogram_of_keys(keys)
         _check_finite(counts, name)
@@ -471,6 +476,26 @@ class WindowPass:
         if picked.size:
             self._picked.append(picked)
             self._picked_n += picked.size
+            if self._picked_n > 4 << 20:  # bound the memory held between tensors
+                self._compact()
+
+    def _add_cpu(self, tau: torch.Tensor, name: str | None) -> None:
+        # One compiled sweep (histogram, ±0.0 counts, in-window patterns) instead
+        # of keys, bincount, lookup and flatnonzero temporaries: same numbers.
+        from tswitch_ray.switch import _kernels  # numba compiles on first use, not at import
+
+        bits = select.float_bits(tau).numpy()
+        if self._scratch.size < bits.size:
+            self._scratch = np.empty(bits.size, dtype=np.int32)
+        # Counted straight into the running totals: they held no non-finite
+        # bucket before this tensor (that would have raised), so any now are its own.
+        picked_n, pz, nz = _kernels.scan_signed_keys(bits, self._lut_np, self._counts, self._scratch)
+        _check_finite(self._counts, name)
+        self._zeros[0] += pz
+        self._zeros[1] += nz
+        if picked_n:
+            self._picked.append(self._scratch[:picked_n].copy())
+            self._picked_n += picked_n
             if self._picked_n > 4 << 20:  # bound the memory held between tensors
                 self._compact()
 

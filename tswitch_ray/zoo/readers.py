@@ -116,6 +116,20 @@ class CheckpointReader(Protocol):
         ...
 
 
+def _read_local(path: str, offset: int, size: int) -> bytearray:
+    """``size`` bytes at ``offset`` of a local file, read straight into writable memory.
+
+    fsspec's ``cat_file`` returns immutable bytes, which a tensor must copy
+    once more before it may own them; ``readinto`` skips that copy (the
+    whole zoo passes through here twice per build).
+    """
+    buf = bytearray(size)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        got = f.readinto(buf)
+    return buf if got == size else buf[:got]
+
+
 def _bytes_to_tensor(data: bytes | bytearray, info: TensorInfo) -> torch.Tensor:
     tdtype = dtype_to_torch(info.dtype)
     if info.numel == 0:
@@ -281,7 +295,10 @@ class SafetensorsReader(_LazyFs):
         fs, path = self._fs_path()
         base = self._spans[name][0]
         try:
-            data = fs.cat_file(path, start=base + start, end=base + end)
+            if fs_is_local(fs):
+                data = _read_local(path, base + start, end - start)
+            else:
+                data = fs.cat_file(path, start=base + start, end=base + end)
         except FileNotFoundError:
             raise ZooError(f"checkpoint file {self.uri} disappeared while reading tensor {name!r}.") from None
         if len(data) != end - start:
