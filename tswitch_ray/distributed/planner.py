@@ -108,11 +108,13 @@ def _numel(info: TensorInfo) -> int:
 def build_memory_bytes(shard: Shard) -> int:
     """Working set of a switch-build task: θ0 and one θt at a time.
 
-    fp32 θ0 + one stored θt + fp32 τ + |τ| and mask temporaries ≈ 6 fp32
-    copies of the largest tensor, independent of the number of tasks because
-    tasks are streamed one after another inside the shard.
+    Per element of the largest tensor: fp32 θ0 (4 B), one stored θt (≤ 4 B),
+    fp32 τ (4 B), the level byte, two int32 kept-position buffers and one
+    dropped-position buffer (12 B), kept signs (1 B) and the window pass's
+    pattern scratch (4 B): ≈ 8 fp32 copies, independent of the number of
+    tasks because tasks are streamed one after another inside the shard.
     """
-    return TASK_OVERHEAD_BYTES + 6 * 4 * shard.max_numel
+    return TASK_OVERHEAD_BYTES + 8 * 4 * shard.max_numel
 
 
 def merge_memory_bytes(shard: Shard, n_tasks: int) -> int:
