@@ -248,3 +248,18 @@ def test_kept_switch_sums_have_a_fixed_order():
         assert [s.stats for s in kept_switches(tau.clone(), ths3, scratch)] == first
 
 
+
+
+def test_kept_switches_with_thresholds_that_are_not_float32():
+    """Hand-made thresholds (not bit patterns of τ) make the same cut as binarize (float32 comparisons)."""
+    from tswitch_ray.switch.binarize import kept_switches
+    from tswitch_ray.switch.thresholds import Thresholds
+
+    tau = torch.tensor([0.1, 0.10000001, -0.2, -0.19999999, 0.3, 0.0, -0.05], dtype=torch.float32)
+    # 0.1 and 0.2 are not float32 values: a float64 comparison would keep τ[0] = float32(0.1), binarize does not.
+    ths = [Thresholds(0.5, 0.1, 0.2, 0, 0, 0, 0), Thresholds(0.7, 0.25, 0.25, 0, 0, 0, 0)]
+    assert float(np.float32(0.1)) != 0.1
+    for th, sw in zip(ths, kept_switches(tau, ths)):
+        mask, positive = (x.numpy() for x in binarize(tau, th))
+        np.testing.assert_array_equal(sw.positions, np.flatnonzero(mask))
+        np.testing.assert_array_equal(sw.positive.astype(bool), positive[mask])

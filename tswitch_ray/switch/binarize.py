@@ -155,11 +155,11 @@ MAX_SWITCHES = 127
 """Most nested switches :func:`kept_switches` computes in one sweep (a level byte holds 0-127)."""
 
 
-def _as_float32(values: list[float]) -> tuple | None:
-    # Thresholds are bit patterns of float32 τ, so float32 comparisons are exact;
-    # anything else (a hand-made Thresholds) is compared in float64 instead.
-    f32 = tuple(np.float32(v) for v in values)
-    return f32 if all(float(a) == b for a, b in zip(f32, values)) else None
+def _as_float32(values: list[float]) -> tuple:
+    # Compared in float32, as binarize does (torch rounds a Python scalar to
+    # the tensor's dtype): exact for the build's thresholds, which are bit
+    # patterns of τ, and the same cut as binarize for any other value.
+    return tuple(np.float32(v) for v in values)
 
 
 def _level_stats(kept: int, sum_abs: np.ndarray, sum_sq: np.ndarray, j: int) -> KeptStats:
@@ -204,11 +204,7 @@ def kept_switches(tau: torch.Tensor, ths: list[Thresholds], scratch: SwitchScrat
     scratch = scratch or SwitchScratch()
     scratch.reserve(numel)
     levels = scratch.levels[:numel]
-    t_pos = _as_float32([th.t_pos for th in ths])
-    neg_t_neg = _as_float32([-th.t_neg for th in ths])
-    if t_pos is None or neg_t_neg is None:
-        t_pos, neg_t_neg = tuple(float(th.t_pos) for th in ths), tuple(-float(th.t_neg) for th in ths)
-    _kernels.switch_levels(t, t_pos, neg_t_neg, levels)
+    _kernels.switch_levels(t, _as_float32([th.t_pos for th in ths]), _as_float32([-th.t_neg for th in ths]), levels)
     shape = (len(ths) + 1, _kernels.LANES)
     sum_abs, sum_sq = np.zeros(shape), np.zeros(shape)
     n_prev = -1
