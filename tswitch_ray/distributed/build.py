@@ -276,7 +276,6 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
     Returns the kept statistics per (task, α) so the driver can compute
     scope-"model" knobs without reading anything back.
     """
-    _t0 = time.perf_counter()
     writer = ArtifactWriter(ctx.out, ctx.run_key, storage_options=ctx.storage_options)
     zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.run_key)
     device = _device(ctx)
@@ -302,10 +301,7 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
                 rows.append(_row(task, name, info, th, sw.stats, enc, ctx))
             del tau
         del base
-    _t1 = time.perf_counter()
     writer.write_part(shard.shard_id, rows)
-    with open("/tmp/shard_times.log", "a") as _f:
-        _f.write(f"{os.getpid()} shard {shard.shard_id} start {_t0:.2f} compute {_t1-_t0:.2f} write {time.perf_counter()-_t1:.2f}\n")
     return totals
 
 
