@@ -18,10 +18,6 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 _FAST_K = 56
 
 
-SHIFTED_WIDTHS = 5
-"""Rice widths :func:`shifted_gap_sums` evaluates per pass: the downhill walk visits a few neighbours."""
-
-
 @_jit
 def shifted_gap_sums(pos, k):  # pragma: no cover - compiled
     """Σ (g >> w) for w = k, …, k + 4 over the gaps of ascending ``pos``: unary zeros of Rice widths k … k + 4.

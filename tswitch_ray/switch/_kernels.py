@@ -70,33 +70,26 @@ def switch_levels(t, t_pos, neg_t_neg, levels):  # pragma: no cover - compiled
 
 
 @_jit
-def kept_positions(levels, j, want_dropped, kept_pos, dropped_pos, signs):  # pragma: no cover - compiled
+def kept_positions(levels, j, kept_pos, dropped_pos, signs):  # pragma: no cover - compiled
     """All elements: ascending positions switch ``j`` keeps (levels & 127 > j), their signs (bit 7),
-    and, if ``want_dropped``, the positions it drops.
+    and the positions it drops.
 
     Output arrays must be ≥ len(levels) long: each write lands at most at the
     current element's index, and is overwritten until its count moves on
     (no data-dependent branch: kept/dropped are ~50/50 and unpredictable).
-    Returns (kept, dropped); dropped is 0 unless ``want_dropped``.
+    Returns (kept, dropped).
     """
     a = 0
     d = 0
     jj = np.uint8(j)
-    if want_dropped:
-        for i in range(levels.size):
-            x = levels[i]
-            kept = (x & np.uint8(127)) > jj
-            kept_pos[a] = i
-            signs[a] = x >> np.uint8(7)
-            dropped_pos[d] = i
-            a += kept
-            d += not kept
-    else:
-        for i in range(levels.size):
-            x = levels[i]
-            kept_pos[a] = i
-            signs[a] = x >> np.uint8(7)
-            a += (x & np.uint8(127)) > jj
+    for i in range(levels.size):
+        x = levels[i]
+        kept = (x & np.uint8(127)) > jj
+        kept_pos[a] = i
+        signs[a] = x >> np.uint8(7)
+        dropped_pos[d] = i
+        a += kept
+        d += not kept
     return a, d
 
 

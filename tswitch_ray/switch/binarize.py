@@ -125,8 +125,9 @@ class KeptSwitch:
 class SwitchScratch:
     """Buffers of :func:`kept_switches`, reused across tensors (grown to the largest one seen).
 
-    Fresh multi-megabyte arrays per tensor and task cost page faults that
-    measured as much as the loops filling them.
+    Fresh multi-megabyte arrays per tensor and task cost page faults: computing
+    τ into a fresh tensor measured 1.6 ns per element against 0.8 ns into a
+    reused one.
     """
 
     def __init__(self) -> None:
@@ -135,7 +136,7 @@ class SwitchScratch:
     def reserve(self, numel: int) -> None:
         if self.levels.size < numel:
             self.levels = np.empty(numel, dtype=np.uint8)
-            # int32 positions where they fit: half the memory traffic of int64 (measured ~15 % faster overall).
+            # int32 positions where they fit: half the memory traffic of int64 (~5 % faster, measured).
             index = np.int32 if numel < 2**31 else np.int64
             self.kept = (np.empty(numel, dtype=index), np.empty(numel, dtype=index))
             self.dropped = np.empty(numel, dtype=index)
@@ -212,14 +213,14 @@ def kept_switches(tau: torch.Tensor, ths: list[Thresholds], scratch: SwitchScrat
         pos, signs = scratch.kept[j % 2], scratch.signs
         dropped = None
         if n_prev < 0:
-            kept, n_dropped = _kernels.kept_positions(levels, j, True, pos, scratch.dropped, signs)
+            kept, n_dropped = _kernels.kept_positions(levels, j, pos, scratch.dropped, signs)
         else:
             kept = _kernels.kept_subset(levels, j, scratch.kept[(j + 1) % 2], n_prev, pos, signs)
             n_dropped = -1
         if 2 * kept > numel:
             # The codec codes the minority: this switch's dropped positions.
             if n_dropped < 0:
-                _, n_dropped = _kernels.kept_positions(levels, j, True, pos, scratch.dropped, signs)
+                _, n_dropped = _kernels.kept_positions(levels, j, pos, scratch.dropped, signs)
             dropped = scratch.dropped[:n_dropped]
         if j == 0:
             _kernels.level_sums(t, levels, pos, kept, sum_abs, sum_sq)

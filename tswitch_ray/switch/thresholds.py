@@ -434,10 +434,10 @@ class WindowPass:
     """One full pass of scope "model" for one task: coarse histograms plus the in-window elements.
 
     ``add`` every tensor (shard) of the task vector, then ``result``. The
-    coarse counts are accumulated in place (one bincount per tensor, no
-    per-tensor histogram objects); the window is a 65 536-entry lookup table
-    over the signed coarse key, so selecting the in-window elements costs
-    one gather and one ``flatnonzero``.
+    coarse counts are accumulated in place (no per-tensor histogram
+    objects); the window is a 65 536-entry lookup table over the signed
+    coarse key. On the CPU one compiled sweep does both; on CUDA a bincount
+    and a gather through the table.
     """
 
     def __init__(self, window: RefineRequest) -> None:
@@ -466,18 +466,8 @@ class WindowPass:
         self._counts += counts
         self._zeros[0] += pz
         self._zeros[1] += nz
-        if not self.window:
-            return
-        if keys.device.type == "cpu":
-            # NumPy's flatnonzero is ~7x faster than torch.nonzero on one CPU thread.
-            picked = bits.numpy()[np.flatnonzero(self._lut.index_select(0, keys).numpy())]
-        else:
-            picked = bits[self._lut.to(keys.device).index_select(0, keys)].cpu().numpy()
-        if picked.size:
-            self._picked.append(picked)
-            self._picked_n += picked.size
-            if self._picked_n > 4 << 20:  # bound the memory held between tensors
-                self._compact()
+        if self.window:
+            self._hold(bits[self._lut.to(keys.device).index_select(0, keys)].cpu().numpy())
 
     def _add_cpu(self, tau: torch.Tensor, name: str | None) -> None:
         # One compiled sweep (histogram, ±0.0 counts, in-window patterns) instead
@@ -494,8 +484,13 @@ class WindowPass:
         self._zeros[0] += pz
         self._zeros[1] += nz
         if picked_n:
-            self._picked.append(self._scratch[:picked_n].copy())
-            self._picked_n += picked_n
+            self._hold(self._scratch[:picked_n].copy())
+
+    def _hold(self, picked: np.ndarray) -> None:
+        """Keep one tensor's in-window patterns until ``result``."""
+        if picked.size:
+            self._picked.append(picked)
+            self._picked_n += picked.size
             if self._picked_n > 4 << 20:  # bound the memory held between tensors
                 self._compact()
 
