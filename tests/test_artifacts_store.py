@@ -118,6 +118,11 @@ def test_roundtrip_local(tmp_path: Path) -> None:
     compression = {group.column(i).path_in_schema: group.column(i).compression for i in range(group.num_columns)}
     assert compression["task"] == "ZSTD"
     assert {compression[c] for c in ("mask_bits", "rem_bits", "sign_bits")} == {"UNCOMPRESSED"}
+    # ... stored plain, without a dictionary or min/max statistics (both useless for bit streams).
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    for c in ("mask_bits", "rem_bits", "sign_bits"):
+        assert not columns[c].has_dictionary_page and not columns[c].is_stats_set, c
+    assert columns["task"].is_stats_set
 
 
 def test_roundtrip_memory() -> None:

@@ -47,6 +47,7 @@ from tswitch_ray.artifacts.schema import (
     METADATA_COLUMNS,
     PART_SCHEMA,
     PARTS_DIR,
+    PAYLOAD_COLUMNS,
     Manifest,
 )
 from tswitch_ray.errors import ArtifactError
@@ -197,8 +198,11 @@ def _normalize_row(row: dict[str, Any], shard_id: int) -> dict[str, Any]:
 # saved 0.4 % of their bytes and cost a third of a part's serialisation time
 # (0.50 s against 0.30-0.38 s for an 80 MB part of the 30-task ViT-B/16 zoo).
 # Everything else (names, shapes, statistics) compresses well and stays zstd.
-_PART_COMPRESSION = {f.name: ("none" if f.name in ("mask_bits", "rem_bits", "sign_bits") else "zstd")
-                     for f in PART_SCHEMA}
+_PART_COMPRESSION = {f.name: ("none" if f.name in PAYLOAD_COLUMNS else "zstd") for f in PART_SCHEMA}
+# Nor do the streams get a dictionary (Parquet's default tries one per column:
+# it hashes every megabyte-long stream, finds no repeats and falls back to
+# plain) or min/max statistics (meaningless for bit streams).
+_PART_SMALL_COLUMNS = [f.name for f in PART_SCHEMA if f.name not in PAYLOAD_COLUMNS]
 
 
 def _part_bytes(rows: list[dict[str, Any]], metadata: dict[str, str]) -> memoryview:
@@ -218,7 +222,8 @@ def _part_bytes(rows: list[dict[str, Any]], metadata: dict[str, str]) -> memoryv
     schema = PART_SCHEMA.with_metadata(metadata)
     sink = pa.BufferOutputStream(memory_pool=pool)
     with pq.ParquetWriter(sink, schema, compression=_PART_COMPRESSION, write_page_checksum=True,
-                          write_statistics=True, memory_pool=pool) as w:
+                          use_dictionary=_PART_SMALL_COLUMNS, write_statistics=_PART_SMALL_COLUMNS,
+                          memory_pool=pool) as w:
         start, acc = 0, 0
         for i, r in enumerate(rows):
             acc += r["payload_bytes"]
