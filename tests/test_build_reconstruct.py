@@ -170,6 +170,7 @@ def test_build_then_reconstruct_matches_numpy(tmp_path, fmt, scope, knob):
     out = tmp_path / "switches"
     r = cli(*build_args(zoo, out, scope, knob))
     assert r.exit_code == 0, r.output
+    assert "phases" in r.output and "encode" in r.output  # the run summary's per-phase wall times
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["scope"] == scope and manifest["knob_mode"] == knob
     assert manifest["alphas"] == list(ALPHAS) and manifest["tasks"] == list(TASKS)

@@ -124,6 +124,7 @@ def build(
     t.add_row("shards (reused)", f"{s.shards} ({s.shards_reused})")
     t.add_row("bytes read", _bytes(s.bytes_read))
     t.add_row("time", f"{s.seconds:.1f} s")
+    t.add_row("phases", ", ".join(f"{name} {sec:.1f} s" for name, sec in s.phase_seconds.items()))
     t.add_row("storage", f"{_bytes(s.encoded_bytes)} = {100 * s.ratio:.2f} % of fp32 task vectors")
     t.add_row("peak RSS per worker", ", ".join(_bytes(v) for v in sorted(s.peak_rss_by_worker.values(), reverse=True)[:8]))
     out.print(t)

@@ -48,7 +48,7 @@ from tswitch_ray.artifacts.store import read_table
 from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_digest, plan_shards
-from tswitch_ray.distributed.progress import ShardProgress
+from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.switch import (
     KeptStats,
@@ -128,6 +128,10 @@ class BuildSummary:
     fp32_bytes: int
     encoded_bytes: int
     peak_rss_by_worker: dict[str, int] = field(default_factory=dict)
+    # Wall seconds per phase, in run order: plan, start-up (ray.init or
+    # attaching), sample / histograms / refine (scope "model"), encode,
+    # commit, shutdown. Their sum is ``seconds`` less a few milliseconds.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -375,6 +379,8 @@ def run_key_for(zoo: Zoo, cfg: BuildConfig, shards: Sequence[Shard]) -> str:
 def run_build(cfg: BuildConfig) -> BuildSummary:
     """Build switch artifacts for every task and α of a zoo; atomic commit at the end."""
     t0 = time.perf_counter()
+    timer = PhaseTimer()
+    timer.start("plan")
     zoo = load_zoo(cfg.zoo, storage_options=cfg.storage_options)
     zoo.validate()
     infos = zoo.tensor_infos()
@@ -398,12 +404,13 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         use_cuda=cfg.num_gpus > 0,
     )
     n_models = len(zoo.task_names) + 1
+    timer.start("start-up")
     executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus, cfg.max_in_flight)
     try:
         thresholds: dict[str, list[Thresholds]] | None = None
         passes = 2 + SAMPLE_FRACTION if (cfg.scope == "model" and todo) else 1
         with ShardProgress(total_bytes=int(passes * n_models * sum(s.nbytes for s in todo)),
-                           enabled=cfg.show_progress) as progress:
+                           enabled=cfg.show_progress, timer=timer) as progress:
             if cfg.scope == "model" and todo:
                 thresholds = _model_thresholds(executor, ctx, shards, zoo.task_names, cfg.alphas, n_models, progress)
             totals: dict[tuple[str, float], KeptStats] = {}
@@ -426,11 +433,14 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
             for shard_id in sorted(per_shard):
                 for key, st in per_shard[shard_id].items():
                     totals[key] = st if key not in totals else totals[key] + st
+        timer.start("commit")
         manifest = _manifest(cfg, zoo, run_key, shards, writer, totals)
         writer.commit(manifest, overwrite=cfg.overwrite)
         stats = executor.stats
     finally:
+        timer.start("shutdown")
         executor.close()
+        timer.stop()
     return BuildSummary(
         out=cfg.out,
         run_key=run_key,
@@ -444,6 +454,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         fp32_bytes=manifest["totals"]["fp32_bytes"],
         encoded_bytes=manifest["totals"]["encoded_bytes"],
         peak_rss_by_worker=stats.peak_rss_by_worker,
+        phase_seconds=dict(timer.seconds),
     )
 
 
