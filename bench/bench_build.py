@@ -5,8 +5,16 @@ tasks, fp16, ~5 GB) it measures, side by side in one process:
 
 * ``floor``: a plain single-process loop that reads every tensor of θ0 and of
   every θt and computes τ = θt − θ0 in fp32 (``safetensors.safe_open``; the
-  least work any method must do). Run before *and* after the build, the
-  faster of the runs is the denominator (warm page cache for both);
+  least work any method must do). Run before the first build and after
+  every build (``--repeat``); the fastest floor is the denominator and the
+  fastest build the numerator (warm page cache for both);
+* every job runs in a fresh process whose clock starts once the same modules
+  (:data:`PRELOAD`: torch, safetensors, tswitch_ray's build and merge) are
+  imported, as a `tswitch build` driver has them before it starts work. Until
+  2026-11-23 the floor's clock also ran over its own imports of torch and
+  tswitch_ray while the build's did not, which inflated the floor and made
+  every build/floor ratio reported before then too small
+  (bench/results/build.md gives both);
 * ``build``: :func:`tswitch_ray.distributed.build.run_build` with the Ray
   executor — Ray start-up, for scope "model" a 1/32 sample and two full
   passes (coarse histograms with the sampled windows' bit patterns, then
@@ -19,6 +27,8 @@ tasks, fp16, ~5 GB) it measures, side by side in one process:
   (raylet, gcs_server, dashboard agents, every worker): RSS every 50 ms, PSS
   every 0.5 s and at every new RSS maximum (see :class:`PeakMemory`: PSS
   every 50 ms cost ~0.6 core of the 2);
+* ``empty Ray job``: `ray.init`, one no-op task per worker, `ray.shutdown`
+  — the least time any Ray job takes here, whatever it computes;
 * ``idle``: the same sampler over Ray freshly started with torch imported in
   the driver and in every worker, doing nothing — the floor of any Ray job;
 * the memory of loading the whole zoo in fp32 (31 models: numel x 4 x 31),
@@ -35,9 +45,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -82,6 +94,7 @@ class MemorySample:
     pss: int = 0
     rss: int = 0
     processes: int = 0
+    cpu_s: float = 0.0  # for the peak: CPU seconds (user + system) of the job's processes (see PeakMemory, measure)
 
 
 class PeakMemory:
@@ -96,6 +109,11 @@ class PeakMemory:
     sample (at most every ``min_pss_gap_s``): the PSS peak comes with the RSS
     peak (more pages resident), so it is not missed. The
     process list is refreshed with the PSS samples (Ray starts workers late).
+
+    It also keeps each descendant's last-seen CPU time (user + system,
+    /proc/PID/stat, read with the RSS): their sum is the job's CPU seconds,
+    short by at most one interval of each process that exits. This process
+    (the sampler itself) is left out.
     """
 
     def __init__(self, interval_s: float = 0.05, pss_interval_s: float = 0.5, min_pss_gap_s: float = 0.1,
@@ -107,6 +125,7 @@ class PeakMemory:
         self.peak = MemorySample()
         self.samples = 0
         self.pss_samples = 0
+        self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -128,6 +147,7 @@ class PeakMemory:
         while not self._stop.is_set():
             now = time.perf_counter()
             rss = self.sample(procs, pss=False)
+            self._sample_cpu(procs)
             due = now - last_pss >= self.pss_interval_s
             grew = rss.rss > max(self.peak.rss, rss_at_pss + self.grow_bytes)
             if due or (grew and now - last_pss >= self.min_pss_gap_s):
@@ -142,6 +162,17 @@ class PeakMemory:
             self.peak.processes = max(self.peak.processes, rss.processes)
             self._stop.wait(self.interval_s)
 
+    def _sample_cpu(self, procs: list[psutil.Process]) -> None:
+        me = os.getpid()
+        for p in procs:
+            if p.pid == me:
+                continue
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            self._cpu[p.pid] = t.user + t.system
+
     def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
@@ -149,46 +180,54 @@ class PeakMemory:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+        self.peak.cpu_s = sum(self._cpu.values())
 
 
-def _child(fn: Callable[[], Any], conn: Any) -> None:
+PRELOAD = ("torch", "safetensors", "tswitch_ray.zoo", "tswitch_ray.distributed.build",
+           "tswitch_ray.distributed.merge")
+"""Modules every measured job has imported before its clock starts (see :func:`measure`)."""
+
+
+def _child(fn: Callable[[], Any], preload: tuple[str, ...], conn: Any) -> None:
     try:
+        for name in preload:
+            importlib.import_module(name)
         t0 = time.perf_counter()
+        # CPU this process spent before the job (interpreter start, imports): subtracted from the job's CPU.
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         result = fn()
-        conn.send(("ok", time.perf_counter() - t0, result))
+        conn.send(("ok", time.perf_counter() - t0, result, usage.ru_utime + usage.ru_stime))
     except BaseException as exc:  # report, then exit
-        conn.send(("error", 0.0, repr(exc)))
+        conn.send(("error", 0.0, repr(exc), 0.0))
     finally:
         conn.close()
 
 
-def measure(fn: Callable[[], Any], isolated: bool = True) -> tuple[float, MemorySample, Any]:
-    """Wall time (measured inside the job), peak memory of the process tree and result of ``fn()``.
+def measure(fn: Callable[[], Any], preload: tuple[str, ...] = PRELOAD) -> tuple[float, MemorySample, Any]:
+    """Wall time (measured inside the job), peak memory and CPU time of the process tree, and ``fn()``'s result.
 
-    ``isolated`` runs ``fn`` in a fresh spawned process, so that memory kept
-    by an earlier job (allocator caches, torch's pools) is not counted and
-    every job pays its own imports; the sampler covers this process, the
-    child and all their descendants (Ray's processes). ``fn`` must be
-    picklable (a module-level function or a functools.partial of one).
+    ``fn`` runs in a fresh spawned process, so that memory kept by an earlier
+    job (allocator caches, torch's pools) is not counted and every job pays
+    its own imports. Its clock starts after the child has imported
+    ``preload`` (default :data:`PRELOAD`), the same modules for every job (the build's driver, the
+    floor loop, the EMR baseline). The sampler covers this process, the child
+    and all their descendants (Ray's processes). The CPU time counts the child
+    from the clock's start and all its descendants. ``fn`` must be picklable
+    (a module-level function or a functools.partial of one).
     """
-    if not isolated:
-        with PeakMemory() as mem:
-            t0 = time.perf_counter()
-            result = fn()
-            seconds = time.perf_counter() - t0
-        return seconds, mem.peak, result
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(fn, child))
+    proc = ctx.Process(target=_child, args=(fn, preload, child))
     with PeakMemory() as mem:
         proc.start()
         child.close()
-        status, seconds, result = parent.recv()
+        status, seconds, result, cpu_before = parent.recv()
         proc.join()
     if status != "ok":
         raise RuntimeError(f"benchmarked job failed: {result}")
+    mem.peak.cpu_s -= cpu_before
     return seconds, mem.peak, result
 
 
@@ -198,6 +237,23 @@ def _warm_worker() -> int:
     import tswitch_ray.distributed.build  # noqa: F401
 
     return os.getpid()
+
+
+def empty_ray_job(workers: int) -> int:
+    """The least any Ray job costs: start a local Ray, run one no-op task per worker, shut down."""
+    import ray
+
+    # Nested, so cloudpickle ships it by value: a module-level one was looked up by name in the worker's
+    # own __main__ and not found (this module is the job process's __main__).
+    def noop() -> int:
+        return os.getpid()
+
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=1)(noop)
+        return len(set(ray.get([remote.remote() for _ in range(workers)])))
+    finally:
+        ray.shutdown()
 
 
 def idle_ray_baseline(workers: int, settle_s: float = 3.0) -> MemorySample:
@@ -269,7 +325,7 @@ class BuildRun:
     encoded_bytes: int
     fp32_bytes: int
     shards: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def run_build_bench(zoo_uri: str, out: str, alphas: list[float], scope: str, workers: int, executor: str,
@@ -282,14 +338,14 @@ def run_build_bench(zoo_uri: str, out: str, alphas: list[float], scope: str, wor
     cfg = BuildConfig(zoo=zoo_uri, out=out, alphas=alphas, scope=scope, executor=executor, num_workers=workers,
                       max_in_flight=max_in_flight, show_progress=False, overwrite=True, **kw)
     seconds, peak, summary = measure(functools.partial(_build_job, cfg))
-    return BuildRun(seconds, peak, summary[0], summary[1], summary[2])
+    return BuildRun(seconds, peak, *summary)
 
 
-def _build_job(cfg: Any) -> tuple[int, int, int]:
+def _build_job(cfg: Any) -> tuple[int, int, int, dict[str, float]]:
     from tswitch_ray.distributed.build import run_build
 
     s = run_build(cfg)
-    return s.encoded_bytes, s.fp32_bytes, s.shards
+    return s.encoded_bytes, s.fp32_bytes, s.shards, s.phase_seconds
 
 
 def synth(data: str, tasks: int, arch: str = "vit-b-16") -> str:
@@ -328,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--executor", default="ray", choices=["ray", "local"])
     ap.add_argument("--shard-mb", type=float, default=None)
     ap.add_argument("--max-in-flight", type=int, default=None)
-    ap.add_argument("--repeat", type=int, default=1, help="build runs (the fastest is reported)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="build runs, each followed by a floor run (the fastest of each is the ratio's)")
     ap.add_argument("--skip-idle", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -341,28 +398,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_models = 1 + len(task_paths)
 
     idle = None if args.skip_idle or args.executor != "ray" else idle_ray_baseline(args.workers)
+    empty_s = measure(functools.partial(empty_ray_job, args.workers))[0] if args.executor == "ray" else None
 
-    floor_times = []
+    floor_times, floor_cpus = [], []
     t, floor_peak, _ = measure(functools.partial(floor_loop, zoo_uri))
     floor_times.append(t)
+    floor_cpus.append(floor_peak.cpu_s)
     tmp = tempfile.mkdtemp(prefix="bench-build-", dir=args.data if os.path.isdir(args.data) else None)
     runs = []
     try:
         for i in range(args.repeat):
             runs.append(run_build_bench(zoo_uri, os.path.join(tmp, f"switches-{i}"), alphas, args.scope,
                                         args.workers, args.executor, args.shard_mb, args.max_in_flight))
-        t, _, _ = measure(functools.partial(floor_loop, zoo_uri))
-        floor_times.append(t)
+            # A floor after every build: the machine's load drifts, and both sides get their fastest run.
+            t, after_peak, _ = measure(functools.partial(floor_loop, zoo_uri))
+            floor_times.append(t)
+            floor_cpus.append(after_peak.cpu_s)
         art_bytes = dir_bytes(os.path.join(tmp, "switches-0"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     best = min(runs, key=lambda r: r.seconds)
     floor = min(floor_times)
+    floor_cpu = floor_cpus[floor_times.index(floor)]
     result = {
         "zoo": zoo_uri, "tasks": len(task_paths), "zoo_bytes": zoo_bytes, "numel_per_model": numel,
         "alphas": alphas, "scope": args.scope, "workers": args.workers, "executor": args.executor,
         "shard_mb": args.shard_mb, "floor_s": floor_times, "build_s": [r.seconds for r in runs],
-        "ratio": best.seconds / floor,
+        "ratio": best.seconds / floor, "phase_s": best.phase_seconds, "build_cpu_s": best.peak.cpu_s,
+        "floor_cpu_s": floor_cpu, "empty_ray_job_s": empty_s,
         "peak_pss": best.peak.pss, "peak_rss": best.peak.rss, "peak_processes": best.peak.processes,
         "floor_peak_pss": floor_peak.pss,
         "idle_pss": idle.pss if idle else None, "idle_rss": idle.rss if idle else None,
@@ -377,6 +440,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"| build ({args.executor}, {args.workers} workers, {best.shards} shards) | "
           f"{', '.join(f'{r.seconds:.1f} s' for r in runs)} |")
     print(f"| **ratio build / floor** | **{result['ratio']:.2f}** |")
+    if empty_s is not None:
+        print(f"| empty Ray job (start, {args.workers} no-op tasks, shut down) | {empty_s:.1f} s = "
+              f"{empty_s / floor:.2f} x floor |")
+    print(f"| build phases (wall) | {', '.join(f'{k} {v:.1f} s' for k, v in best.phase_seconds.items())} |")
+    print(f"| CPU time: build job (all processes) / fastest floor loop | {best.peak.cpu_s:.1f} s / {floor_cpu:.1f} s |")
     print(f"| peak memory of the job (Σ PSS / Σ RSS, {best.peak.processes} processes) | "
           f"{gib(best.peak.pss)} / {gib(best.peak.rss)} |")
     if idle:

@@ -13,7 +13,8 @@ Same zoo, same process, side by side:
   final files included);
 * ``floor``: the read + τ loop of bench_build.py, for reference;
 * peak memory (Σ PSS and Σ RSS of the whole process tree) of each, and of
-  idle Ray + torch, sampled as in bench_build.py.
+  idle Ray + torch, sampled as in bench_build.py; every job in a fresh
+  process whose clock starts after the same imports (bench_build.PRELOAD).
 
 The two outputs are compared tensor by tensor (``--check``).
 
