@@ -116,6 +116,10 @@ def test_ray_merge_equals_in_memory(small_zoo, tmp_path, ray_session, method, op
                                     executor="ray", shard_bytes=SMALL_SHARD, show_progress=False))
     assert summary.shards > 4
     _assert_equal(small_zoo, method, options, tmp_path / "out")
+    rounds = get_method(method, **options).stat_rounds
+    stat_phases = [f"statistics {r + 1}/{rounds}" for r in range(rounds)]
+    assert list(summary.phase_seconds) == ["plan", "start-up", *stat_phases, "merge", "shutdown", "write"]
+    assert sum(summary.phase_seconds.values()) <= summary.seconds
 
 
 @pytest.mark.parametrize("executor", ["local", "ray"])

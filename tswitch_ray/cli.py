@@ -175,7 +175,8 @@ def merge(
     s = run_merge(cfg)
     for p in s.outputs:
         out.print(f"wrote {p}")
-    out.print(f"{s.shards} shards, {_bytes(s.bytes_read)} read, {s.seconds:.1f} s")
+    out.print(f"{s.shards} shards, {_bytes(s.bytes_read)} read, {s.seconds:.1f} s "
+              f"({', '.join(f'{name} {sec:.1f} s' for name, sec in s.phase_seconds.items())})")
 
 
 @zoo_app.command("synth", epilog="Example: `tswitch zoo synth --arch vit-b-32 --tasks 8 --dtype fp16 --out zoo-b32`")

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tswitch_ray.distributed.executor import WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, merge_memory_bytes, plan_digest, plan_shards
-from tswitch_ray.distributed.progress import ShardProgress
+from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.methods import get_method
 from tswitch_ray.switch import task_vector
@@ -61,6 +61,8 @@ class MergeSummary:
     bytes_read: int
     seconds: float
     peak_rss_by_worker: dict[str, int] = field(default_factory=dict)
+    # Wall seconds per phase, in run order: plan, start-up, statistics r/R (per round), merge, shutdown, write.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=4)
@@ -137,6 +139,8 @@ def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True
 
 def run_merge(cfg: MergeConfig) -> MergeSummary:
     t0 = time.perf_counter()
+    timer = PhaseTimer()
+    timer.start("plan")
     try:
         method = get_method(cfg.method, **cfg.options)
     except (KeyError, TypeError, ValueError) as exc:
@@ -154,12 +158,14 @@ def run_merge(cfg: MergeConfig) -> MergeSummary:
     ctx = MergeContext(cfg.zoo, json.dumps(cfg.storage_options, sort_keys=True), cfg.method,
                        json.dumps(cfg.options, sort_keys=True), staging, cfg.num_gpus > 0, zoo.files_identity())
     n = len(zoo.task_names)
+    timer.start("start-up")
     executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus, cfg.max_in_flight)
     order = [nm for s in shards for nm in s.tensors]
     try:
         rounds = method.stat_rounds
         total = (rounds + 1) * (n + 1) * sum(s.nbytes for s in shards)
-        with ShardProgress(total, enabled=cfg.show_progress, description=f"merge {cfg.method}") as progress:
+        with ShardProgress(total, enabled=cfg.show_progress, description=f"merge {cfg.method}",
+                           timer=timer) as progress:
             params: Any = None
             for rnd in range(rounds):
                 progress.set_phase(f"statistics {rnd + 1}/{rounds}")
@@ -175,8 +181,10 @@ def run_merge(cfg: MergeConfig) -> MergeSummary:
             parts = [p for _, ps in executor.map(shard_merge, items, progress.advance) for p in ps]
         stats = executor.stats
     finally:
+        timer.start("shutdown")
         executor.close()
 
+    timer.start("write")
     models = list(zoo.task_names) if method.per_task else ["merged"]
     passthrough = {nm: zoo.base.read(nm) for nm in infos if nm not in set(order)}
     opts = cfg.storage_options
@@ -195,5 +203,7 @@ def run_merge(cfg: MergeConfig) -> MergeSummary:
         outputs.append(dest)
     fs, path = fsspec.core.url_to_fs(staging, **opts)
     fs.rm(path, recursive=True)
+    timer.stop()
     return MergeSummary(out=out, method=cfg.method, outputs=outputs, shards=len(shards), bytes_read=stats.bytes_read,
-                        seconds=time.perf_counter() - t0, peak_rss_by_worker=stats.peak_rss_by_worker)
+                        seconds=time.perf_counter() - t0, peak_rss_by_worker=stats.peak_rss_by_worker,
+                        phase_seconds=dict(timer.seconds))
