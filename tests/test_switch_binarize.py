@@ -214,6 +214,19 @@ def test_kept_switches_equal_binarize_and_encode_switch(case, alphas):
             assert encode_kept(mask.size, sw.positions, sw.positive) == enc
 
 
+def test_kept_switches_of_an_empty_tensor():
+    """A zero-element tensor (a checkpoint may hold one) gives empty switches, with a fresh scratch too."""
+    from tswitch_ray.artifacts.encoding import encode_kept, encode_switch
+    from tswitch_ray.switch.binarize import kept_switches
+
+    ths = tensor_thresholds(torch.randn(100, generator=torch.Generator().manual_seed(0)), [0.3, 0.9])
+    for sw in kept_switches(torch.zeros(0), ths):
+        assert sw.positions.size == 0 and sw.positive.size == 0 and sw.dropped is None
+        assert sw.stats == KeptStats()
+        empty = np.zeros(0, dtype=bool)
+        assert encode_kept(0, sw.positions, sw.positive) == encode_switch(empty, empty)
+
+
 def test_kept_switches_needs_nested_thresholds():
     from tswitch_ray.switch.binarize import kept_switches
 

@@ -131,16 +131,19 @@ class SwitchScratch:
     """
 
     def __init__(self) -> None:
-        self.levels = np.empty(0, dtype=np.uint8)
+        self._allocate(0)
 
     def reserve(self, numel: int) -> None:
         if self.levels.size < numel:
-            self.levels = np.empty(numel, dtype=np.uint8)
-            # int32 positions where they fit: half the memory traffic of int64 (~5 % faster, measured).
-            index = np.int32 if numel < 2**31 else np.int64
-            self.kept = (np.empty(numel, dtype=index), np.empty(numel, dtype=index))
-            self.dropped = np.empty(numel, dtype=index)
-            self.signs = np.empty(numel, dtype=np.uint8)
+            self._allocate(numel)
+
+    def _allocate(self, numel: int) -> None:
+        self.levels = np.empty(numel, dtype=np.uint8)
+        # int32 positions where they fit: half the memory traffic of int64 (~5 % faster, measured).
+        index = np.int32 if numel < 2**31 else np.int64
+        self.kept = (np.empty(numel, dtype=index), np.empty(numel, dtype=index))
+        self.dropped = np.empty(numel, dtype=index)
+        self.signs = np.empty(numel, dtype=np.uint8)
 
 
 def nested(ths: list[Thresholds]) -> bool:
