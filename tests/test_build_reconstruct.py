@@ -36,6 +36,7 @@ LAYOUT: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
     "blocks.1.mlp.weight": ((48, 24), torch.bfloat16),
     "blocks.1.mlp.bias": ((48,), torch.float32),
     "head.scale": ((), torch.float32),
+    "blocks.2.gate": ((0,), torch.float32),  # a zero-element tensor: empty switches, nothing to rebuild
     "position_ids": ((1, 16), torch.int64),
 }
 

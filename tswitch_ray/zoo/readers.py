@@ -322,14 +322,19 @@ class SafetensorsReader(_LazyFs):
             clipped.append(e - s)
         if fs_is_local(fs) or len(requests) <= 1:
             return [self._read_raw(n, s, e) for n, s, e in requests]
-        out = fs.cat_ranges([path] * len(starts), starts, ends)
-        for (name, _, _), data, want in zip(requests, out, clipped):
-            if isinstance(data, Exception) or len(data) != want:
+        # Empty ranges (zero-element tensors) are not sent: an object store
+        # answers a zero-length range with an error, not with zero bytes.
+        wanted = [i for i, want in enumerate(clipped) if want]
+        out: list[bytes] = [b""] * len(requests)
+        got = fs.cat_ranges([path] * len(wanted), [starts[i] for i in wanted], [ends[i] for i in wanted])
+        for i, data in zip(wanted, got):
+            if isinstance(data, Exception) or len(data) != clipped[i]:
                 raise ZooError(
-                    f"checkpoint file {self.uri}, tensor {name!r}: a ranged read failed or came back short; "
-                    "the file is truncated or changed while being read."
+                    f"checkpoint file {self.uri}, tensor {requests[i][0]!r}: a ranged read failed or came back "
+                    "short; the file is truncated or changed while being read."
                 )
-        return list(out)
+            out[i] = data
+        return out
 
 
 class ShardedSafetensorsReader(_LazyFs):
