@@ -190,9 +190,7 @@ def kept_switches(tau: torch.Tensor, ths: list[Thresholds], scratch: SwitchScrat
     One vectorised sweep gives every element a level byte (how many
     thresholds keep it, and its sign); switch j's kept positions are then
     searched among switch j−1's, since ``ths`` must be :func:`nested`
-    (thresholds of ascending α are) — unless switch j−1 kept more than half,
-    when one more sweep over all elements also gives the dropped positions
-    the codec then needs. The arrays yielded live in ``scratch``
+    (thresholds of ascending α are). The arrays yielded live in ``scratch``
     and are valid until the next one is yielded. CPU (a CUDA τ is copied
     over first).
     """
@@ -213,17 +211,20 @@ def kept_switches(tau: torch.Tensor, ths: list[Thresholds], scratch: SwitchScrat
     _kernels.switch_levels(t, _as_float32([th.t_pos for th in ths]), _as_float32([-th.t_neg for th in ths]), levels)
     shape = (len(ths) + 1, _kernels.LANES)
     sum_abs, sum_sq = np.zeros(shape), np.zeros(shape)
-    n_prev = numel
+    n_prev = -1
     for j in range(len(ths)):
         pos, signs = scratch.kept[j % 2], scratch.signs
-        if j == 0 or 2 * n_prev > numel:
-            # This switch may keep more than half, and the codec then codes the
-            # minority, its dropped positions: one sweep over all elements gives both.
+        dropped = None
+        if n_prev < 0:
             kept, n_dropped = _kernels.kept_positions(levels, j, pos, scratch.dropped, signs)
         else:
-            # kept ≤ n_prev ≤ numel / 2: never more than half, no dropped positions needed.
             kept = _kernels.kept_subset(levels, j, scratch.kept[(j + 1) % 2], n_prev, pos, signs)
-        dropped = scratch.dropped[:n_dropped] if 2 * kept > numel else None
+            n_dropped = -1
+        if 2 * kept > numel:
+            # The codec codes the minority: this switch's dropped positions.
+            if n_dropped < 0:
+                _, n_dropped = _kernels.kept_positions(levels, j, pos, scratch.dropped, signs)
+            dropped = scratch.dropped[:n_dropped]
         if j == 0:
             _kernels.level_sums(t, levels, pos, kept, sum_abs, sum_sq)
         stats = _level_stats(int(kept), sum_abs, sum_sq, j)
