@@ -221,7 +221,9 @@ def kept_switches(tau: torch.Tensor, ths: list[Thresholds], scratch: SwitchScrat
             kept = _kernels.kept_subset(levels, j, scratch.kept[(j + 1) % 2], n_prev, pos, signs)
             n_dropped = -1
         if 2 * kept > numel:
-            # The codec codes the minority: this switch's dropped positions.
+            # The codec codes the minority: this switch's dropped positions. For
+            # j > 0 (a later α below ~0.5, rare) this sweeps again: searching the
+            # previous kept set first is the cheaper order in the common case.
             if n_dropped < 0:
                 _, n_dropped = _kernels.kept_positions(levels, j, pos, scratch.dropped, signs)
             dropped = scratch.dropped[:n_dropped]
