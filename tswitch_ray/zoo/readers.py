@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from tswitch_ray.errors import ZooError
-from tswitch_ray.zoo._fs import fs_is_local, get_fs, join_uri
+from tswitch_ray.zoo._fs import access_denied, fs_is_local, get_fs, join_uri
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 _ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -194,6 +194,8 @@ class SafetensorsReader(_LazyFs):
             size = fs.size(path)
         except FileNotFoundError:
             raise ZooError(f"checkpoint file {self.uri} does not exist (or is not readable).") from None
+        except PermissionError as e:
+            raise access_denied("checkpoint file", self.uri, e) from None
         if size is None:
             size = fs.info(path).get("size")
         if size < 8:
@@ -301,6 +303,8 @@ class SafetensorsReader(_LazyFs):
                 data = fs.cat_file(path, start=base + start, end=base + end)
         except FileNotFoundError:
             raise ZooError(f"checkpoint file {self.uri} disappeared while reading tensor {name!r}.") from None
+        except PermissionError as e:
+            raise access_denied("checkpoint file", self.uri, e) from None
         if len(data) != end - start:
             raise ZooError(
                 f"checkpoint file {self.uri}, tensor {name!r}: expected {end - start} bytes at offset "
@@ -328,6 +332,10 @@ class SafetensorsReader(_LazyFs):
         out: list[bytes] = [b""] * len(requests)
         got = fs.cat_ranges([path] * len(wanted), [starts[i] for i in wanted], [ends[i] for i in wanted])
         for i, data in zip(wanted, got):
+            if isinstance(data, PermissionError):
+                raise access_denied("checkpoint file", self.uri, data)
+            if isinstance(data, FileNotFoundError):
+                raise ZooError(f"checkpoint file {self.uri} disappeared while reading tensor {requests[i][0]!r}.")
             if isinstance(data, Exception) or len(data) != clipped[i]:
                 raise ZooError(
                     f"checkpoint file {self.uri}, tensor {requests[i][0]!r}: a ranged read failed or came back "
