@@ -29,6 +29,11 @@ tasks, fp16, ~5 GB) it measures, side by side in one process:
   every 50 ms cost ~0.6 core of the 2);
 * ``empty Ray job``: `ray.init`, one no-op task per worker, `ray.shutdown`
   — the least time any Ray job takes here, whatever it computes;
+* ``Ray job reading the zoo N times`` (N = 1, 2): `ray.init`, N rounds of
+  one task per shard of the build's plan doing only the floor loop's work on
+  its tensors, `ray.shutdown` — the least a Ray build that reads the zoo N
+  times takes here (scope "model" reads it twice: exact global thresholds
+  first, then encoding, within the memory goal), whatever its encoding costs;
 * ``idle``: the same sampler over Ray freshly started with torch imported in
   the driver and in every worker, doing nothing — the floor of any Ray job;
 * the memory of loading the whole zoo in fp32 (31 models: numel x 4 x 31),
@@ -256,6 +261,50 @@ def empty_ray_job(workers: int) -> int:
         ray.shutdown()
 
 
+def ray_read_floor(zoo_uri: str, workers: int, passes: int, shard_bytes: int | None) -> int:
+    """The least any Ray build that reads the zoo ``passes`` times can take here.
+
+    Start a local Ray as the build does, then ``passes`` rounds of one task per
+    shard of the build's own plan, each doing only the floor loop's work on
+    its tensors (read, τ in fp32: no statistics, no encoding, no writing),
+    then shut Ray down. Scope "model" needs two reads of the zoo (exact
+    global thresholds before encoding, under the memory goal), so its build
+    can be no faster than this job with ``passes=2``.
+    """
+    import ray
+
+    from tswitch_ray.distributed.build import BuildConfig
+    from tswitch_ray.distributed.planner import plan_shards
+    from tswitch_ray.zoo import load_zoo
+
+    zoo = load_zoo(zoo_uri)
+    shards = plan_shards(zoo.tensor_infos(), shard_bytes or BuildConfig(zoo="", out="").shard_bytes)
+    base_path, task_paths = zoo.base.uri, [zoo.tasks[t].uri for t in zoo.task_names]
+    # Nested, so cloudpickle ships it by value (see empty_ray_job).
+    def read_shard(base_path: str, task_paths: list[str], tensors: list[str]) -> int:
+        import torch
+        from safetensors import safe_open
+
+        base_h = safe_open(base_path, framework="pt")
+        task_hs = [safe_open(p, framework="pt") for p in task_paths]
+        for name in tensors:
+            base32 = base_h.get_tensor(name).to(torch.float32)
+            for h in task_hs:
+                tau = h.get_tensor(name).to(torch.float32)
+                tau.sub_(base32)
+        return len(tensors)
+
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=1)(read_shard)
+        done = 0
+        for _ in range(passes):
+            done += sum(ray.get([remote.remote(base_path, task_paths, list(s.tensors)) for s in shards]))
+        return done
+    finally:
+        ray.shutdown()
+
+
 def idle_ray_baseline(workers: int, settle_s: float = 3.0) -> MemorySample:
     """Peak memory of Ray started and idle, torch imported in the driver and in ``workers`` workers."""
     import ray
@@ -387,9 +436,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeat", type=int, default=1,
                     help="build runs, each followed by a floor run (the fastest of each is the ratio's)")
     ap.add_argument("--skip-idle", action="store_true")
+    ap.add_argument("--read-floor-passes", type=int, action="append", default=None,
+                    help="Ray jobs that only read the zoo N times (default: 1 and 2; 0 skips them)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     alphas = sorted(set(args.alphas or [0.5, 0.7, 0.9]))
+    args.read_floor_passes = [n for n in (args.read_floor_passes or [1, 2]) if n > 0]
     zoo_uri = args.zoo or synth(args.data, args.synth or 6)
 
     base_path, task_paths = zoo_files(zoo_uri)
@@ -399,6 +451,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     idle = None if args.skip_idle or args.executor != "ray" else idle_ray_baseline(args.workers)
     empty_s = measure(functools.partial(empty_ray_job, args.workers))[0] if args.executor == "ray" else None
+
+    shard_bytes = int(args.shard_mb * 2**20) if args.shard_mb else None
+    read_passes = args.read_floor_passes if args.executor == "ray" else []
+    read_floor_runs: dict[int, list[float]] = {n: [] for n in read_passes}
 
     floor_times, floor_cpus = [], []
     t, floor_peak, _ = measure(functools.partial(floor_loop, zoo_uri))
@@ -414,10 +470,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t, after_peak, _ = measure(functools.partial(floor_loop, zoo_uri))
             floor_times.append(t)
             floor_cpus.append(after_peak.cpu_s)
+            # After a floor, so the page cache is as warm for them as for the build.
+            for n in read_passes:
+                read_floor_runs[n].append(
+                    measure(functools.partial(ray_read_floor, zoo_uri, args.workers, n, shard_bytes))[0])
         art_bytes = dir_bytes(os.path.join(tmp, "switches-0"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     best = min(runs, key=lambda r: r.seconds)
+    read_floors = {n: min(ts) for n, ts in read_floor_runs.items()}
     floor = min(floor_times)
     floor_cpu = floor_cpus[floor_times.index(floor)]
     result = {
@@ -425,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "alphas": alphas, "scope": args.scope, "workers": args.workers, "executor": args.executor,
         "shard_mb": args.shard_mb, "floor_s": floor_times, "build_s": [r.seconds for r in runs],
         "ratio": best.seconds / floor, "phase_s": best.phase_seconds, "build_cpu_s": best.peak.cpu_s,
-        "floor_cpu_s": floor_cpu, "empty_ray_job_s": empty_s,
+        "floor_cpu_s": floor_cpu, "empty_ray_job_s": empty_s, "ray_read_floor_s": read_floor_runs,
         "peak_pss": best.peak.pss, "peak_rss": best.peak.rss, "peak_processes": best.peak.processes,
         "floor_peak_pss": floor_peak.pss,
         "idle_pss": idle.pss if idle else None, "idle_rss": idle.rss if idle else None,
@@ -443,6 +504,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if empty_s is not None:
         print(f"| empty Ray job (start, {args.workers} no-op tasks, shut down) | {empty_s:.1f} s = "
               f"{empty_s / floor:.2f} x floor |")
+    for n, secs in read_floors.items():
+        print(f"| Ray job reading the zoo {n}x (start, floor work per shard, {args.workers} workers, shut down) | "
+              f"{', '.join(f'{x:.1f} s' for x in read_floor_runs[n])}; fastest = {secs / floor:.2f} x floor |")
     print(f"| build phases (wall) | {', '.join(f'{k} {v:.1f} s' for k, v in best.phase_seconds.items())} |")
     print(f"| CPU time: build job (all processes) / fastest floor loop | {best.peak.cpu_s:.1f} s / {floor_cpu:.1f} s |")
     print(f"| peak memory of the job (Σ PSS / Σ RSS, {best.peak.processes} processes) | "
