@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
 import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +18,40 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(name: str, args: list[str], log_path: Path, url: str, is_up: Callable[[Any], bool],
+            timeout_s: float = 120.0) -> Iterator[None]:
+    """Run the server process ``args`` (output to ``log_path``) for the block, entered once ``is_up(GET url)``."""
+    import subprocess
+    import time
+
+    import requests
+
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: {log_path.read_text()[-2000:]}")
+            try:
+                if is_up(requests.get(url, timeout=1)):
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"{name} did not start within {timeout_s:.0f} s")
+            time.sleep(0.5)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 @pytest.fixture(scope="session")
@@ -73,11 +112,6 @@ def seaweed_s3(tmp_path_factory):
     """
     import json
     import shutil
-    import subprocess
-    import sys
-    import time
-
-    import requests
 
     # The venv's bin folder first (not the resolved interpreter's: the venv's python is a symlink).
     weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
@@ -97,72 +131,27 @@ def seaweed_s3(tmp_path_factory):
             # Every bucket is a collection that grows several volumes at once: leave room for many small ones.
             "-master.volumeSizeLimitMB=32", "-volume.max=200", "-master.telemetry=false",
             *(f"-{flag}={port}" for flag, port in ports.items())]
-    log = open(root / "weed.log", "wb")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed server exited: {(root / 'weed.log').read_text()[-2000:]}")
-        try:
-            # Answers (403 without credentials) once the S3 gateway is up; the filer may still be starting.
-            if requests.get(endpoint, timeout=1).status_code in (200, 403):
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("weed server did not start within 120 s")
+    # The S3 gateway answers (403 without credentials) once it is up.
+    with _server("weed server", args, root / "weed.log", endpoint, lambda r: r.status_code in (200, 403)):
 
-    def storage_options_of(identity: str) -> dict:
-        return {"client_kwargs": {"endpoint_url": endpoint}, "key": identity, "secret": f"{identity}-secret"}
+        def storage_options_of(identity: str) -> dict:
+            return {"client_kwargs": {"endpoint_url": endpoint}, "key": identity, "secret": f"{identity}-secret"}
 
-    yield endpoint, storage_options_of
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        yield endpoint, storage_options_of
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (sqlite backend, local artifact root) on 127.0.0.1; yields its URI."""
-    import subprocess
-    import sys
-    import time
-
-    import requests
-
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"),
-    )
+    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts"),
+            "--workers", "1"]
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            if requests.get(f"{uri}/health", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not start within 120 s")
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with _server("mlflow server", args, root / "server.log", f"{uri}/health", lambda r: r.ok):
+        yield uri
 
 
 @pytest.fixture(scope="session")
