@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,6 +189,59 @@ def test_worker_node_killed_mid_build(small_zoo, tmp_path):
         os.environ.pop("TSWITCH_TEST_SLOW_SHARD_S", None)
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_driver_killed_on_an_attached_cluster_resumes(small_zoo, tmp_path):
+    """`tswitch build --ray-address` on a running cluster; the driver is SIGKILLed mid-build (a driver crash:
+    no cleanup runs) and the same command, rerun, reuses the parts committed before and recomputes the rest."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    out = str(tmp_path / "attached" / "switches")
+    cmd = [sys.executable, "-m", "tswitch_ray.cli", "build", "--zoo", small_zoo, "--out", out, "--alpha", "0.5",
+           "--alpha", "0.9", "--shard-mb", "1", "--quiet"]
+    os.environ["TSWITCH_TEST_SLOW_SHARD_S"] = "1"  # before the nodes start: their workers inherit it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.wait_for_nodes()
+    try:
+        attach = ["--ray-address", cluster.address]
+        proc = subprocess.Popen(cmd + attach, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(Path(out).rglob("part-*.parquet.sha256")):
+            time.sleep(0.05)
+        proc.kill()
+        outs, err = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, (outs.decode()[-2000:], err.decode()[-2000:])
+        # Ray ends a dead driver's tasks; one already past its sidecar write leaves its part committed.
+        # Count once the number has stopped changing (the cluster noticed the driver's death).
+        done_before, stable_since = -1, time.time()
+        while time.time() - stable_since < 3 and time.time() < deadline:
+            n = len(list(Path(out).rglob("part-*.parquet.sha256")))
+            if n != done_before:
+                done_before, stable_since = n, time.time()
+            time.sleep(0.1)
+        assert not (Path(out) / "manifest.json").exists()
+        assert done_before >= 1
+        # The same command again, with its run summary (no --quiet): "shards (reused)  N (M)".
+        rerun = subprocess.run([c for c in cmd if c != "--quiet"] + attach, capture_output=True, text=True,
+                               timeout=300, env=dict(os.environ, COLUMNS="200"))
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        found = re.search(r"shards \(reused\)\D+(\d+) \((\d+)\)", rerun.stdout + rerun.stderr)
+        assert found, rerun.stdout[-2000:]
+        shards, reused = int(found.group(1)), int(found.group(2))
+        assert reused == done_before < shards  # the kill landed mid-build, and only the rest was recomputed
+        assert (Path(out) / "manifest.json").exists()
+        # The attached cluster was not shut down by either driver.
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert ray.cluster_resources().get("CPU") == 2
+    finally:
+        os.environ.pop("TSWITCH_TEST_SLOW_SHARD_S", None)
+        ray.shutdown()
+        cluster.shutdown()
+    clean = str(tmp_path / "clean" / "switches")
+    run_build(BuildConfig(zoo=small_zoo, out=clean, alphas=[0.5, 0.9], executor="local", show_progress=False,
+                          shard_bytes=2**20))
+    assert _parts(out) == _parts(clean)
 
 
 def test_s3_in_and_out(small_zoo, s3_bucket, tmp_path):
