@@ -278,28 +278,17 @@ def ray_read_floor(zoo_uri: str, workers: int, passes: int, shard_bytes: int | N
     from tswitch_ray.zoo import load_zoo
 
     zoo = load_zoo(zoo_uri)
-    shards = plan_shards(zoo.tensor_infos(), shard_bytes or BuildConfig(zoo="", out="").shard_bytes)
+    shards = plan_shards(zoo.tensor_infos(), shard_bytes or BuildConfig.model_fields["shard_bytes"].default)
     base_path, task_paths = zoo.base.uri, [zoo.tasks[t].uri for t in zoo.task_names]
-    # Nested, so cloudpickle ships it by value (see empty_ray_job).
-    def read_shard(base_path: str, task_paths: list[str], tensors: list[str]) -> int:
-        import torch
-        from safetensors import safe_open
-
-        base_h = safe_open(base_path, framework="pt")
-        task_hs = [safe_open(p, framework="pt") for p in task_paths]
-        for name in tensors:
-            base32 = base_h.get_tensor(name).to(torch.float32)
-            for h in task_hs:
-                tau = h.get_tensor(name).to(torch.float32)
-                tau.sub_(base32)
-        return len(tensors)
-
+    # This module is the job process's __main__ (see empty_ray_job): ship its functions by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[floor_tensors.__module__])
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
-        remote = ray.remote(num_cpus=1)(read_shard)
+        remote = ray.remote(num_cpus=1)(floor_tensors)
         done = 0
         for _ in range(passes):
-            done += sum(ray.get([remote.remote(base_path, task_paths, list(s.tensors)) for s in shards]))
+            ray.get([remote.remote(base_path, task_paths, list(s.tensors)) for s in shards])
+            done += len(shards)
         return done
     finally:
         ray.shutdown()
@@ -343,16 +332,18 @@ def drop_page_cache_hint(paths: list[str]) -> None:
     """Not possible without root; the bench warms the cache instead (floor run first)."""
 
 
-def floor_loop(zoo_uri: str) -> float:
-    """The least work: read every tensor of θ0 and every θt, τ = θt − θ0 in fp32. Returns Σ|τ| checksum-ish."""
+def floor_tensors(base_path: str, task_paths: list[str], names: list[str] | None = None) -> float:
+    """The least work on some tensors (all when ``names`` is None): read θ0 and every θt, τ = θt − θ0 in fp32.
+
+    Returns a sum of one element of every τ, so that nothing is optimised away.
+    """
     import torch
     from safetensors import safe_open
 
-    base_path, task_paths = zoo_files(zoo_uri)
-    handles = [safe_open(p, framework="pt") for p in [base_path, *task_paths]]
-    base_h, task_hs = handles[0], handles[1:]
+    base_h = safe_open(base_path, framework="pt")
+    task_hs = [safe_open(p, framework="pt") for p in task_paths]
     check = 0.0
-    for name in base_h.keys():
+    for name in base_h.keys() if names is None else names:
         base = base_h.get_tensor(name)
         if not base.is_floating_point():
             continue
@@ -362,6 +353,12 @@ def floor_loop(zoo_uri: str) -> float:
             tau.sub_(base32)
             check += float(tau.view(-1)[0])  # touch the result
     return check
+
+
+def floor_loop(zoo_uri: str) -> float:
+    """The floor: :func:`floor_tensors` over the whole zoo, in this one process."""
+    base_path, task_paths = zoo_files(zoo_uri)
+    return floor_tensors(base_path, task_paths)
 
 
 # --------------------------------------------------------------------------- build
