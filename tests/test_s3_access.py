@@ -17,6 +17,7 @@ import yaml
 
 from tswitch_ray.zoo.synth import synth_zoo
 
+from test_build_reconstruct import make_state, write_zoo
 from test_cli_errors import assert_refused, run
 
 pytestmark = pytest.mark.s3
@@ -74,7 +75,10 @@ def test_zoo_manifest_where_reading_is_denied(zoo, seaweed_s3, bucket, tmp_path)
     assert_refused(result, out, uri, "access denied", "credentials")
 
 
-def test_checkpoint_where_reading_is_denied(zoo, seaweed_s3, bucket, tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", "sharded", "pt"])
+def test_checkpoint_where_reading_is_denied(seaweed_s3, bucket, tmp_path, fmt):
+    """Every checkpoint format the readers take, on a bucket the credentials may not read."""
+    zoo = write_zoo(tmp_path / "zoo", make_state(seed=5), fmt)
     _upload_zoo(seaweed_s3, bucket, zoo)
     manifest = yaml.safe_load(zoo.read_text())
     manifest["base"] = f"s3://{bucket}/zoo/{manifest['base']}"

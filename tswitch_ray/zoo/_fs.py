@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -66,3 +68,12 @@ def access_denied(what: str, uri: str, exc: PermissionError) -> ZooError:
         f"{what} {uri}: access denied ({exc}). Check that the credentials (for s3: -S key=... -S secret=..., "
         "AWS_* variables or the instance role) may read it, and the bucket policy."
     )
+
+
+@contextlib.contextmanager
+def access_checked(what: str, uri: str) -> Iterator[None]:
+    """Storage reads of ``uri`` inside the block: one that is refused raises :func:`access_denied`'s error."""
+    try:
+        yield
+    except PermissionError as exc:
+        raise access_denied(what, uri, exc) from None

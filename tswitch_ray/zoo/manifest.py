@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tswitch_ray.errors import ZooError
-from tswitch_ray.zoo._fs import access_denied, get_fs
+from tswitch_ray.zoo._fs import access_checked, get_fs
 
 # Task names become file names (DIR/<task>.safetensors) and SQL values, so keep
 # them to a safe, portable alphabet.
@@ -128,11 +128,10 @@ def read_manifest(manifest_uri: str, storage_options: dict[str, Any] | None = No
     """Read and validate the YAML at ``manifest_uri`` (any fsspec URL)."""
     fs, path = get_fs(manifest_uri, storage_options)
     try:
-        raw = fs.cat_file(path)
+        with access_checked("zoo manifest", manifest_uri):
+            raw = fs.cat_file(path)
     except (FileNotFoundError, IsADirectoryError):
         raise ZooError(f"zoo manifest {manifest_uri} does not exist (or is not a file).") from None
-    except PermissionError as e:
-        raise access_denied("zoo manifest", manifest_uri, e) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from tswitch_ray.errors import ZooError
-from tswitch_ray.zoo._fs import access_denied, fs_is_local, get_fs, join_uri
+from tswitch_ray.zoo._fs import access_checked, access_denied, fs_is_local, get_fs, join_uri
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 _ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -189,13 +189,15 @@ class SafetensorsReader(_LazyFs):
     def _load_header(self) -> None:
         if self._infos is not None:
             return
+        with access_checked("checkpoint file", self.uri):
+            self._read_header()
+
+    def _read_header(self) -> None:
         fs, path = self._fs_path()
         try:
             size = fs.size(path)
         except FileNotFoundError:
             raise ZooError(f"checkpoint file {self.uri} does not exist (or is not readable).") from None
-        except PermissionError as e:
-            raise access_denied("checkpoint file", self.uri, e) from None
         if size is None:
             size = fs.info(path).get("size")
         if size < 8:
@@ -297,14 +299,13 @@ class SafetensorsReader(_LazyFs):
         fs, path = self._fs_path()
         base = self._spans[name][0]
         try:
-            if fs_is_local(fs):
-                data = _read_local(path, base + start, end - start)
-            else:
-                data = fs.cat_file(path, start=base + start, end=base + end)
+            with access_checked("checkpoint file", self.uri):
+                if fs_is_local(fs):
+                    data = _read_local(path, base + start, end - start)
+                else:
+                    data = fs.cat_file(path, start=base + start, end=base + end)
         except FileNotFoundError:
             raise ZooError(f"checkpoint file {self.uri} disappeared while reading tensor {name!r}.") from None
-        except PermissionError as e:
-            raise access_denied("checkpoint file", self.uri, e) from None
         if len(data) != end - start:
             raise ZooError(
                 f"checkpoint file {self.uri}, tensor {name!r}: expected {end - start} bytes at offset "
@@ -367,6 +368,10 @@ class ShardedSafetensorsReader(_LazyFs):
     def _load(self) -> None:
         if self._infos is not None:
             return
+        with access_checked("checkpoint folder", self.uri):
+            self._read_index()
+
+    def _read_index(self) -> None:
         fs, path = self._fs_path()
         index_path = posixpath.join(path, INDEX_FILE)
         if fs.exists(index_path):
@@ -453,7 +458,9 @@ class TorchStateDictReader(_LazyFs):
         if self._sd is not None:
             return self._sd
         fs, path = self._fs_path()
-        if not fs.exists(path):
+        with access_checked("checkpoint file", self.uri):
+            exists = fs.exists(path)
+        if not exists:
             raise ZooError(f"checkpoint file {self.uri} does not exist (or is not readable).")
         if fs_is_local(fs):
             obj = _torch_load_safe(path, self.uri)
@@ -461,7 +468,8 @@ class TorchStateDictReader(_LazyFs):
             fd, tmp = tempfile.mkstemp(suffix=posixpath.splitext(path)[1] or ".pt", prefix="tswitch-")
             os.close(fd)
             try:
-                fs.get_file(path, tmp)
+                with access_checked("checkpoint file", self.uri):
+                    fs.get_file(path, tmp)
                 obj = _torch_load_safe(tmp, self.uri)
             finally:
                 # An mmap keeps the data reachable after unlink (POSIX).
@@ -560,16 +568,18 @@ def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> 
     if low.endswith(TORCH_EXTENSIONS):
         return TorchStateDictReader(uri, storage_options)
     fs, path = get_fs(uri, storage_options)
-    try:
-        is_dir = fs.isdir(path)
-        exists = is_dir or fs.exists(path)
-    except FileNotFoundError:
-        is_dir = exists = False
+    with access_checked("checkpoint", uri):  # the probes below read the store
+        try:
+            is_dir = fs.isdir(path)
+            exists = is_dir or fs.exists(path)
+        except FileNotFoundError:
+            is_dir = exists = False
+        if is_dir:
+            if fs.exists(posixpath.join(path, INDEX_FILE)) or fs.exists(posixpath.join(path, SINGLE_FILE)):
+                return ShardedSafetensorsReader(uri, storage_options)
+            if fs.exists(posixpath.join(path, "pytorch_model.bin")):
+                return TorchStateDictReader(join_uri(uri, "pytorch_model.bin"), storage_options)
     if is_dir:
-        if fs.exists(posixpath.join(path, INDEX_FILE)) or fs.exists(posixpath.join(path, SINGLE_FILE)):
-            return ShardedSafetensorsReader(uri, storage_options)
-        if fs.exists(posixpath.join(path, "pytorch_model.bin")):
-            return TorchStateDictReader(join_uri(uri, "pytorch_model.bin"), storage_options)
         raise ZooError(
             f"checkpoint folder {uri} has no {INDEX_FILE}, {SINGLE_FILE} or pytorch_model.bin; "
             "cannot tell which checkpoint to read."
