@@ -64,7 +64,8 @@ def vit_b32_shapes(layers: int = 12) -> dict[str, tuple[int, ...]]:
 
 
 def switch_of(tau: torch.Tensor, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """Exact P-Discard (DESIGN.md): d = floor(α·n), threshold = d-th smallest, kept strictly above."""
+    """Exact P-Discard (docs/MATH.md "Thresholds (P-Discard cut)"): d = floor(α·n),
+    threshold = d-th smallest, kept strictly above."""
     mask = torch.zeros_like(tau, dtype=torch.bool)
     for sign in (1.0, -1.0):
         vals = sign * tau[sign * tau > 0]

@@ -1,7 +1,8 @@
 """`tswitch build` then `tswitch reconstruct` through the real CLI, checked against plain NumPy.
 
-The reference below knows nothing of the product: it recomputes DESIGN.md's
-math from the tensors this test wrote (task vector in fp32, exact
+The reference below knows nothing of the product: it recomputes the math of
+docs/MATH.md ("Task vectors", "Thresholds (P-Discard cut)", "Switches and
+knobs", "Reconstruction") from the tensors this test wrote (task vector in fp32, exact
 P-Discard thresholds d = floor(α·n) with the d-th smallest value, strict
 comparison, rms/mean knob over the tensor or the whole task vector,
 θ0 + λ·M⊙S in fp32, cast back to θ0's dtype) and compares every reconstructed

@@ -206,7 +206,8 @@ def test_within_5_percent_of_entropy_bound_and_beats_authors_format() -> None:
 
 
 def test_authors_format_reference_ratios() -> None:
-    """Our reimplementation of the authors' size reproduces DESIGN.md's 1.11x (alpha 0.6) and 1.22x (0.9)."""
+    """Our reimplementation of the authors' size reproduces the 1.11x (alpha 0.6) and 1.22x (0.9) of
+    docs/MATH.md "Storage and the switch codec"."""
     rng = np.random.default_rng(4)
     n = 1_000_000
     u = rng.random(n)

@@ -36,7 +36,8 @@ def ref_thresholds(x: np.ndarray, alpha: float) -> tuple[float, float]:
 
 
 def ref_switch(x: np.ndarray, alpha: float, mode: str):
-    """Mask, sign and knob of DESIGN.md written with np.sort and float64 sums."""
+    """Mask, sign and knob of docs/MATH.md "Switches and knobs" (paper 000 eqs. 5–6) written with np.sort
+    and float64 sums."""
     t_pos, t_neg = ref_thresholds(x, alpha)
     mask = (x > t_pos) | (-x > t_neg)
     kept = np.abs(x[mask].astype(np.float64))

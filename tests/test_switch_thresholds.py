@@ -31,7 +31,7 @@ KINDS = ["normal", "ties", "zeros", "all_pos", "all_neg", "all_zero", "wide", "s
 
 
 def ref_thresholds(tau: np.ndarray, alpha: float) -> Thresholds:
-    """The rule of DESIGN.md, written directly with np.sort."""
+    """The rule of docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3), written with np.sort."""
     x = np.asarray(tau, dtype=np.float32).ravel()
     pos = np.sort(x[x > 0])
     neg = np.sort(-x[x < 0])

@@ -1,6 +1,7 @@
 """Compact, lossless encoding of one binary task switch (mask + signs).
 
-Codec ``rice-v1`` (full specification in docs/ARTIFACTS.md, "Codec"):
+Codec ``rice-v1`` (full specification in docs/ARTIFACTS.md, "Codec"; its
+rationale and the entropy bound in docs/MATH.md "Storage and the switch codec"):
 
 * The *coded set* is the set of kept positions, or — when more than half of
   the elements are kept — the set of *dropped* positions (``inverted``), so
@@ -99,8 +100,9 @@ def payload_sha256(mask_bits: bytes, rem_bits: bytes, sign_bits: bytes) -> str:
 def entropy_bound_bits(numel: int, kept: int) -> float:
     """Entropy bound in bits for a switch: numel·H(kept/numel) + kept (one bit per sign).
 
-    This is H(α) + (1 − α) bits per element for a kept fraction 1 − α (DESIGN.md,
-    "Storage"); the bound for i.i.d. masks with that kept fraction.
+    This is H(α) + (1 − α) bits per element for a kept fraction 1 − α
+    (docs/MATH.md "Storage and the switch codec"); the bound for i.i.d. masks
+    with that kept fraction.
     """
     if numel == 0:
         return 0.0
@@ -119,7 +121,7 @@ def _rice_cost(gaps: np.ndarray, k: int, total: int | None = None) -> int:
 
 
 def best_rice_k(gaps: np.ndarray, total: int | None = None) -> int:
-    """The ``k`` minimising the exact Rice cost of ``gaps``.
+    """The ``k`` minimising the exact Rice cost of ``gaps`` (docs/MATH.md "Storage and the switch codec").
 
     Start from the geometric-distribution estimate k ≈ log2(mean·ln 2) and walk
     downhill; the cost is unimodal in k for all practical gap sets, and each
@@ -163,7 +165,7 @@ def _unpack_fixed(data: bytes, count: int, k: int) -> np.ndarray:
 
 
 def encode_switch(mask: np.ndarray, positive: np.ndarray) -> EncodedSwitch:
-    """Encode a switch losslessly with codec ``rice-v1``.
+    """Encode a switch losslessly with codec ``rice-v1`` (docs/MATH.md "Storage and the switch codec").
 
     ``mask`` (kept) and ``positive`` (sign of τ) are boolean arrays of the same
     size, flattened in C order if not already flat. Only the signs of kept

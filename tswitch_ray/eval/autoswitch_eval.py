@@ -1,5 +1,8 @@
 """Auto-Switch evaluation driver (paper 000 Sec. 3.4, eq. 8), single process.
 
+Specified in docs/MATH.md "Auto-Switch" (paper 000 eq. 8), with both readings
+of the feature model and of per-input weights.
+
 The Ray runner calls :func:`evaluate_autoswitch` inside one task. The math
 (kNN weights, grouping, θ0 + Σt wt·λt·Mt⊙St) is :mod:`tswitch_ray.methods.autoswitch`;
 this module wires it to an adapter and eval datasets:
@@ -70,6 +73,8 @@ def rebuild_state_dict(
     weights: Sequence[float] | Tensor,
 ) -> dict[str, Tensor]:
     """θ0 + Σt wt·λt·Mt⊙St for every tensor of ``base_sd`` (eq. 8); tensors no task switches stay θ0.
+
+    docs/MATH.md "Auto-Switch" (paper 000 eq. 8).
 
     Non-floating tensors are copied from the base. The result is in the base
     dtypes, on the base tensors' devices.

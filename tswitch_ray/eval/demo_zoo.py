@@ -23,7 +23,7 @@ has, by real training on CPU:
    task-vectors paper: the merged backbone is scored with the same heads), or
    trained jointly from the probe (``head_mode="joint"``).
 
-Written files (``out_dir``): ``zoo.yaml`` (the DESIGN.md manifest),
+Written files (``out_dir``): ``zoo.yaml`` (the zoo manifest of README.md),
 ``base.safetensors`` and ``tasks/<task>.safetensors`` (the tower as
 ``visual.*`` keys), ``heads/<task>.safetensors`` (:class:`LinearHead`),
 ``data/<task>/eval.parquet`` and ``data/<task>/train.parquet`` (a small held-out

@@ -1,5 +1,7 @@
 """WEMoE / E-WEMoE evaluation driver (paper 002), single process.
 
+Specified in docs/MATH.md "WEMoE and E-WEMoE" (paper 002 eqs. 4, 9–11, 15).
+
 The Ray runner calls :func:`evaluate_wemoe` inside one task. The modules and
 formulas are :mod:`tswitch_ray.methods.wemoe`; this module builds the model,
 runs test-time adaptation and scores it:
@@ -295,7 +297,10 @@ def evaluate_wemoe(
 
 @torch.no_grad()
 def mean_entropy(adapter: ModelAdapter, model: nn.Module, datasets: Mapping[str, EvalDataset], *, batch_size: int = 128, limit: int | None = None, device: str | torch.device | None = None) -> float:
-    """Mean prediction entropy (eq. 11) over the rows of every task's split, each with its own head."""
+    """Mean prediction entropy (eq. 11) over the rows of every task's split, each with its own head.
+
+    docs/MATH.md "WEMoE and E-WEMoE" (paper 002 eq. 11).
+    """
     dev = pick_device(str(device) if device is not None else None)
     model.to(dev).eval()
     total = 0.0

@@ -1,6 +1,8 @@
 """Pure math of task switches: task vectors, exact thresholds, binarize, reconstruct.
 
 Tensors in, tensors (and small numpy/dataclass statistics) out; no I/O, no Ray.
+Every formula here is specified in docs/MATH.md ("Task vectors", "Thresholds
+(P-Discard cut)", "Switches and knobs", "Reconstruction", "DARE").
 
 ``fine_histograms`` at this level is the ARCHITECTURE.md seam and accepts
 either a :class:`RefineRequest` (signed, for thresholds) or an iterable of

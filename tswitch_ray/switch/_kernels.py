@@ -14,7 +14,8 @@ cache when the package directory is read-only), so Ray workers load it
 instead of compiling it again.
 
 The math each loop implements is documented, with its paper equation, in the
-public function that calls it (:mod:`.thresholds`, :mod:`.binarize`).
+public function that calls it (:mod:`.thresholds`, :mod:`.binarize`) and
+specified in docs/MATH.md "Thresholds (P-Discard cut)" and "Switches and knobs".
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Bin-Discard: activation switch M, polarity switch S and knob λ (paper 000 Sec. 3.3).
 
+Specified in docs/MATH.md "Switches and knobs" (paper 000 eqs. 5–6); the cut in
+"Thresholds (P-Discard cut)" (paper 000 eq. 3).
+
 Paper 000 eq. (5) approximates a task vector by τ ≈ λ · M ⊙ S, with (eq. 6)
 M the mask of kept entries (P-Discard, eq. 3), S = sign(τ) on them and λ a
 scalar knob. Eq. (7) rebuilds θt = θ0 + λt · Mt ⊙ St (see :mod:`.reconstruct`).
@@ -30,6 +33,9 @@ def _f32(tau: torch.Tensor) -> torch.Tensor:
 def binarize(tau: torch.Tensor, th: Thresholds) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation and polarity switches of paper 000 eq. (6), same shape as ``tau``.
 
+    docs/MATH.md "Switches and knobs" (paper 000 eq. 6) and "Thresholds
+    (P-Discard cut)" (paper 000 eq. 3).
+
     ``mask`` (M): kept = τ > t⁺ or −τ > t⁻, so zeros are never kept (the
     thresholds are ≥ 0). ``positive``: τ > 0, the sign S = +1 where True and
     −1 where False; only meaningful where ``mask``.
@@ -58,7 +64,10 @@ class KeptStats:
 
 
 def kept_stats(tau: torch.Tensor, mask: torch.Tensor) -> KeptStats:
-    """Count, Σ|τ| and Στ² over the kept entries, accumulated in float64."""
+    """Count, Σ|τ| and Στ² over the kept entries, accumulated in float64.
+
+    The statistics of the knob: docs/MATH.md "Switches and knobs" (paper 000 eq. 5).
+    """
     if mask.shape != tau.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from tau shape {tuple(tau.shape)}")
     kept = _f32(tau)[mask].to(torch.float64)  # only the kept entries, usually a fraction
@@ -72,6 +81,8 @@ def binarize_many(
     tau: torch.Tensor, ths: list[Thresholds]
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, KeptStats]]]:
     """Switches of several α at once: ``positive`` once, then per threshold (mask, kept stats).
+
+    docs/MATH.md "Switches and knobs" (paper 000 eq. 6).
 
     Equal, element for element and bit for bit, to ``binarize`` + ``kept_stats``
     per threshold, but cheaper: thresholds grow with α, so each kept set is a
@@ -181,6 +192,8 @@ def kept_switches(tau: torch.Tensor, ths: list[Thresholds], scratch: SwitchScrat
                   ) -> Iterator[KeptSwitch]:
     """The switches of paper 000 eq. (6) for nested thresholds, one :class:`KeptSwitch` per threshold.
 
+    docs/MATH.md "Switches and knobs" (paper 000 eq. 6).
+
     Element for element the masks and signs of :func:`binarize` per
     threshold (kept = τ > t⁺ or τ < −t⁻, S = τ > 0), as kept positions; the
     kept statistics equal :func:`kept_stats` up to float64 rounding (the sums
@@ -236,6 +249,8 @@ def kept_switches(tau: torch.Tensor, ths: list[Thresholds], scratch: SwitchScrat
 
 def knob(stats: KeptStats, mode: KnobMode | str = "rms") -> float:
     """The switch knob λ of paper 000 eqs. (5)–(7) from kept-entry statistics.
+
+    docs/MATH.md "Switches and knobs" (paper 000 eqs. 5–6).
 
     ``"rms"`` (default, the authors' code): λ = ‖τ⊙M‖₂ / √kept, the
     root-mean-square of the kept magnitudes. ``"mean"``: λ = Σ|τ⊙M| / kept,

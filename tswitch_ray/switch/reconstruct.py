@@ -1,4 +1,4 @@
-"""Rebuilding weights from a task switch (paper 000 eqs. 5 and 7)."""
+"""Rebuilding weights from a task switch: docs/MATH.md "Reconstruction" (paper 000 eqs. 5 and 7)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from tswitch_ray.errors import ArtifactError
 
 def switch_delta(mask: torch.Tensor, positive: torch.Tensor, knob: float) -> torch.Tensor:
     """The binarized task vector λ · M ⊙ S of paper 000 eq. (5), float32.
+
+    docs/MATH.md "Reconstruction" (paper 000 eq. 5).
 
     Entries are +λ where kept and positive, −λ where kept and not positive,
     0 elsewhere, with λ rounded once to float32.
@@ -28,6 +30,8 @@ def reconstruct(
     theta_0: torch.Tensor, mask: torch.Tensor, positive: torch.Tensor, knob: float
 ) -> torch.Tensor:
     """θt ≈ θ0 + λ · Mt ⊙ St (paper 000 eq. 7), computed in fp32, returned in θ0's dtype.
+
+    docs/MATH.md "Reconstruction" (paper 000 eq. 7).
 
     ``mask`` and ``positive`` must have θ0's shape; ``theta_0`` is not modified.
     """

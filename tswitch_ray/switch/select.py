@@ -11,6 +11,10 @@ Why radix histograms instead of sorting or ``torch.kthvalue``:
   elements in older torch releases; 2.14.1 accepts them, but still sorts
   per call) and is exact (no interpolation, no float rounding of ranks).
 
+The thresholds this serves are specified in docs/MATH.md "Thresholds
+(P-Discard cut)" (paper 000 eq. 3); TIES' trim and E-WEMoE's pruning use the
+same selection (docs/MATH.md "TIES-Merging", "WEMoE and E-WEMoE").
+
 Principle: for non-negative IEEE-754 float32 values, the int32 bit pattern is
 monotonic in the value. Pass 1 counts the high 16 bits (sign, exponent and 7
 mantissa bits) in 65 536 buckets; a cumulative sum tells which bucket holds
@@ -166,6 +170,8 @@ def resolve(
 ) -> list[float]:
     """Exact values of the given 1-based ranks from the (summed) histograms.
 
+    The order statistics of docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3).
+
     Raises ``ValueError`` if a needed fine histogram is missing or does not
     add up to its coarse bucket (histograms from different data).
     """
@@ -188,6 +194,8 @@ def resolve(
 
 def kth_smallest(mags: torch.Tensor, ranks: Sequence[int]) -> list[float]:
     """Exact k-th smallest |mags| for every 1-based rank in ``ranks``, in two passes.
+
+    The order statistic of docs/MATH.md "Thresholds (P-Discard cut)".
 
     Bit-identical to ``torch.kthvalue(mags.flatten(), k).values`` for
     non-negative inputs (of any size: no 2^24 limit); -0.0 is returned as 0.0.

@@ -9,9 +9,10 @@ from tswitch_ray.errors import ZooError
 
 def task_vector(theta_t: torch.Tensor, theta_0: torch.Tensor, name: str | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """τt = θt − θ0, computed and returned in float32 (DESIGN "The math").
+    """τt = θt − θ0, computed and returned in float32.
 
-    Task Arithmetic (Ilharco et al.), as used by paper 000 Sec. 3.1. The
+    docs/MATH.md "Task vectors" (paper 000 Sec. 3.1; paper 002 eq. 2): Task
+    Arithmetic's task vector (Ilharco et al.), as used by paper 000. The
     inputs may be stored as fp32, fp16 or bf16; both are widened to fp32
     (exact) before the single rounded subtraction, so the result does not
     depend on the storage dtype beyond the stored values themselves.

@@ -1,14 +1,17 @@
 """Exact positive/negative discard thresholds of P-Discard (paper 000 Sec. 3.2).
 
+Specified in docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3).
+
 For a discard ratio α in [0, 1) and the positive elements P of τ (n = |P|),
 d = floor(α·n); if d = 0 the threshold is 0, else t⁺ is the d-th smallest value
 of P (1-based, what ``torch.kthvalue(P, d)`` returns). Likewise t⁻ over the
 magnitudes of the negative elements. Zeros belong to neither side, and an
 element is kept when τ > t⁺ or −τ > t⁻ (see :mod:`.binarize`).
 
-This is the exact rule of DESIGN.md. The authors' code (lfy-123/Binary-Task-
-Switch, merge_vit.py) instead keeps the int(n·(1−α)) largest values plus any
-ties at the cut, which can keep a few more elements when values repeat.
+This is the cut rule "exact" of docs/MATH.md "Thresholds (P-Discard cut)".
+The authors' code (lfy-123/Binary-Task-Switch, merge_vit.py) instead keeps the
+int(n·(1−α)) largest values plus any ties at the cut, which can keep a few more
+elements when values repeat; that rule is documented there and not implemented.
 
 Scope "tensor" (:func:`tensor_thresholds`) takes P and N per tensor, as the
 authors' code does. Scope "model" (the paper text's reading) takes them over
@@ -70,9 +73,10 @@ def _alpha_list(alphas: float | Iterable[float]) -> list[float]:
 def discard_count(n: int, alpha: float) -> int:
     """d = floor(α·n), the number of smallest-magnitude entries P-Discard drops.
 
-    Paper 000 Sec. 3.2 (the α-quantile of eq. 3). The product is taken in
-    float64 exactly as ``math.floor(alpha * n)`` in Python, *including* its
-    rounding: 0.29 * 100 = 28.999999999999996 in float64, so d = 28, not 29.
+    docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3: the α-quantile).
+    The product is taken in float64 exactly as ``math.floor(alpha * n)`` in
+    Python, *including* its rounding: 0.29 * 100 = 28.999999999999996 in
+    float64, so d = 28, not 29.
     We match that on purpose so that every implementation that writes the
     obvious Python expression (tests, reference scripts) agrees bit for bit.
     Raises ``ConfigError`` for α outside [0, 1).
@@ -302,7 +306,11 @@ def fine_histograms(tau, request):  # type: ignore[no-untyped-def]
 def resolve_thresholds(
     hist: SignedHistograms, fine: SignedFine, alphas: float | Iterable[float]
 ) -> list[Thresholds]:
-    """Exact thresholds of every α (in order) from summed pass-1 and pass-2 statistics."""
+    """Exact thresholds of every α (in order) from summed pass-1 and pass-2 statistics.
+
+    t⁺/t⁻ = the d-th smallest positive value / negative magnitude, 0 when
+    d = 0: docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3).
+    """
     alphas = _alpha_list(alphas)
 
     def side(coarse: np.ndarray, fines: dict[int, np.ndarray], n: int) -> tuple[list[int], list[float]]:
@@ -323,6 +331,8 @@ def tensor_thresholds(
     tau: torch.Tensor, alphas: float | Iterable[float], name: str | None = None
 ) -> list[Thresholds]:
     """Scope "tensor": exact thresholds of one task-vector tensor for all α at once.
+
+    docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3).
 
     Two passes over the data whatever the number of α (pass 2 is skipped when
     every d is 0). ``name`` only labels errors.
@@ -361,7 +371,8 @@ def window_request(sample: SignedHistograms, alphas: float | Iterable[float], z:
     a sample of s elements of one sign the rank of the true α-quantile in the
     sample is ≈ α·s with standard deviation σ = √(s·α·(1 − α)); the window is
     every bucket between the sample ranks α·s ∓ (z·σ + slack·s). α = 0 needs
-    no window (its threshold is 0).
+    no window (its threshold is 0). docs/MATH.md "Thresholds (P-Discard cut)"
+    (scope "model", Floyd & Rivest 1975).
     """
     alphas = [a for a in _alpha_list(alphas) if a > 0]
 

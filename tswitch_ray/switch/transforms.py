@@ -11,20 +11,28 @@ from tswitch_ray.switch.thresholds import Thresholds
 
 
 def p_discard(tau: torch.Tensor, th: Thresholds) -> torch.Tensor:
-    """P-Discard, paper 000 eq. (3): τ where kept (τ > t⁺ or −τ > t⁻), else 0; float32."""
+    """P-Discard, paper 000 eq. (3): τ where kept (τ > t⁺ or −τ > t⁻), else 0; float32.
+
+    docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3).
+    """
     mask, _ = binarize(tau, th)
     t = tau if tau.dtype == torch.float32 else tau.to(torch.float32)
     return torch.where(mask, t, torch.zeros((), dtype=torch.float32, device=t.device))
 
 
 def bin_discard(tau: torch.Tensor, th: Thresholds, knob_mode: KnobMode | str = "rms") -> torch.Tensor:
-    """Bin-Discard, paper 000 eqs. (5)–(6): λ · M ⊙ S with λ from this tensor's kept entries; float32."""
+    """Bin-Discard, paper 000 eqs. (5)–(6): λ · M ⊙ S with λ from this tensor's kept entries; float32.
+
+    docs/MATH.md "Switches and knobs" (paper 000 eqs. 5–6).
+    """
     mask, positive = binarize(tau, th)
     return switch_delta(mask, positive, knob(kept_stats(tau, mask), knob_mode))
 
 
 def dare(tau: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """DARE (Yu et al. 2024, the random baseline of paper 000 Sec. 3.2): τ · Bernoulli(1−p) / (1−p).
+
+    docs/MATH.md "DARE" (DARE paper, the definition of Drop And REscale).
 
     Each entry is dropped with probability ``p`` and survivors are rescaled
     so the expectation is τ. Draws come from a ``torch.Generator`` seeded with
