@@ -204,9 +204,10 @@ def _upscale(
     per layout (``opts["batch_first"]`` forces one for all); E-WEMoE's shared
     router is created by the first call and handed to the others.
     """
-    paths = mlps.paths
+    paths, opts = mlps.paths, dict(opts)
     if "batch_first" in opts:
-        layouts = {p: opts.pop("batch_first") for p in paths}
+        forced = opts.pop("batch_first")
+        layouts = {p: forced for p in paths}
     else:
         layouts = {p: _batch_first(model, p) for p in paths}
     out: dict[str, WeightEnsemblingMLP] = {}
