@@ -177,3 +177,89 @@ def test_unknown_mlp_layout_is_a_clear_error(zoo):
     with pytest.raises(ConfigError, match="variant"):
         build_wemoe_model(_MLPFreeAdapter(), {}, [{}], variant="moe")
     assert isinstance(WeightEnsemblingMLP, type)
+
+
+class _CountingAdapter:
+    """Delegates to a real adapter; records the rows sent through ``features`` and every ``logits`` output per task."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.feature_rows = 0
+        self.builds = 0
+        self.logits_by_task: dict[str, list[torch.Tensor]] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def build(self, state_dict):
+        self.builds += 1
+        return self.inner.build(state_dict)
+
+    def features(self, model, x):
+        self.feature_rows += int(x.shape[0])
+        return self.inner.features(model, x)
+
+    def logits(self, model, x, task):
+        out = self.inner.logits(model, x, task)
+        self.logits_by_task.setdefault(task, []).append(out.clone())
+        return out
+
+
+class _CountingDataset:
+    """Delegates to a real eval dataset; counts ``batches`` calls (one per pass over the split)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.passes = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def batches(self, *args, **kwargs):
+        self.passes += 1
+        return self.inner.batches(*args, **kwargs)
+
+
+def test_autoswitch_one_call_for_all_tasks_equals_one_call_per_task(zoo):
+    adapter, base, task_sds, sets = zoo
+    sw = _switches(base, task_sds)
+    m, k = 6, 5  # mixed neighbourhoods: several weight groups per batch
+    opts = dict(examples_per_task=m, k=k, batch_size=8, device="cpu", cache_size=2)
+
+    all_ad = _CountingAdapter(adapter)
+    all_query = {t: _CountingDataset(sets[t]) for t in TASKS}
+    together = evaluate_autoswitch(all_ad, base, sw, TASKS, sets, all_query, **opts)
+    assert list(together["per_task"]) == TASKS
+    # the query set is extracted once per call: one pass over each query split, m feature rows per task,
+    # plus one feature pass per eval row (72); one build for the averaged feature model + cached rebuilds
+    assert [all_query[t].passes for t in TASKS] == [1, 1, 1]
+    assert all_ad.feature_rows == len(TASKS) * m + len(TASKS) * 24
+    assert all_ad.builds <= 1 + 2  # feature model + at most cache_size rebuilt modules, reused via load
+
+    built = 0
+    for t in TASKS:
+        one_ad = _CountingAdapter(adapter)
+        alone = evaluate_autoswitch(one_ad, base, sw, TASKS, {t: sets[t]}, sets, **opts)
+        assert one_ad.feature_rows == len(TASKS) * m + 24  # each per-task call pays the whole query set again
+        a, b = together["per_task"][t], alone["per_task"][t]
+        assert (a["accuracy"], a["n"], a["groups"], a["routing_hit_rate"]) == \
+               (b["accuracy"], b["n"], b["groups"], b["routing_hit_rate"])
+        # every forward pass for task t (fixed-model reference and grouped rebuilt models) is bit-identical
+        assert len(all_ad.logits_by_task[t]) == len(one_ad.logits_by_task[t])
+        for x, y in zip(all_ad.logits_by_task[t], one_ad.logits_by_task[t], strict=True):
+            assert torch.equal(x, y)
+        built += alone["models_built"]
+        same = evaluate_autoswitch(adapter, base, sw, TASKS, sets, sets, eval_tasks=[t], **opts)
+        assert same["per_task"][t] == alone["per_task"][t]
+    assert together["models_built"] <= built  # the cache is shared across tasks in one call
+    assert together["query_size"] == len(TASKS) * m
+
+
+def test_wemoe_forced_token_layout_applies_to_every_mlp(zoo):
+    adapter, base, task_sds, sets = zoo
+    forced, _ = build_wemoe_model(adapter, base, task_sds, batch_first=True)  # open_clip blocks are batch-first
+    detected, mlps = build_wemoe_model(adapter, base, task_sds)
+    assert len(mlps) == 2 and all(m.batch_first for m in mlps.values())
+    x = adapter.collate(next(sets["a"].batches(8)).items)
+    with torch.no_grad():
+        assert torch.equal(adapter.logits(forced, x, "a"), adapter.logits(detected, x, "a"))

@@ -47,6 +47,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -98,6 +99,76 @@ def rebuild_state_dict(
     return out
 
 
+# ---------------------------------------------------------------- steps 1-2: feature model and query set
+
+
+def build_feature_model(
+    adapter: ModelAdapter,
+    base_sd: Mapping[str, Tensor],
+    switches: Sequence[Mapping[str, Switch]],
+    feature_model: str,
+    feature_state_dict: Mapping[str, Tensor] | None,
+    device: torch.device,
+) -> tuple[nn.Module, str]:
+    """Step 1: the model whose features build the query set and route the inputs, and its name.
+
+    ``feature_state_dict`` wins (named ``"custom"``); else ``"average"`` is
+    θ0 + (1/T)·Σt λt·Mt⊙St and ``"base"`` is θ0 (docs/MATH.md "Auto-Switch").
+    """
+    n_tasks = len(switches)
+    if feature_state_dict is not None:
+        fsd, feature_model = feature_state_dict, "custom"
+    elif feature_model == "average":
+        fsd = rebuild_state_dict(base_sd, switches, [1.0 / n_tasks] * n_tasks)
+    else:
+        fsd = base_sd
+    return adapter.build(fsd).to(device).eval(), feature_model
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    """The query set: features [Q, D] of unlabeled examples, each row's task index [Q], the task count T."""
+
+    features: Tensor
+    task_ids: Tensor
+    n_tasks: int
+
+    @property
+    def size(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.features.numel() * self.features.element_size())
+
+    def weights(self, x_features: Tensor, *, k: int, average_over_batch: bool) -> Tensor:
+        """wt(x) = |kNN(x) ∩ Qt| / k per input, [B, T] on CPU (:func:`~tswitch_ray.methods.autoswitch.autoswitch_weights`)."""
+        return autoswitch_weights(self.features, self.task_ids, x_features, k=k, n_tasks=self.n_tasks,
+                                  average_over_batch=average_over_batch).cpu()
+
+
+def extract_query_set(
+    adapter: ModelAdapter,
+    feature_model: nn.Module,
+    tasks: Sequence[str],
+    query_sets: Mapping[str, EvalDataset],
+    examples_per_task: int,
+    *,
+    batch_size: int,
+    device: torch.device,
+) -> QuerySet:
+    """Step 2: features of the first ``examples_per_task`` rows of every task's query split, in task order, on ``device``."""
+    feats, ids = [], []
+    for i, t in enumerate(tasks):
+        f = extract_features(adapter, feature_model, query_sets[t], limit=examples_per_task, batch_size=batch_size, device=device)
+        feats.append(f)
+        ids.append(torch.full((f.shape[0],), i, dtype=torch.long))
+    return QuerySet(torch.cat(feats).to(device), torch.cat(ids).to(device), len(tasks))
+
+
+# ---------------------------------------------------------------- step 4: rebuilt models
+
+
 class _ModelCache:
     """Bounded LRU of rebuilt models keyed by the weight vector; counts rebuilds."""
 
@@ -131,9 +202,149 @@ class _ModelCache:
         return model
 
 
+# ---------------------------------------------------------------- steps 3-5: routing and scoring
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Throughput:
+    """Compute seconds of both sides of ``throughput_ratio`` over ``n`` scored inputs (decoding, collation excluded)."""
+
+    auto_s: float = 0.0
+    plain_s: float = 0.0
+    n: int = 0
+
+    def ratio(self) -> float:
+        """Auto-Switch inputs/s over the fixed model's inputs/s; NaN when either side took no measurable time."""
+        if self.auto_s > 0 and self.plain_s > 0:
+            return (self.n / self.auto_s) / (self.n / self.plain_s)
+        return float("nan")
+
+
+def _routing_hits(weights: Tensor, own: int) -> int:
+    """Inputs whose largest weight is their own task's, alone (ties count as misses)."""
+    top = weights.max(dim=1)
+    unique_top = (weights == top.values.unsqueeze(1)).sum(dim=1) == 1
+    return int(((top.indices == own) & unique_top).sum())
+
+
+@dataclass
+class _Scorer:
+    """Scores eval splits with per-input rebuilt models; holds what every task shares (one per eval call).
+
+    The feature model, the query set and the model cache are built once and
+    shared by every scored task. Batches are drawn from one task's split at a
+    time and groups are formed inside a batch, so every forward pass (and its
+    floating point) is the same whether a task is scored alone or with the
+    others; only the cache hits, hence ``models_built``, depend on the tasks
+    scored before it.
+    """
+
+    adapter: ModelAdapter
+    feature_model: nn.Module
+    query: QuerySet
+    cache: _ModelCache
+    device: torch.device
+    k: int
+    average_over_batch: bool
+    batch_size: int
+    limit: int | None
+    clock: _Throughput = field(default_factory=_Throughput)
+
+    def _time_plain(self, x: Tensor, task: str) -> None:
+        """The throughput reference: one forward pass of the fixed feature model on the same inputs."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.adapter.logits(self.feature_model, x, task)
+        _sync(self.device)
+        self.clock.plain_s += time.perf_counter() - t0
+
+    def _predict(self, x: Tensor, task: str) -> tuple[Tensor, Tensor, int]:
+        """Route one batch (step 3) and predict each weight group with its rebuilt model (steps 4-5).
+
+        Returns the predictions and weights (CPU) and the number of groups; timed as Auto-Switch compute.
+        """
+        t0 = time.perf_counter()
+        w = self.query.weights(self.adapter.features(self.feature_model, x), k=self.k, average_over_batch=self.average_over_batch)
+        pred = torch.empty(x.shape[0], dtype=torch.long)
+        groups = group_by_weights(w)
+        for wv, idx in groups:
+            model = self.cache.get(wv)
+            pred[idx] = self.adapter.logits(model, x[idx.to(self.device)], task).argmax(dim=-1).cpu()
+        _sync(self.device)
+        self.clock.auto_s += time.perf_counter() - t0
+        return pred, w, len(groups)
+
+    def score_task(self, task: str, own: int, dataset: EvalDataset) -> dict[str, Any]:
+        """One task's ``per_task`` row; ``own`` is its index in the routed tasks (-1: not routed, no hit rate)."""
+        n_classes = self.adapter.num_classes(task)
+        correct = n = groups = hits = 0
+        built_before = self.cache.built
+        for raw in dataset.batches(self.batch_size, num_classes=n_classes, require_labels=True, limit=self.limit):
+            x = self.adapter.collate(raw.items).to(self.device)
+            self._time_plain(x, task)
+            pred, w, n_groups = self._predict(x, task)
+            groups += n_groups
+            correct += int((pred == raw.labels).sum())
+            n += int(raw.labels.numel())
+            if own >= 0:
+                hits += _routing_hits(w, own)
+        if n == 0:
+            raise ZooError(f"{getattr(dataset, 'uri', task)}: the eval split of task {task!r} has no rows.")
+        self.clock.n += n
+        return {
+            "accuracy": correct / n,
+            "n": n,
+            "models_built": self.cache.built - built_before,
+            "groups": groups,
+            "routing_hit_rate": hits / n if own >= 0 else None,
+        }
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _scored_tasks(
+    tasks: list[str],
+    switches: Sequence[Mapping[str, Switch]],
+    eval_sets: Mapping[str, EvalDataset],
+    query_sets: Mapping[str, EvalDataset],
+    eval_tasks: Sequence[str] | None,
+    feature_model: str,
+    examples_per_task: int,
+) -> list[str]:
+    """Check the inputs of :func:`evaluate_autoswitch`; the tasks to score, in order."""
+    n_tasks = len(tasks)
+    if n_tasks == 0:
+        raise ConfigError("auto-switch: no tasks given.")
+    if len(switches) != n_tasks:
+        raise ConfigError(f"auto-switch: {len(switches)} switch sets for {n_tasks} tasks; give one per task, in task order.")
+    if feature_model not in FEATURE_MODELS:
+        raise ConfigError(f"auto-switch: feature_model must be one of {FEATURE_MODELS}, got {feature_model!r}.")
+    if examples_per_task < 1:
+        raise ConfigError(f"auto-switch: examples_per_task must be >= 1, got {examples_per_task}.")
+    scored = list(eval_tasks) if eval_tasks is not None else [t for t in tasks if t in eval_sets]
+    if not scored:
+        raise ConfigError(f"auto-switch: no eval set for any of the tasks {tasks}.")
+    for t in tasks:
+        if t not in query_sets:
+            raise ConfigError(f"auto-switch: no query set for task {t!r}; the query set needs unlabeled examples of every task.")
+    for t in scored:
+        if t not in eval_sets:
+            raise ConfigError(f"auto-switch: no eval set for task {t!r}.")
+    return scored
+
+
+def _check_k(k: int, query: QuerySet, examples_per_task: int) -> None:
+    if not 1 <= k <= query.size:
+        raise ConfigError(
+            f"auto-switch: k must be in [1, {query.size}] (the query set size: {examples_per_task} examples x "
+            f"{query.n_tasks} tasks at most), got {k}."
+        )
 
 
 @torch.no_grad()
@@ -158,124 +369,40 @@ def evaluate_autoswitch(
 ) -> dict[str, Any]:
     """Auto-Switch accuracy per task (see the module docstring for every step and choice).
 
-    ``switches[i]`` is the switch set of ``tasks[i]``: tensor name →
-    ``(mask, positive, knob)`` (flat bool mask, flat bool sign bit of kept
-    elements, scalar λ). ``query_sets[t]`` gives the unlabeled examples of
-    task t, ``eval_sets[t]`` its labelled eval split. ``eval_tasks`` (default:
-    the tasks that have an entry in ``eval_sets``, in task order) picks which eval splits to score — every task's switch and
-    query examples take part in routing regardless. ``limit`` caps the eval
-    rows per task.
+    ``switches[i]`` is the switch set of ``tasks[i]``: tensor name → ``(mask, positive, knob)`` (flat bool
+    mask, flat bool sign bit of kept elements, scalar λ). ``query_sets[t]`` gives the unlabeled examples of
+    task t, ``eval_sets[t]`` its labelled eval split. ``eval_tasks`` (default: the tasks that have an entry
+    in ``eval_sets``, in task order) picks which eval splits to score — every task's switch and query
+    examples take part in routing regardless. ``limit`` caps the eval rows per task.
 
-    Returns ``{"per_task": {task: {"accuracy", "n", "models_built", "groups",
-    "routing_hit_rate"}}, "average", "seconds", "throughput_ratio", "k",
-    "examples_per_task", "feature_model", "average_over_batch",
-    "query_size", "query_bytes", "models_built", "rebuild_seconds"}``. ``models_built`` counts rebuilds (LRU
-    misses) while scoring that task; ``groups`` the (batch, weight-vector)
-    groups served; ``routing_hit_rate`` the fraction of inputs whose largest
-    weight is their own task's (ties count as misses).
+    One call builds the feature model and extracts the query set once for all scored tasks; each task's
+    ``accuracy``, ``n``, ``groups`` and ``routing_hit_rate`` equal those of a call scoring that task alone
+    (see :class:`_Scorer`), so scoring every task in one call is the cheap way.
+
+    Returns ``{"per_task": {task: {"accuracy", "n", "models_built", "groups", "routing_hit_rate"}},
+    "average", "seconds", "throughput_ratio", "k", "examples_per_task", "feature_model",
+    "average_over_batch", "query_size", "query_bytes", "models_built", "rebuild_seconds"}``.
+    ``models_built`` counts rebuilds (LRU misses) while scoring that task; ``groups`` the (batch,
+    weight-vector) groups served; ``routing_hit_rate`` the fraction of inputs whose largest weight is their
+    own task's (ties count as misses).
     """
     t_start = time.perf_counter()
     tasks = list(tasks)
-    n_tasks = len(tasks)
-    if n_tasks == 0:
-        raise ConfigError("auto-switch: no tasks given.")
-    if len(switches) != n_tasks:
-        raise ConfigError(f"auto-switch: {len(switches)} switch sets for {n_tasks} tasks; give one per task, in task order.")
-    if feature_model not in FEATURE_MODELS:
-        raise ConfigError(f"auto-switch: feature_model must be one of {FEATURE_MODELS}, got {feature_model!r}.")
-    if examples_per_task < 1:
-        raise ConfigError(f"auto-switch: examples_per_task must be >= 1, got {examples_per_task}.")
-    scored = list(eval_tasks) if eval_tasks is not None else [t for t in tasks if t in eval_sets]
-    if not scored:
-        raise ConfigError(f"auto-switch: no eval set for any of the tasks {tasks}.")
-    for t in tasks:
-        if t not in query_sets:
-            raise ConfigError(f"auto-switch: no query set for task {t!r}; the query set needs unlabeled examples of every task.")
-    for t in scored:
-        if t not in eval_sets:
-            raise ConfigError(f"auto-switch: no eval set for task {t!r}.")
+    scored = _scored_tasks(tasks, switches, eval_sets, query_sets, eval_tasks, feature_model, examples_per_task)
     dev = pick_device(str(device) if device is not None else None)
-
-    # 1. feature model
-    if feature_state_dict is not None:
-        fsd = feature_state_dict
-        feature_model = "custom"
-    elif feature_model == "average":
-        fsd = rebuild_state_dict(base_sd, switches, [1.0 / n_tasks] * n_tasks)
-    else:
-        fsd = base_sd
-    fmodel = adapter.build(fsd).to(dev).eval()
-    del fsd
-
-    # 2. query set
-    feats, ids = [], []
-    for i, t in enumerate(tasks):
-        f = extract_features(adapter, fmodel, query_sets[t], limit=examples_per_task, batch_size=batch_size, device=dev)
-        feats.append(f)
-        ids.append(torch.full((f.shape[0],), i, dtype=torch.long))
-    query = torch.cat(feats).to(dev)
-    query_ids = torch.cat(ids).to(dev)
-    if not 1 <= k <= query.shape[0]:
-        raise ConfigError(f"auto-switch: k must be in [1, {query.shape[0]}] (the query set size: {examples_per_task} examples x {n_tasks} tasks at most), got {k}.")
-
+    fmodel, feature_model = build_feature_model(adapter, base_sd, switches, feature_model, feature_state_dict, dev)
+    query = extract_query_set(adapter, fmodel, tasks, query_sets, examples_per_task, batch_size=batch_size, device=dev)
+    _check_k(k, query, examples_per_task)
     cache = _ModelCache(adapter, base_sd, switches, cache_size, dev)
-    per_task: dict[str, dict[str, Any]] = {}
-    auto_s = plain_s = 0.0
-    total_n = 0
-    for t in scored:
-        own = tasks.index(t) if t in tasks else -1
-        n_classes = adapter.num_classes(t)
-        correct = n = groups = hits = 0
-        built_before = cache.built
-        for raw in eval_sets[t].batches(batch_size, num_classes=n_classes, require_labels=True, limit=limit):
-            x = adapter.collate(raw.items).to(dev)
-            y = raw.labels
-            # plain single-model inference on the same inputs (the throughput reference)
-            _sync(dev)
-            t0 = time.perf_counter()
-            adapter.logits(fmodel, x, t)
-            _sync(dev)
-            plain_s += time.perf_counter() - t0
-            # Auto-Switch: features, kNN weights, grouped rebuilt models
-            t0 = time.perf_counter()
-            xf = adapter.features(fmodel, x)
-            w = autoswitch_weights(query, query_ids, xf, k=k, n_tasks=n_tasks, average_over_batch=average_over_batch).cpu()
-            pred = torch.empty(x.shape[0], dtype=torch.long)
-            for wv, idx in group_by_weights(w):
-                model = cache.get(wv)
-                pred[idx] = adapter.logits(model, x[idx.to(dev)], t).argmax(dim=-1).cpu()
-                groups += 1
-            _sync(dev)
-            auto_s += time.perf_counter() - t0
-            correct += int((pred == y).sum())
-            n += int(y.numel())
-            if own >= 0:
-                top = w.max(dim=1)
-                unique_top = (w == top.values.unsqueeze(1)).sum(dim=1) == 1
-                hits += int(((top.indices == own) & unique_top).sum())
-        if n == 0:
-            raise ZooError(f"{getattr(eval_sets[t], 'uri', t)}: the eval split of task {t!r} has no rows.")
-        per_task[t] = {
-            "accuracy": correct / n,
-            "n": n,
-            "models_built": cache.built - built_before,
-            "groups": groups,
-            "routing_hit_rate": hits / n if own >= 0 else None,
-        }
-        total_n += n
-    average = sum(r["accuracy"] for r in per_task.values()) / len(per_task)
-    ratio = (total_n / auto_s) / (total_n / plain_s) if auto_s > 0 and plain_s > 0 else float("nan")
+    scorer = _Scorer(adapter, fmodel, query, cache, dev, k, average_over_batch, batch_size, limit)
+    per_task = {t: scorer.score_task(t, tasks.index(t) if t in tasks else -1, eval_sets[t]) for t in scored}
     return {
         "per_task": per_task,
-        "average": average,
+        "average": sum(r["accuracy"] for r in per_task.values()) / len(per_task),
         "seconds": time.perf_counter() - t_start,
-        "throughput_ratio": ratio,
-        "k": k,
-        "examples_per_task": examples_per_task,
-        "feature_model": feature_model,
-        "average_over_batch": average_over_batch,
-        "query_size": int(query.shape[0]),
-        "query_bytes": int(query.numel() * query.element_size()),
+        "throughput_ratio": scorer.clock.ratio(),
+        "k": k, "examples_per_task": examples_per_task, "feature_model": feature_model,
+        "average_over_batch": average_over_batch, "query_size": query.size, "query_bytes": query.nbytes,
         "models_built": cache.built,
         "rebuild_seconds": cache.rebuild_seconds,
     }

@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,6 +59,8 @@ Tensor = torch.Tensor
 VARIANTS = ("wemoe", "e-wemoe")
 # Transformer-block classes whose ``.mlp`` attribute is the block's MLP.
 MLP_BLOCK_CLASSES = ("ResidualAttentionBlock", "CustomResidualAttentionBlock", "CLIPEncoderLayer")
+# E-WEMoE's default ρ = 90 % pruned (paper 002 Sec. III-C).
+EWEMOE_KEEP_FRACTION = 0.1
 
 
 def find_mlp_paths(model: nn.Module) -> list[str]:
@@ -111,6 +114,116 @@ def _cycle(adapter: ModelAdapter, dataset: EvalDataset, batch_size: int, limit: 
             raise ConfigError(f"wemoe: the test-time adaptation split {getattr(dataset, 'uri', '?')} has no rows.")
 
 
+def _default_keep_fraction(variant: str, keep_fraction: float | None) -> float | None:
+    if variant == "e-wemoe" and keep_fraction is None:
+        return EWEMOE_KEEP_FRACTION
+    return keep_fraction
+
+
+# ---------------------------------------------------------------- building the upscaled model
+
+
+@dataclass(frozen=True)
+class MlpTaskVectors:
+    """Every upscaled MLP's pretrained parameters θ0 and task vectors τi (fp32), by MLP path, in module order."""
+
+    paths: list[str]
+    base: dict[str, dict[str, Tensor]]
+    task_vectors: dict[str, list[dict[str, Tensor]]]
+
+
+def mlp_task_vectors(
+    adapter: ModelAdapter,
+    base_sd: Mapping[str, Tensor],
+    task_sds: Sequence[Mapping[str, Tensor]],
+    mlp_paths: Sequence[str] | None = None,
+) -> MlpTaskVectors:
+    """Step 2's inputs: θ0 and τi = θi − θ0 of each MLP, read through the adapter (any key layout it accepts).
+
+    Each fine-tuned state dict is loaded into one scratch model in turn.
+    ``mlp_paths`` default: :func:`find_mlp_paths`.
+    """
+    scratch = adapter.build(base_sd)
+    paths = list(mlp_paths) if mlp_paths is not None else find_mlp_paths(scratch)
+    for p in paths:
+        try:
+            scratch.get_submodule(p)
+        except AttributeError as e:
+            raise ConfigError(f"wemoe: model class {type(scratch).__name__} has no submodule {p!r} to upscale.") from e
+    base_mlp = _mlp_params(scratch, paths)
+    tvs: dict[str, list[dict[str, Tensor]]] = {p: [] for p in paths}
+    for sd in task_sds:
+        adapter.load(scratch, sd)
+        for p, params in _mlp_params(scratch, paths).items():
+            tvs[p].append({n: v - base_mlp[p][n] for n, v in params.items()})
+    return MlpTaskVectors(paths, base_mlp, tvs)
+
+
+def _static_model(
+    adapter: ModelAdapter,
+    base_sd: Mapping[str, Tensor],
+    task_sds: Sequence[Mapping[str, Tensor]],
+    init_lambda: float,
+    mlps: MlpTaskVectors,
+) -> nn.Module:
+    """Step 1: the Task Arithmetic merge θ0 + λ·Σi τi, its MLPs reset to θ0 (they become θ0 + Σ λi(x) τi); all frozen."""
+    merged = merge_in_memory(TaskArithmetic(scale=init_lambda), base_sd, task_sds)
+    model = adapter.build(merged)
+    del merged
+    with torch.no_grad():
+        for p in mlps.paths:
+            for n, t in model.get_submodule(p).named_parameters():
+                t.copy_(mlps.base[p][n].to(t.dtype))
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return model
+
+
+def _router_width(model: nn.Module, first_mlp: str, router_hidden: int | None) -> int:
+    """Step 3's hidden width: ``router_hidden``, else the first MLP's input width (FusionBench's choice)."""
+    if router_hidden is not None:
+        return router_hidden
+    first = model.get_submodule(first_mlp)
+    return next((m.in_features for m in first.modules() if isinstance(m, nn.Linear)), 0) or 1
+
+
+def _upscale(
+    model: nn.Module,
+    mlps: MlpTaskVectors,
+    hidden: int,
+    init_lambda: float,
+    *,
+    variant: str,
+    keep_fraction: float | None,
+    seed: int,
+    opts: dict[str, Any],
+) -> dict[str, WeightEnsemblingMLP]:
+    """Steps 2, 3 and 5: replace each MLP by a :class:`WeightEnsemblingMLP`, routers seeded by ``seed``.
+
+    :func:`upscale_mlps` takes one token layout per call, so MLPs are upscaled
+    per layout (``opts["batch_first"]`` forces one for all); E-WEMoE's shared
+    router is created by the first call and handed to the others.
+    """
+    paths, opts = mlps.paths, dict(opts)
+    if "batch_first" in opts:
+        forced = opts.pop("batch_first")
+        layouts = {p: forced for p in paths}
+    else:
+        layouts = {p: _batch_first(model, p) for p in paths}
+    out: dict[str, WeightEnsemblingMLP] = {}
+    shared: bool | nn.Module = variant == "e-wemoe"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for bf in sorted(set(layouts.values())):
+            group = [p for p in paths if layouts[p] == bf]
+            made = upscale_mlps(model, group, {p: mlps.task_vectors[p] for p in group}, hidden, init_lambda,
+                                shared_router=shared, keep_fraction=keep_fraction, batch_first=bf, **opts)
+            out.update(made)
+            if variant == "e-wemoe" and not isinstance(shared, nn.Module):
+                shared = next(iter(made.values())).router  # one router for every layer, whatever the layout
+    return {p: out[p] for p in paths}
+
+
 def build_wemoe_model(
     adapter: ModelAdapter,
     base_sd: Mapping[str, Tensor],
@@ -135,61 +248,117 @@ def build_wemoe_model(
         raise ConfigError(f"wemoe: variant must be one of {VARIANTS}, got {variant!r}.")
     if not task_sds:
         raise ConfigError("wemoe: at least one fine-tuned state dict is needed.")
-    if variant == "e-wemoe" and keep_fraction is None:
-        keep_fraction = 0.1
-    scratch = adapter.build(base_sd)
-    paths = list(mlp_paths) if mlp_paths is not None else find_mlp_paths(scratch)
-    for p in paths:
-        try:
-            scratch.get_submodule(p)
-        except AttributeError as e:
-            raise ConfigError(f"wemoe: model class {type(scratch).__name__} has no submodule {p!r} to upscale.") from e
-    base_mlp = _mlp_params(scratch, paths)
-    tvs: dict[str, list[dict[str, Tensor]]] = {p: [] for p in paths}
-    for sd in task_sds:
-        adapter.load(scratch, sd)
-        for p, params in _mlp_params(scratch, paths).items():
-            tvs[p].append({n: v - base_mlp[p][n] for n, v in params.items()})
-    del scratch
-
-    merged = merge_in_memory(TaskArithmetic(scale=init_lambda), base_sd, task_sds)
-    model = adapter.build(merged)
-    del merged
-    with torch.no_grad():
-        for p in paths:  # the MLP part is θ0 + Σ λi(x) τi, not the TA merge
-            for n, t in model.get_submodule(p).named_parameters():
-                t.copy_(base_mlp[p][n].to(t.dtype))
-    for prm in model.parameters():
-        prm.requires_grad_(False)
+    keep_fraction = _default_keep_fraction(variant, keep_fraction)
+    mlp_tvs = mlp_task_vectors(adapter, base_sd, task_sds, mlp_paths)
+    model = _static_model(adapter, base_sd, task_sds, init_lambda, mlp_tvs)
     opts = dict(mlp_options)
     opts.setdefault("init_std", router_init_std)
     opts.setdefault("router_depth", router_depth)
-    if "batch_first" in opts:
-        layouts = {p: opts.pop("batch_first") for p in paths}
-    else:
-        layouts = {p: _batch_first(model, p) for p in paths}
-    hidden = router_hidden
-    if hidden is None:
-        first = model.get_submodule(paths[0])
-        hidden = next((m.in_features for m in first.modules() if isinstance(m, nn.Linear)), 0) or 1
-    mlps: dict[str, WeightEnsemblingMLP] = {}
-    shared: bool | nn.Module = variant == "e-wemoe"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for bf in sorted(set(layouts.values())):
-            group = [p for p in paths if layouts[p] == bf]
-            out = upscale_mlps(model, group, {p: tvs[p] for p in group}, hidden, init_lambda,
-                               shared_router=shared, keep_fraction=keep_fraction, batch_first=bf, **opts)
-            mlps.update(out)
-            if variant == "e-wemoe" and not isinstance(shared, nn.Module):
-                shared = next(iter(out.values())).router  # one router for every layer, whatever the layout
-    mlps = {p: mlps[p] for p in paths}
+    hidden = _router_width(model, mlp_tvs.paths[0], router_hidden)
+    mlps = _upscale(model, mlp_tvs, hidden, init_lambda, variant=variant, keep_fraction=keep_fraction, seed=seed, opts=opts)
     for r in _routers(mlps):
         for prm in r.parameters():
             prm.requires_grad_(True)
     return model, mlps
 
 
+# ---------------------------------------------------------------- adaptation and scoring
+
+
+def adapt_routers(
+    adapter: ModelAdapter,
+    model: nn.Module,
+    routers: Sequence[nn.Module],
+    tasks: Sequence[str],
+    tta_sets: Mapping[str, EvalDataset],
+    *,
+    tta_steps: int,
+    lr: float,
+    batch_size: int,
+    tta_limit: int | None,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[float]:
+    """Step 4 (eq. 11): ``tta_steps`` Adam steps on the routers, step s on one batch of ``tasks[s % T]``.
+
+    docs/MATH.md "WEMoE and E-WEMoE" (paper 002 eq. 11). Each task's split
+    (first ``tta_limit`` rows) is cycled; returns each step's entropy before
+    its update.
+    """
+    losses: list[float] = []
+    if not tta_steps:
+        return losses
+    opt = torch.optim.Adam([p for r in routers for p in r.parameters()], lr=lr)
+    streams = {t: _cycle(adapter, tta_sets[t], batch_size, tta_limit) for t in tasks}
+    for step, t in zip(range(tta_steps), itertools.cycle(tasks)):
+        x = next(streams[t]).to(device)
+        losses.append(tta_step(model, lambda m, xb, _t=t: adapter.logits(m, xb, _t), x, opt))
+        if progress is not None:
+            progress(step + 1, tta_steps)
+    return losses
+
+
+def _adapt_and_measure(
+    adapter: ModelAdapter,
+    model: nn.Module,
+    routers: Sequence[nn.Module],
+    tasks: Sequence[str],
+    tta_sets: Mapping[str, EvalDataset],
+    *,
+    tta_steps: int,
+    lr: float,
+    batch_size: int,
+    tta_limit: int | None,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None,
+    measure_entropy: bool,
+    eval_batch_size: int,
+) -> tuple[list[float], float, dict[str, float]]:
+    """Step 4 timed: (losses, seconds, ``entropy_before``/``entropy_after`` when ``measure_entropy``)."""
+    entropy_sets = {t: tta_sets[t] for t in tasks if t in tta_sets}
+    entropies: dict[str, float] = {}
+
+    def measure(key: str) -> None:
+        if measure_entropy:
+            entropies[key] = mean_entropy(adapter, model, entropy_sets, batch_size=eval_batch_size, limit=tta_limit, device=device)
+
+    measure("entropy_before")
+    t0 = time.perf_counter()
+    losses = adapt_routers(adapter, model, routers, tasks, tta_sets, tta_steps=tta_steps, lr=lr, batch_size=batch_size,
+                           tta_limit=tta_limit, device=device, progress=progress)
+    seconds = time.perf_counter() - t0
+    measure("entropy_after")
+    return losses, seconds, entropies
+
+
+def _check_wemoe_inputs(
+    tasks: Sequence[str],
+    task_sds: Sequence[Mapping[str, Tensor]],
+    eval_sets: Mapping[str, EvalDataset],
+    tta_sets: Mapping[str, EvalDataset],
+    tta_steps: int,
+) -> None:
+    if len(task_sds) != len(tasks):
+        raise ConfigError(f"wemoe: {len(task_sds)} fine-tuned state dicts for {len(tasks)} tasks; give one per task, in task order.")
+    if tta_steps < 0:
+        raise ConfigError(f"wemoe: tta_steps must be >= 0, got {tta_steps}.")
+    for t in tasks:
+        if t not in eval_sets:
+            raise ConfigError(f"wemoe: no eval set for task {t!r}.")
+        if tta_steps and t not in tta_sets:
+            raise ConfigError(f"wemoe: no test-time adaptation set for task {t!r}.")
+
+
+def _score_tasks(adapter: ModelAdapter, model: nn.Module, tasks: Sequence[str], eval_sets: Mapping[str, EvalDataset], *, batch_size: int, limit: int | None, device: torch.device) -> dict[str, dict[str, Any]]:
+    """Scoring: accuracy of the adapted model on every task's eval split, each with its own head."""
+    per_task: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        r = evaluate(adapter, model, eval_sets[t], t, batch_size=batch_size, device=device, limit=limit)
+        per_task[t] = {"accuracy": r["accuracy"], "n": r["n"]}
+    return per_task
+
+
+# Over ~60 lines only by its public 23-parameter signature and docstring; the body is ~25 lines of named steps.
 def evaluate_wemoe(
     adapter: ModelAdapter,
     base_sd: Mapping[str, Tensor],
@@ -219,34 +388,22 @@ def evaluate_wemoe(
 ) -> dict[str, Any]:
     """WEMoE (``variant="wemoe"``) or E-WEMoE (``"e-wemoe"``) accuracy per task; see the module docstring.
 
-    ``task_sds[i]`` is the fine-tuned state dict of ``tasks[i]`` (same keys as
-    ``base_sd``). ``tta_sets[t]`` holds unlabeled inputs of task t (the first
-    ``tta_limit`` rows, cycled); ``eval_sets[t]`` its labelled eval split
-    (``limit`` rows at most). ``batch_size`` is the TTA batch, ``eval_batch_size``
-    the scoring batch. ``progress(step, tta_steps)`` is called after each TTA
-    step. ``mlp_options`` go to :class:`WeightEnsemblingMLP` (``token_pool``,
-    ``batch_reduce``, ``batched``). ``measure_entropy=True`` adds
-    ``entropy_before``/``entropy_after``: the mean prediction entropy over the
-    TTA splits (``tta_limit`` rows each) before and after adaptation.
+    ``task_sds[i]`` is the fine-tuned state dict of ``tasks[i]`` (same keys as ``base_sd``). ``tta_sets[t]``
+    holds unlabeled inputs of task t (the first ``tta_limit`` rows, cycled); ``eval_sets[t]`` its labelled
+    eval split (``limit`` rows at most). ``batch_size`` is the TTA batch, ``eval_batch_size`` the scoring
+    batch. ``progress(step, tta_steps)`` is called after each TTA step. ``mlp_options`` go to
+    :class:`WeightEnsemblingMLP` (``token_pool``, ``batch_reduce``, ``batched``). ``measure_entropy=True``
+    adds ``entropy_before``/``entropy_after``: the mean prediction entropy over the TTA splits
+    (``tta_limit`` rows each) before and after adaptation.
 
-    Returns ``{"per_task": {task: {"accuracy", "n"}}, "average", "seconds",
-    "tta_steps", "variant", "keep_fraction", "tta_seconds", "tta_losses",
-    "n_routers", "router_parameters", "mlp_paths"}``; ``tta_losses`` is the
-    entropy of each TTA step's batch (before that step's update).
+    Returns ``{"per_task": {task: {"accuracy", "n"}}, "average", "seconds", "tta_steps", "variant",
+    "keep_fraction", "tta_seconds", "tta_losses", "n_routers", "router_parameters", "mlp_paths"}``;
+    ``tta_losses`` is the entropy of each TTA step's batch (before that step's update).
     """
     t_start = time.perf_counter()
     tasks = list(tasks)
-    if len(task_sds) != len(tasks):
-        raise ConfigError(f"wemoe: {len(task_sds)} fine-tuned state dicts for {len(tasks)} tasks; give one per task, in task order.")
-    if tta_steps < 0:
-        raise ConfigError(f"wemoe: tta_steps must be >= 0, got {tta_steps}.")
-    for t in tasks:
-        if t not in eval_sets:
-            raise ConfigError(f"wemoe: no eval set for task {t!r}.")
-        if tta_steps and t not in tta_sets:
-            raise ConfigError(f"wemoe: no test-time adaptation set for task {t!r}.")
-    if variant == "e-wemoe" and keep_fraction is None:
-        keep_fraction = 0.1
+    _check_wemoe_inputs(tasks, task_sds, eval_sets, tta_sets, tta_steps)
+    keep_fraction = _default_keep_fraction(variant, keep_fraction)
     dev = pick_device(str(device) if device is not None else None)
     model, mlps = build_wemoe_model(
         adapter, base_sd, task_sds, variant=variant, keep_fraction=keep_fraction, init_lambda=init_lambda,
@@ -255,43 +412,21 @@ def evaluate_wemoe(
     )
     model.to(dev).eval()
     routers = _routers(mlps)
-    params = [p for r in routers for p in r.parameters()]
-
-    entropy_sets = {t: tta_sets[t] for t in tasks if t in tta_sets}
-    extra: dict[str, Any] = {}
-    if measure_entropy:
-        extra["entropy_before"] = mean_entropy(adapter, model, entropy_sets, batch_size=eval_batch_size, limit=tta_limit, device=dev)
-    t_tta = time.perf_counter()
-    losses: list[float] = []
-    if tta_steps:
-        opt = torch.optim.Adam(params, lr=lr)
-        streams = {t: _cycle(adapter, tta_sets[t], batch_size, tta_limit) for t in tasks}
-        for step, t in zip(range(tta_steps), itertools.cycle(tasks)):
-            x = next(streams[t]).to(dev)
-            losses.append(tta_step(model, lambda m, xb, _t=t: adapter.logits(m, xb, _t), x, opt))
-            if progress is not None:
-                progress(step + 1, tta_steps)
-    tta_seconds = time.perf_counter() - t_tta
-    if measure_entropy:
-        extra["entropy_after"] = mean_entropy(adapter, model, entropy_sets, batch_size=eval_batch_size, limit=tta_limit, device=dev)
-
-    per_task: dict[str, dict[str, Any]] = {}
-    for t in tasks:
-        r = evaluate(adapter, model, eval_sets[t], t, batch_size=eval_batch_size, device=dev, limit=limit)
-        per_task[t] = {"accuracy": r["accuracy"], "n": r["n"]}
+    losses, tta_seconds, entropies = _adapt_and_measure(
+        adapter, model, routers, tasks, tta_sets, tta_steps=tta_steps, lr=lr, batch_size=batch_size, tta_limit=tta_limit,
+        device=dev, progress=progress, measure_entropy=measure_entropy, eval_batch_size=eval_batch_size,
+    )
+    per_task = _score_tasks(adapter, model, tasks, eval_sets, batch_size=eval_batch_size, limit=limit, device=dev)
     return {
         "per_task": per_task,
         "average": sum(r["accuracy"] for r in per_task.values()) / len(per_task),
         "seconds": time.perf_counter() - t_start,
-        "tta_steps": tta_steps,
-        "variant": variant,
-        "keep_fraction": keep_fraction,
-        "tta_seconds": tta_seconds,
-        "tta_losses": losses,
+        "tta_steps": tta_steps, "variant": variant, "keep_fraction": keep_fraction,
+        "tta_seconds": tta_seconds, "tta_losses": losses,
         "n_routers": len(routers),
-        "router_parameters": sum(p.numel() for p in params),
+        "router_parameters": sum(p.numel() for r in routers for p in r.parameters()),
         "mlp_paths": list(mlps),
-        **extra,
+        **entropies,
     }
 
 
