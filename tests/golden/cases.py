@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -231,86 +231,110 @@ def _options_label(options: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in options.items()) or "defaults"
 
 
+@dataclass
+class Run:
+    """Where one computation of the cases happens, and what it made so far."""
+
+    work: Path
+    place: S3Place
+    say: Callable[[str], None]
+    digests: dict[str, Any] = field(default_factory=dict)
+    zoos: dict[str, str] = field(default_factory=dict)  # input name -> zoo.yaml URI
+    built: dict[str, str] = field(default_factory=dict)  # build case -> artifact URI
+
+    def options_for(self, uri: str) -> dict[str, Any] | None:
+        return self.place.storage_options if uri.startswith("s3://") else None
+
+    def record(self, name: str, value: Any) -> None:
+        self.digests[name] = value
+        self.say(name)
+
+
 def compute_all(work: Path, place: S3Place, say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Every golden case's digest, by case name. ``work`` must be an empty folder."""
-    out: dict[str, Any] = {}
-    s3_opts = place.storage_options
-    s3_args = place.cli_args()
-    local = ["--executor", "local"]
+    run = Run(work, place, say)
+    _make_inputs(run)
+    _build_cases(run)
+    _reconstruct_cases(run)
+    _merge_cases(run)
+    run.record("eval/demo-tiny/results", _eval_case(work / "eval"))
+    return run.digests
 
-    # --- inputs
+
+def _make_inputs(run: Run) -> None:
+    synth = run.work / "synth"
     tswitch("zoo", "synth", "--arch", "vit-b-32", "--tasks", 3, "--dtype", "fp16", "--layers", 0, "--seed", 3,
-            "--out", work / "synth")
-    synth = str(work / "synth" / "zoo.yaml")
-    out["zoo-synth/vit-b-32-3x-fp16-0l"] = {
-        "manifest": yaml.safe_load((work / "synth" / "zoo.yaml").read_text()),
-        "files": {p.name: digest.safetensors_file_digest(str(p)) for p in sorted((work / "synth").glob("*.safetensors"))},
-    }
+            "--out", synth)
+    run.zoos["synth"] = str(synth / "zoo.yaml")
+    run.record("zoo-synth/vit-b-32-3x-fp16-0l", {
+        "manifest": yaml.safe_load((synth / "zoo.yaml").read_text()),
+        "files": {p.name: digest.safetensors_file_digest(str(p)) for p in sorted(synth.glob("*.safetensors"))},
+    })
     states = mixed_states()
-    mixed = {fmt: str(write_mixed_zoo(work / f"mixed-{fmt}", fmt, states)) for fmt in ("safetensors", "sharded", "pt")}
-    mixed_s3 = {fmt: upload(work / f"mixed-{fmt}", place, f"mixed-{fmt}") + "/zoo.yaml" for fmt in mixed}
-    say("inputs made")
+    for fmt in ("safetensors", "sharded", "pt"):
+        run.zoos[f"mixed-{fmt}"] = str(write_mixed_zoo(run.work / f"mixed-{fmt}", fmt, states))
+        run.zoos[f"mixed-{fmt}-s3"] = upload(run.work / f"mixed-{fmt}", run.place, f"mixed-{fmt}") + "/zoo.yaml"
 
-    # --- build: (name, zoo, out, alphas, scope, knob, extra args)
-    sw = work / "switches"
+
+def _build_cases(run: Run) -> None:
+    """Every zoo format, local and S3, both scopes and knobs, several α; one on Ray (the default)."""
+    local, s3 = ["--executor", "local"], ["--executor", "local", *run.place.cli_args()]
+    sw = run.work / "switches"
+    # (case, input zoo, output, alphas, scope, knob, extra arguments)
     builds = [
-        ("synth/local/tensor-rms/ray", synth, str(sw / "synth-tensor"), (0.6, 0.9), "tensor", "rms", ["--workers", 2]),
-        ("synth/local/model-mean", synth, str(sw / "synth-model"), (0.5, 0.8), "model", "mean", local),
-        ("mixed-safetensors/local/tensor-rms", mixed["safetensors"], str(sw / "st-tensor"), (0.0, 0.5, 0.9),
+        ("synth/local/tensor-rms/ray", "synth", str(sw / "synth-tensor"), (0.6, 0.9), "tensor", "rms",
+         ["--workers", "2"]),
+        ("synth/local/model-mean", "synth", str(sw / "synth-model"), (0.5, 0.8), "model", "mean", local),
+        ("mixed-safetensors/local/tensor-rms", "mixed-safetensors", str(sw / "st-tensor"), (0.0, 0.5, 0.9),
          "tensor", "rms", local),
-        ("mixed-sharded/local/model-rms", mixed["sharded"], str(sw / "sh-model"), (0.3, 0.7), "model", "rms", local),
-        ("mixed-pt/local/tensor-mean", mixed["pt"], str(sw / "pt-tensor"), (0.5, 0.9), "tensor", "mean", local),
-        ("mixed-safetensors/s3/model-mean", mixed_s3["safetensors"], place.uri("sw/st-model"), (0.6, 0.9),
-         "model", "mean", local + s3_args),
-        ("mixed-sharded/s3/tensor-rms", mixed_s3["sharded"], place.uri("sw/sh-tensor"), (0.0, 0.5, 0.9),
-         "tensor", "rms", local + s3_args),
-        ("mixed-pt/s3/model-rms", mixed_s3["pt"], place.uri("sw/pt-model"), (0.3, 0.7), "model", "rms",
-         local + s3_args),
+        ("mixed-sharded/local/model-rms", "mixed-sharded", str(sw / "sh-model"), (0.3, 0.7), "model", "rms", local),
+        ("mixed-pt/local/tensor-mean", "mixed-pt", str(sw / "pt-tensor"), (0.5, 0.9), "tensor", "mean", local),
+        ("mixed-safetensors/s3/model-mean", "mixed-safetensors-s3", run.place.uri("sw/st-model"), (0.6, 0.9),
+         "model", "mean", s3),
+        ("mixed-sharded/s3/tensor-rms", "mixed-sharded-s3", run.place.uri("sw/sh-tensor"), (0.0, 0.5, 0.9),
+         "tensor", "rms", s3),
+        ("mixed-pt/s3/model-rms", "mixed-pt-s3", run.place.uri("sw/pt-model"), (0.3, 0.7), "model", "rms", s3),
     ]
-    built: dict[str, str] = {}
     for name, zoo, dest, alphas, scope, knob, extra in builds:
-        _build(zoo, dest, alphas, scope, knob, *extra)
-        built[name] = dest
-        out[f"build/{name}"] = digest.artifact_digest(dest, s3_opts if dest.startswith("s3://") else None)
-        say(f"build/{name}")
+        _build(run.zoos[zoo], dest, alphas, scope, knob, *extra)
+        run.built[name] = dest
+        run.record(f"build/{name}", digest.artifact_digest(dest, run.options_for(dest)))
 
-    # --- reconstruct: (name, artifacts, task, alpha, out, extra args)
-    rec = work / "reconstructed"
+
+def _reconstruct_cases(run: Run) -> None:
+    rec = run.work / "reconstructed"
+    # (case, build case, task, alpha, output, extra arguments)
     reconstructs = [
-        ("synth/local/tensor-rms/task_02@0.9", built["synth/local/tensor-rms/ray"], "task_02", 0.9,
+        ("synth/local/tensor-rms/task_02@0.9", "synth/local/tensor-rms/ray", "task_02", 0.9,
          str(rec / "synth.safetensors"), []),
-        ("mixed-sharded/local/model-rms/dtd@0.7", built["mixed-sharded/local/model-rms"], "dtd", 0.7,
+        ("mixed-sharded/local/model-rms/dtd@0.7", "mixed-sharded/local/model-rms", "dtd", 0.7,
          str(rec / "sharded.safetensors"), []),
-        ("mixed-pt/s3/model-rms/eurosat@0.3", built["mixed-pt/s3/model-rms"], "eurosat", 0.3,
-         place.uri("reconstructed/pt.safetensors"), s3_args),
+        ("mixed-pt/s3/model-rms/eurosat@0.3", "mixed-pt/s3/model-rms", "eurosat", 0.3,
+         run.place.uri("reconstructed/pt.safetensors"), run.place.cli_args()),
     ]
-    for name, artifacts, task, alpha, dest, extra in reconstructs:
-        tswitch("reconstruct", "--artifacts", artifacts, "--task", task, "--alpha", alpha, "--out", dest, *extra)
-        out[f"reconstruct/{name}"] = digest.safetensors_file_digest(dest, s3_opts if dest.startswith("s3://") else None)
-        say(f"reconstruct/{name}")
+    for name, build, task, alpha, dest, extra in reconstructs:
+        tswitch("reconstruct", "--artifacts", run.built[build], "--task", task, "--alpha", alpha, "--out", dest,
+                *extra)
+        run.record(f"reconstruct/{name}", digest.safetensors_file_digest(dest, run.options_for(dest)))
 
-    # --- merge: every method with its defaults and non-default options, on the safetensors zoo
-    merged = work / "merged"
+
+def _merge_cases(run: Run) -> None:
+    """Every method with its defaults and non-default options, then the other readers and the S3 writer."""
+    local = ["--executor", "local"]
+    merged = run.work / "merged"
     for method, option_sets in MERGES.items():
         for i, options in enumerate(option_sets):
             dest = str(merged / f"{method}-{i}")
-            _merge(mixed["safetensors"], method, options, dest, *local)
-            name = f"merge/mixed-safetensors/local/{method}/{_options_label(options)}"
-            out[name] = digest.safetensors_folder_digest(dest)
-            say(name)
-    # ... and through the other readers and the S3 writer
+            _merge(run.zoos["mixed-safetensors"], method, options, dest, *local)
+            run.record(f"merge/mixed-safetensors/local/{method}/{_options_label(options)}",
+                       digest.safetensors_folder_digest(dest))
     for name, zoo, method, dest, extra in [
-        ("mixed-sharded/s3/ties/defaults", mixed_s3["sharded"], "ties", place.uri("merged/ties"), local + s3_args),
-        ("mixed-pt/local/emr/defaults", mixed["pt"], "emr", str(merged / "pt-emr"), local),
+        ("mixed-sharded/s3/ties/defaults", "mixed-sharded-s3", "ties", run.place.uri("merged/ties"),
+         [*local, *run.place.cli_args()]),
+        ("mixed-pt/local/emr/defaults", "mixed-pt", "emr", str(merged / "pt-emr"), local),
     ]:
-        _merge(zoo, method, {}, dest, *extra)
-        out[f"merge/{name}"] = digest.safetensors_folder_digest(dest, s3_opts if dest.startswith("s3://") else None)
-        say(f"merge/{name}")
-
-    # --- eval
-    out["eval/demo-tiny/results"] = _eval_case(work / "eval")
-    say("eval/demo-tiny/results")
-    return out
+        _merge(run.zoos[zoo], method, {}, dest, *extra)
+        run.record(f"merge/{name}", digest.safetensors_folder_digest(dest, run.options_for(dest)))
 
 
 def _eval_case(folder: Path) -> dict[str, Any]:

@@ -187,8 +187,10 @@ def _diff(expected: Any, actual: Any, where: str, out: list[str], limit: int) ->
         return
     if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
         for i, (e, a) in enumerate(zip(expected, actual)):
-            if e != a and isinstance(e, list) and not any(isinstance(v, (list, dict)) for v in e):
-                out.append(f"{where}[{i}]: {_short(e)} -> {_short(a)}")  # a row: both in full
+            if e != a and isinstance(e, list) and e and isinstance(e[0], str):
+                out.append(f"{where}[{i}]: {_short(e)} -> {_short(a)}")  # a row or tensor, named by its head
+            elif isinstance(e, dict) and {"label", "task"} <= set(e):
+                _diff(e, a, f"{where}[{e['label']} | {e['task']}]", out, limit)  # a results row
             else:
                 _diff(e, a, f"{where}[{i}]", out, limit)
             if len(out) >= limit:
