@@ -26,6 +26,7 @@ from golden import cases, digest
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "golden.json"
 GOLDEN: dict = json.loads(GOLDEN_FILE.read_text(encoding="utf-8"))
+RECORDED_ON: dict = json.loads((GOLDEN_FILE.parent / "machine.json").read_text(encoding="utf-8"))
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
@@ -58,6 +59,11 @@ def test_the_same_cases_are_computed(computed):
 def test_output_is_unchanged(computed, case):
     if case not in computed:
         pytest.fail(f"golden case {case!r} was not computed")
+    here = cases.machine()
+    if case.startswith(cases.TORCH_DERIVED) and here != RECORDED_ON:
+        pytest.skip(f"{case}: its inputs come from torch's samplers/training, recorded on {RECORDED_ON}; "
+                    f"this machine is {here} (the mixed-zoo cases still prove identity; re-record on this "
+                    "machine with tests/golden/record.py to compare these too)")
     diffs = digest.differences(GOLDEN[case], computed[case], where=case)
     if diffs:
         pytest.fail(f"golden case {case!r} differs from {GOLDEN_FILE.name} (recorded before the restructure):\n  "

@@ -368,3 +368,21 @@ def ensure_worker_path() -> None:
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+
+
+# Cases whose inputs come from torch's samplers or from training (the synth zoo, the demo
+# zoo): their last bits may depend on the CPU's vector units, so they are compared only on
+# a machine like the one that recorded them. The hand-made "mixed" zoo (PCG64 uniforms and
+# IEEE arithmetic) is the same everywhere and always compared.
+TORCH_DERIVED = ("zoo-synth/", "build/synth/", "reconstruct/synth/", "merge/synth/", "eval/")
+
+
+def machine() -> dict[str, str]:
+    """What the torch-derived cases depend on: CPU model, its vector capability and torch's version."""
+    import platform
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(), "torch": torch.__version__}

@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE.parent))  # `golden` as a package, as pytest sees it
 from golden import cases  # noqa: E402
 
 GOLDEN = HERE / "golden.json"
+MACHINE = HERE / "machine.json"
 
 
 def _dump(value: object, indent: int) -> str:
@@ -83,6 +84,7 @@ def main() -> None:
     finally:
         server.stop()
     args.out.write_text(dump(digests), encoding="utf-8")
+    (args.out.parent / MACHINE.name).write_text(json.dumps(cases.machine(), indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.out}: {len(digests)} cases in {time.perf_counter() - t0:.1f} s")
 
 
