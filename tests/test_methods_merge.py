@@ -4,7 +4,9 @@ The zoo is small but built to hit the edge cases: several tensors (so global
 statistics span tensors), fp32 and fp16 storage, task-vector entries that are
 exactly zero, entries with a zero sign sum across tasks (sign ties), and
 values on a coarse grid so that many magnitudes tie at every selection cut.
-The references below are transcriptions of the formulas in DESIGN.md and of
+The references below are transcriptions of the formulas in docs/MATH.md
+("Task Arithmetic", "TIES-Merging", "DARE", "P-Discard merge", "EMR-Merging",
+"Thresholds (P-Discard cut)", "Switches and knobs", "Reconstruction") and of
 the papers' reference code, written with NumPy (sort-based selection, whole
 flattened model) and sharing no code with ``tswitch_ray.methods``.
 """
@@ -266,7 +268,7 @@ def test_dare_rescale_to_sum_norm(zoo, norm_scope):
 
 
 def np_thresholds(values: np.ndarray, alpha: float) -> tuple[float, float]:
-    """DESIGN: d = floor(α·n) over positives (resp. |negatives|); t = d-th smallest, 0 if d = 0."""
+    """docs/MATH.md "Thresholds (P-Discard cut)": d = floor(α·n) over positives (resp. |negatives|); t = d-th smallest, 0 if d = 0."""
     pos = values[values > 0]
     neg = -values[values < 0]
     out = []

@@ -33,7 +33,7 @@ def autoswitch_weights(
     n_tasks: int | None = None,
     average_over_batch: bool = False,
 ) -> Tensor:
-    """Switch weights wt(x) = |kNN(x) ∩ Qt| / k (paper 000 eq. 8); float32 [B, T].
+    """Switch weights wt(x) = |kNN(x) ∩ Qt| / k (docs/MATH.md "Auto-Switch"; paper 000 eq. 8); float32 [B, T].
 
     ``query_features`` [Q, D], ``query_task_ids`` [Q] (ints in [0, T)),
     ``x_features`` [B, D]. Neighbours by Euclidean distance (``torch.cdist``
@@ -98,7 +98,8 @@ def combine_switches(
     switches: Sequence[tuple[Tensor, Tensor, float]],
     weights: Sequence[float] | Tensor,
 ) -> Tensor:
-    """θ(x) = θ0 + Σt wt·λt·Mt⊙St (paper 000 eq. 8) for one tensor, in the base dtype.
+    """θ(x) = θ0 + Σt wt·λt·Mt⊙St (docs/MATH.md "Auto-Switch"; paper 000 eq. 8) for one tensor, in the
+    base dtype.
 
     ``switches[t] = (mask, positive, knob)`` as stored by T-Switch (``positive``
     is the sign bit of kept elements). Accumulated in fp32 in task order;

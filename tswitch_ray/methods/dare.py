@@ -35,7 +35,7 @@ Tensor = torch.Tensor
 
 
 def dare_task_vectors(name: str, taus: list[Tensor], p: float, seed: int) -> list[Tensor]:
-    """DARE(τt) for every task of one tensor, each with its (seed, task, name) seed."""
+    """DARE(τt) for every task of one tensor (docs/MATH.md "DARE"), each with its (seed, task, name) seed."""
     return [dare(tau, p, stable_seed(seed, t, name)) for t, tau in enumerate(taus)]
 
 

@@ -42,7 +42,8 @@ LAMBDA_MODES: tuple[str, ...] = get_args(LambdaMode)
 
 
 def unified_task_vector(taus: Sequence[Tensor]) -> Tensor:
-    """Elect τuni (paper 003 Sec. 3.2 "Electing a unified task vector", Alg. 1 lines 2–3).
+    """Elect τuni (docs/MATH.md "EMR-Merging"; paper 003 Sec. 3.2 "Electing a unified task vector",
+    Alg. 1 lines 2–3).
 
     γuni = sign(Σt τt) with a zero sum mapped to −1 (reference code);
     εuni = max over t of |τt| among the entries whose sign agrees with γuni,
@@ -70,7 +71,8 @@ def unified_task_vector(taus: Sequence[Tensor]) -> Tensor:
 
 
 def task_masks(taus: Sequence[Tensor], tau_uni: Tensor) -> list[Tensor]:
-    """Mt = (τt ⊙ τuni > 0) (paper 003 Sec. 3.2 "Task-specific masks"), bool, one per task."""
+    """Mt = (τt ⊙ τuni > 0) (docs/MATH.md "EMR-Merging"; paper 003 Sec. 3.2 "Task-specific masks"), bool,
+    one per task."""
     buf = torch.empty_like(tau_uni)
     return [torch.mul(tau, tau_uni, out=buf) > 0 for tau in taus]
 
@@ -95,8 +97,8 @@ def rescaler_terms(
 
 
 def rescalers(terms: Iterable[np.ndarray]) -> list[float]:
-    """λt = Σ|τt| / Σ|Mt⊙τuni| over the whole model (paper 003 Sec. 3.2 "Task-specific
-    rescalers", Alg. 1 line 6), from the per-tensor :func:`rescaler_terms`.
+    """λt = Σ|τt| / Σ|Mt⊙τuni| over the whole model (docs/MATH.md "EMR-Merging"; paper 003 Sec. 3.2
+    "Task-specific rescalers", Alg. 1 line 6), from the per-tensor :func:`rescaler_terms`.
 
     λt = 0 where the denominator is 0 (the task keeps no element).
     """
@@ -113,7 +115,7 @@ def rescalers(terms: Iterable[np.ndarray]) -> list[float]:
 
 
 def emr_task_weights(base: Tensor, tau_uni: Tensor, mask: Tensor, lam: float) -> Tensor:
-    """θt = θ0 + λt·Mt⊙τuni (paper 003 Sec. 3.2, inference step), fp32."""
+    """θt = θ0 + λt·Mt⊙τuni (docs/MATH.md "EMR-Merging"; paper 003 Sec. 3.2, inference step), fp32."""
     return base.to(torch.float32) + float(lam) * torch.where(mask, tau_uni, 0.0)
 
 

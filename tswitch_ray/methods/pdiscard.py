@@ -42,7 +42,8 @@ NormScope = Literal["model", "tensor"]
 
 
 def norm_ratio(sumsq_full: float, sumsq_processed: float) -> float:
-    """‖Σt τt‖₂ / ‖Σt P(τt)‖₂ from the two sums of squares (paper 000 eq. 4, our reading);
+    """‖Σt τt‖₂ / ‖Σt P(τt)‖₂ from the two sums of squares (docs/MATH.md "P-Discard merge";
+    paper 000 eq. 4, our reading);
     0 when the processed sum is all zero."""
     if sumsq_processed <= 0.0:
         return 0.0
@@ -50,7 +51,7 @@ def norm_ratio(sumsq_full: float, sumsq_processed: float) -> float:
 
 
 def norm_matched_merge(base: Tensor, processed_sum: Tensor, ratio: float, scale: float) -> Tensor:
-    """θ = θ0 + s·ratio·Σt P(τt) (paper 000 eq. 4, our reading; see the module docstring), fp32."""
+    """θ = θ0 + s·ratio·Σt P(τt) (docs/MATH.md "P-Discard merge"; paper 000 eq. 4, our reading), fp32."""
     return base.to(torch.float32) + (float(scale) * float(ratio)) * processed_sum
 
 

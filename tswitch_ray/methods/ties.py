@@ -46,22 +46,22 @@ def trim_rank(d: int, k: float) -> int:
 
 
 def trim(tau: Tensor, threshold: float | None) -> Tensor:
-    """TIES step 1, Trim (Yadav et al. 2023 Sec. 3, Alg. 1 step 1): keep |τ| ≥ threshold
-    (ties at the cut kept, as the reference); ``None`` keeps everything."""
+    """TIES step 1, Trim (docs/MATH.md "TIES-Merging"; Yadav et al. 2023 Sec. 3, Alg. 1 step 1):
+    keep |τ| ≥ threshold (ties at the cut kept, as the reference); ``None`` keeps everything."""
     if threshold is None:
         return tau
     return torch.where(tau.abs() >= threshold, tau, 0.0)
 
 
 def elect_sign(trimmed: list[Tensor], majority: float) -> Tensor:
-    """TIES step 2, Elect (Alg. 1 step 2): γ = sign(Σt trimmed τt), a zero sum replaced by
-    the model-wide majority sign (reference ``resolve_zero_signs``)."""
+    """TIES step 2, Elect (docs/MATH.md "TIES-Merging"; Alg. 1 step 2): γ = sign(Σt trimmed τt), a zero
+    sum replaced by the model-wide majority sign (reference ``resolve_zero_signs``)."""
     gamma = torch.sign(signed_sum(trimmed))
     return torch.where(gamma == 0, torch.full_like(gamma, float(majority)), gamma)
 
 
 def disjoint_merge(trimmed: list[Tensor], gamma: Tensor, merge: str = "mean") -> Tensor:
-    """TIES step 3, Disjoint merge (Alg. 1 step 3): the mean (or sum) over t of the
+    """TIES step 3, Disjoint merge (docs/MATH.md "TIES-Merging"; Alg. 1 step 3): the mean (or sum) over t of the
     entries of trimmed τt whose sign agrees with γ (γ > 0: τ > 0, else τ < 0), fp32."""
     total = torch.zeros_like(gamma)
     count = torch.zeros_like(gamma)

@@ -19,8 +19,8 @@ Choices, each an option:
 * ``token_pool="router_output"`` (default): the router runs on every token and
   its outputs are averaged over the tokens — eq. 9 ("mean(R_l(h_1:N))") and
   FusionBench's implementation. ``"input"`` runs the router once on the mean
-  of the input tokens (the reading in docs/MATH.md "WEMoE and E-WEMoE"); the two differ because of the
-  ReLU.
+  of the input tokens (the reading in docs/MATH.md "WEMoE and E-WEMoE");
+  the two differ because of the ReLU.
 * ``init_std=0.1``: W ~ N(0, 0.01) in the paper is a *variance* of 0.01
   (FusionBench's code uses std 0.01).
 * ``batch_reduce=False``: one weight set per sample; ``True`` averages λ over
@@ -49,7 +49,8 @@ Tensor = torch.Tensor
 
 
 class WemoeRouter(nn.Module):
-    """The router R: R^d → R^T of paper 002 eq. 10 (and its 1-layer variant, App. X-C).
+    """The router R: R^d → R^T of docs/MATH.md "WEMoE and E-WEMoE" (paper 002 eq. 10, and its
+    1-layer variant, App. X-C).
 
     depth 2: R(h) = W1·ReLU(W0·h + b0) + b1;  depth 1: R(h) = W0·h + b0;
     depth 0: R(h) = b0 (a learned constant). Init (Sec. III-B2): W ~ N(0, σ²)
@@ -107,7 +108,8 @@ def _buffer_key(param_name: str) -> str:
 
 
 class WeightEnsemblingMLP(nn.Module):
-    """An MLP whose weights are θ0 + Σi λi(x)·τi, λ(x) from a router (paper 002 eq. 9).
+    """An MLP whose weights are θ0 + Σi λi(x)·τi, λ(x) from a router (docs/MATH.md "WEMoE and E-WEMoE";
+    paper 002 eq. 9).
 
     ``task_vectors[i]`` maps the MLP's parameter names (as in
     ``base_mlp.named_parameters()``) to τi; a missing name means τi = 0 there.
@@ -212,7 +214,8 @@ class WeightEnsemblingMLP(nn.Module):
 
 
 def prune_task_vector(tau: Tensor, keep_fraction: float) -> Tensor:
-    """sparse(τ, ρ) of paper 002 eq. 15: keep the k = round(keep_fraction·n) largest |τ|.
+    """sparse(τ, ρ) of docs/MATH.md "WEMoE and E-WEMoE" (paper 002 eq. 15): keep the
+    k = round(keep_fraction·n) largest |τ|.
 
     Exactly k entries are kept: the threshold is the exact (n−k+1)-th smallest
     magnitude (radix selection, ``tswitch_ray.switch.select``), entries above
@@ -291,7 +294,8 @@ def upscale_mlps(
 
 
 def entropy_loss(logits: Tensor) -> Tensor:
-    """L = E_x[−Σ_y p(y|x) log p(y|x)] over the batch (paper 002 eq. 11), from raw logits."""
+    """L = E_x[−Σ_y p(y|x) log p(y|x)] over the batch (docs/MATH.md "WEMoE and E-WEMoE"; paper 002
+    eq. 11), from raw logits."""
     logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
     return -(logp.exp() * logp).sum(dim=-1).mean()
 
