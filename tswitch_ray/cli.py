@@ -200,10 +200,8 @@ def merge(
 ) -> None:
     """Merge a zoo with one method, streamed and sharded over Ray."""
     from tswitch_ray.distributed.merge import MergeConfig, run_merge
-    from tswitch_ray.methods import get_method
 
-    opts = _method_options(option)
-    get_method(method, **opts)  # the name, kind and options, checked before any work
+    opts = _method_options(option)  # run_merge checks the method, its kind and options before any work
     cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, executor=executor, ray_address=ray_address,
                       num_workers=workers, num_gpus=num_gpus,
                       storage_options=_storage_options(storage_option, s3_endpoint), show_progress=not quiet)
