@@ -254,8 +254,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
         executor.close()
 
     # Stage 4: gather every cell (fresh or cached) and report.
-    sm = storage_model(zoo, sorted({_artifact_uri(cfg, s) for s in specs if _artifact_uri(cfg, s)}),
-                       cfg.storage_options)
+    sm = storage_model(zoo, sorted({uri for s in specs if (uri := _artifact_uri(cfg, s))}), cfg.storage_options)
     rows: list[dict[str, Any]] = []
     for s in specs:
         for task in _cell_tasks(s, tasks):

@@ -118,6 +118,9 @@ class MethodInfo:
             raise ValueError(f"method {self.name!r}: a {self.kind.value} is not built as a MergeMethod.")
         for model in (self.options, self.eval_options or self.options):
             model()  # every option has a default: `tswitch merge --method X` and `{method: X}` need none
+        unknown = set(self.logged_options) - set(self.defaults(for_eval=True))
+        if unknown:
+            raise ValueError(f"method {self.name!r}: logged_options {sorted(unknown)} are not options of it.")
 
     @property
     def merged_by_eval(self) -> bool:
