@@ -4,7 +4,9 @@ The zoo is small but built to hit the edge cases: several tensors (so global
 statistics span tensors), fp32 and fp16 storage, task-vector entries that are
 exactly zero, entries with a zero sign sum across tasks (sign ties), and
 values on a coarse grid so that many magnitudes tie at every selection cut.
-The references below are transcriptions of the formulas in DESIGN.md and of
+The references below are transcriptions of the formulas in docs/MATH.md
+("Task Arithmetic", "TIES-Merging", "DARE", "P-Discard merge", "EMR-Merging",
+"Thresholds (P-Discard cut)", "Switches and knobs", "Reconstruction") and of
 the papers' reference code, written with NumPy (sort-based selection, whole
 flattened model) and sharing no code with ``tswitch_ray.methods``.
 """
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from tswitch_ray.errors import ConfigError, ZooError
-from tswitch_ray.methods import METHODS, compute_params, get_method, merge_in_memory, method_options
+from tswitch_ray.methods import MethodKind, compute_params, get_method, get_method_info, merge_in_memory, registered
 from tswitch_ray.methods.emr import task_masks, unified_task_vector
 from tswitch_ray.methods.base import stable_seed
 from tswitch_ray.switch.transforms import dare as dare_transform
@@ -266,7 +268,7 @@ def test_dare_rescale_to_sum_norm(zoo, norm_scope):
 
 
 def np_thresholds(values: np.ndarray, alpha: float) -> tuple[float, float]:
-    """DESIGN: d = floor(α·n) over positives (resp. |negatives|); t = d-th smallest, 0 if d = 0."""
+    """docs/MATH.md "Thresholds (P-Discard cut)": d = floor(α·n) over positives (resp. |negatives|); t = d-th smallest, 0 if d = 0."""
     pos = values[values > 0]
     neg = -values[values < 0]
     out = []
@@ -476,21 +478,31 @@ def test_sharded_equals_in_memory_bytes(zoo, name, opts):
 
 
 def test_registry_and_options():
-    assert set(METHODS) == {"avg", "ta", "ties", "dare", "pdiscard", "emr", "tswitch"}
+    merges = {i.name for i in registered() if i.kind.is_merge}
+    assert merges == {"avg", "ta", "ties", "dare", "pdiscard", "emr", "tswitch"}
     assert get_method("Task-Arithmetic").name == "ta"
-    assert method_options("ties") == {"k": 20.0, "trim_scope": "model", "merge": "mean", "scale": 0.3}
-    assert method_options("tswitch") == {"alpha": 0.6, "scope": "tensor", "knob": "rms"}
+    assert get_method_info("ties").defaults() == {"k": 20.0, "trim_scope": "model", "merge": "mean", "scale": 0.3}
+    assert get_method_info("tswitch").defaults() == {"alpha": 0.6, "scope": "tensor", "knob": "rms"}
     assert get_method("emr").per_task and not get_method("ties").per_task
-    with pytest.raises(ConfigError, match="unknown merge method"):
+    for info in registered():  # the kind a merge declares is what its MergeMethod does
+        if info.kind.is_merge:
+            assert get_method(info.name).per_task == (info.kind is MethodKind.PER_TASK), info.name
+    with pytest.raises(ConfigError, match="unknown method 'fisher'; choose one of .*ties"):
         get_method("fisher")
     with pytest.raises(ConfigError, match="no option"):
         get_method("ta", alpha=0.5)
-    with pytest.raises(ConfigError, match="merge"):
+    with pytest.raises(ConfigError, match="option 'merge'"):
         get_method("ties", merge="median")
-    with pytest.raises(ConfigError, match="alpha"):
+    with pytest.raises(ConfigError, match="option 'alpha'"):
         get_method("tswitch", alpha=1.0)
-    with pytest.raises(ConfigError, match="p"):
+    with pytest.raises(ConfigError, match="option 'p'"):
         get_method("dare", p=1.0)
+    with pytest.raises(ConfigError, match="option 'seed'.*integer"):
+        get_method("dare", seed=0.5)
+    with pytest.raises(ConfigError, match="option 'scale'.*not a boolean"):
+        get_method("ta", scale=True)
+    with pytest.raises(ConfigError, match="'autoswitch' is not a state-dict merge"):
+        get_method("autoswitch")
 
 
 def test_merge_in_memory_rejects_mismatched_models(zoo):

@@ -126,14 +126,14 @@ def test_model_scope_over_three_shards_equals_concatenation(kind, seed, alphas):
     assert got == [ref_thresholds(whole.numpy(), a) for a in alphas]
 
 
-def test_model_scope_through_architecture_names():
+def test_model_scope_through_the_fine_histograms_seam():
     rng = np.random.default_rng(3)
     shards = [torch.from_numpy(rng.standard_normal(n)).float() for n in (100, 1, 37)]
-    from tswitch_ray.switch import FineHistograms, magnitude_histograms, refine_requests
+    from tswitch_ray.switch import SignedFine, refine_request, signed_histograms
 
-    hist = magnitude_histograms(shards[0]) + magnitude_histograms(shards[1]) + magnitude_histograms(shards[2])
-    req = refine_requests(hist, [0.3, 0.7])
-    fine = FineHistograms()
+    hist = signed_histograms(shards[0]) + signed_histograms(shards[1]) + signed_histograms(shards[2])
+    req = refine_request(hist, [0.3, 0.7])
+    fine = SignedFine()
     for s in shards:
         fine = fine + fine_histograms(s, req)
     assert resolve_thresholds(hist, fine, [0.3, 0.7]) == tensor_thresholds(torch.cat(shards), [0.3, 0.7])

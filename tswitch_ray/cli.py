@@ -149,14 +149,47 @@ def reconstruct(
     out.print(f"wrote {path}")
 
 
-@app.command(epilog="Examples: `tswitch merge --zoo zoo.yaml --method ties --out merged/ -O k=20 -O scale=0.3`; "
-             "`tswitch merge --zoo zoo.yaml --method emr --out emr/`")
+class _MergeCommand(typer.core.TyperCommand):
+    """`tswitch merge`, whose help lists the merge methods of the registry.
+
+    The list is built when help is shown, not at import: the registry imports
+    torch, which every other command would pay for.
+    """
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from tswitch_ray.methods import registered
+
+        lines = []
+        for info in registered():
+            if info.kind.is_merge:
+                opts = ", ".join(f"{k}={v}" for k, v in info.defaults().items())
+                aliases = "".join(f", alias {a}" for a in info.aliases)
+                lines.append(f"- `{info.name}` ({info.kind.value}{aliases}): {info.summary}"
+                             + (f" Options: {opts}." if opts else ""))
+        self.epilog = "**Methods:**\n\n" + "\n".join(lines) + "\n\n" + _MERGE_EXAMPLES
+        super().format_help(ctx, formatter)
+
+
+_MERGE_EXAMPLES = ("Examples: `tswitch merge --zoo zoo.yaml --method ties --out merged/ -O k=20 -O scale=0.3`; "
+                   "`tswitch merge --zoo zoo.yaml --method emr --out emr/`")
+
+
+def _method_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``-O KEY=VALUE`` pairs, values JSON-decoded where they parse (20 -> 20, mean -> 'mean')."""
+    bad = [p for p in pairs or [] if "=" not in p]
+    if bad:
+        raise ConfigError(f"--option expects KEY=VALUE (e.g. -O k=20), got {bad[0]!r}.")
+    return _storage_options(pairs, None)
+
+
+@app.command(cls=_MergeCommand, epilog=_MERGE_EXAMPLES)
 @user_errors
 def merge(
     zoo: str = typer.Option(..., "--zoo", "-z", help="Zoo manifest."),
-    method: str = typer.Option(..., "--method", "-m", help="avg, ta, ties, dare, pdiscard, emr, tswitch."),
+    method: str = typer.Option(..., "--method", "-m", help="A merge method (listed below) or an alias."),
     out_dir: str = typer.Option(..., "--out", "-o", help="Output folder: merged.safetensors or <task>.safetensors."),
-    option: Optional[list[str]] = typer.Option(None, "--option", "-O", help="Method option KEY=VALUE (repeatable)."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-O",
+                                               help="Method option KEY=VALUE (repeatable); see the methods below."),
     executor: str = ExecOpt,
     ray_address: Optional[str] = AddrOpt,
     workers: Optional[int] = WorkersOpt,
@@ -168,7 +201,7 @@ def merge(
     """Merge a zoo with one method, streamed and sharded over Ray."""
     from tswitch_ray.distributed.merge import MergeConfig, run_merge
 
-    opts = _storage_options(option, None)
+    opts = _method_options(option)  # run_merge checks the method, its kind and options before any work
     cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, executor=executor, ray_address=ray_address,
                       num_workers=workers, num_gpus=num_gpus,
                       storage_options=_storage_options(storage_option, s3_endpoint), show_progress=not quiet)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tswitch_ray.distributed.build import BuildConfig, run_build
 from tswitch_ray.distributed.eval_runner import EvalResult, run_eval
@@ -40,6 +39,7 @@ class DemoOptions:
 
 
 def demo_methods(alphas: Sequence[float], wemoe: bool) -> list[MethodSpec]:
+    """The demo's table of method specs (``wemoe``: add WEMoE and E-WEMoE, whose router training is slow)."""
     specs = [
         MethodSpec(method="base", label="Base (pretrained)"),
         MethodSpec(method="individual", label="Individual"),
@@ -95,7 +95,3 @@ def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> EvalResult:
     say(f"[4/4] results in {result.work_dir} (results.md, results.csv, accuracy_vs_storage.png); "
         f"MLflow store {cfg.tracking.resolved_uri()}")
     return result
-
-
-def summary_rows(result: EvalResult) -> list[dict[str, Any]]:
-    return result.summary

@@ -49,7 +49,7 @@ from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_digest, plan_shards
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
-from tswitch_ray.errors import ConfigError, ZooError
+from tswitch_ray.errors import ZooError
 from tswitch_ray.switch import (
     KeptStats,
     knob,
@@ -529,13 +529,3 @@ def _manifest(cfg: BuildConfig, zoo: Zoo, run_key: str, shards: Sequence[Shard],
 def _absolute(uri: str) -> str:
     """Local paths are recorded absolute so `reconstruct` works from any working directory."""
     return uri if "://" in uri else os.path.abspath(uri)
-
-
-def build_switches(cfg: BuildConfig | None = None, **kwargs: Any) -> BuildSummary:
-    """Python API mirror of `tswitch build`."""
-    if cfg is None:
-        try:
-            cfg = BuildConfig(**kwargs)
-        except ValueError as exc:
-            raise ConfigError(f"Invalid build options: {exc}") from exc
-    return run_build(cfg)

@@ -5,14 +5,16 @@ Stages:
 1. **Check** everything that can fail cheaply before any work: methods and
    options, tasks present in the zoo and the data, artifacts built from this
    zoo's base model, the tracking server answering.
-2. **Merge** the state-dict methods (TA, TIES, DARE, P-Discard, EMR, ...) with
-   the streamed, sharded :func:`~tswitch_ray.distributed.merge.run_merge`,
-   once per method, into ``work_dir/merges/<key>/``.
-3. **Score**: one Ray task per (method, task) rebuilds its weights (from the
-   merge output, the zoo, or — T-Switch and Auto-Switch — from θ0 and the
+2. **Merge** the state-dict methods (the registry entries whose
+   ``merged_by_eval`` is true: TA, TIES, DARE, P-Discard, EMR, ...) with the
+   streamed, sharded :func:`~tswitch_ray.distributed.merge.run_merge`, once
+   per method, into ``work_dir/merges/<key>/``.
+3. **Score**: one Ray task per (method, task) runs the scorer the method's
+   registry entry names (``eval/scoring.py``): it rebuilds the weights (from
+   the merge output, the zoo, or — T-Switch and Auto-Switch — from θ0 and the
    switch artifacts only) and runs the adapter over the task's eval split.
-   WEMoE/E-WEMoE train their routers on all tasks at once, so they are one
-   Ray task per method.
+   Methods that ``score_all_tasks_at_once`` (WEMoE/E-WEMoE train their routers
+   on all tasks) are one Ray task per method.
 4. **Report**: ``results.parquet`` (queryable by ``tswitch registry``),
    ``results.csv``, ``results.md``, ``accuracy_vs_storage.png``, the config,
    and an MLflow parent run with one nested run per method.
@@ -28,7 +30,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +38,8 @@ import fsspec
 
 from tswitch_ray.distributed.executor import WorkItem, make_executor
 from tswitch_ray.errors import ArtifactError, ConfigError
-from tswitch_ray.eval.config import (
-    ALL_TASKS_AT_ONCE,
-    AUTOSWITCH_OPTIONS,
-    ONE_MODEL,
-    PER_TASK_MERGE,
-    EvalConfig,
-    MethodSpec,
-    TaskData,
-)
+from tswitch_ray.eval.config import EvalConfig, MethodSpec, TaskData
+from tswitch_ray.methods import get_method_info
 from tswitch_ray.tracking import Tracker
 
 ALL = "__all__"
@@ -100,75 +95,26 @@ class EvalResult:
 
 
 def score_cell(ctx: EvalContext, spec_json: str, task: str, weights_uri: str | None) -> list[dict[str, Any]]:
-    """Score one cell; returns one row per task it covered."""
+    """Score one cell with the scorer its method's registry entry names; one row per task it covered."""
     import torch
 
     from tswitch_ray.eval.adapters import adapter_from_spec
-    from tswitch_ray.eval.datasets import open_eval_dataset
-    from tswitch_ray.eval.evaluate import evaluate
-    from tswitch_ray.eval.weights import read_checkpoint, read_merged, read_switches, reconstruct_switched
-    from tswitch_ray.zoo import load_zoo
+    from tswitch_ray.eval.scoring import CellJob, score
 
     torch.set_num_threads(max(1, ctx.torch_threads))
     spec = MethodSpec.model_validate_json(spec_json)
-    so = ctx.storage_options
-    adapter = adapter_from_spec(json.loads(ctx.adapter_spec), ctx.adapter_base, so)
-    t0 = time.perf_counter()
-    method = spec.method
-    artifacts = spec.artifacts or ctx.artifacts
+    adapter = adapter_from_spec(json.loads(ctx.adapter_spec), ctx.adapter_base, ctx.storage_options)
+    return score(CellJob(ctx, spec, task, weights_uri), adapter)
 
-    if method == "autoswitch":
-        from tswitch_ray.eval.autoswitch_eval import evaluate_autoswitch
 
-        base, switches = read_switches(artifacts, ctx.zoo, ctx.tasks, spec.alpha, so)
-        opts = {**{k: v for k, v in AUTOSWITCH_OPTIONS.items() if v is not None}, **spec.options}
-        out = evaluate_autoswitch(
-            adapter, base, switches, list(ctx.tasks),
-            {task: open_eval_dataset(ctx.eval_uri(task), so)},
-            {t: open_eval_dataset(ctx.unlabeled_uri(t), so) for t in ctx.tasks},
-            batch_size=ctx.batch_size, limit=ctx.limit, **opts,
-        )
-        per = out["per_task"][task]
-        return [{"task": task, "accuracy": per["accuracy"], "n": per["n"], "seconds": time.perf_counter() - t0,
-                 "throughput_ratio": out.get("throughput_ratio"), "models_built": per.get("models_built"),
-                 "query_bytes": out.get("query_bytes", 0)}]
+def _cell_tasks(spec: MethodSpec, tasks: Sequence[str]) -> list[str]:
+    """The cells of one method: one per task, or one for all (``scores_all_tasks_at_once``)."""
+    return [ALL] if get_method_info(spec.method).scores_all_tasks_at_once else list(tasks)
 
-    if method in ALL_TASKS_AT_ONCE:
-        from tswitch_ray.eval.wemoe_eval import evaluate_wemoe
 
-        zoo = load_zoo(ctx.zoo, storage_options=so)
-        base = read_checkpoint(zoo, "base")
-        task_sds = [read_checkpoint(zoo, t) for t in ctx.tasks]
-        opts = {k: v for k, v in spec.options.items() if v is not None}
-        if method == "e-wemoe":
-            opts.setdefault("keep_fraction", 0.1)
-        out = evaluate_wemoe(
-            adapter, base, task_sds, list(ctx.tasks),
-            {t: open_eval_dataset(ctx.eval_uri(t), so) for t in ctx.tasks},
-            {t: open_eval_dataset(ctx.unlabeled_uri(t), so) for t in ctx.tasks},
-            variant=method, eval_batch_size=ctx.batch_size, limit=ctx.limit, **opts,
-        )
-        seconds = time.perf_counter() - t0
-        return [{"task": t, "accuracy": out["per_task"][t]["accuracy"], "n": out["per_task"][t]["n"],
-                 "seconds": seconds} for t in ctx.tasks]
-
-    if method == "base":
-        sd = read_checkpoint(load_zoo(ctx.zoo, storage_options=so), "base")
-    elif method == "individual":
-        sd = read_checkpoint(load_zoo(ctx.zoo, storage_options=so), task)
-    elif method == "tswitch":
-        sd = reconstruct_switched(artifacts, ctx.zoo, task, spec.alpha, so)
-    elif method in ONE_MODEL:
-        sd = read_merged(f"{weights_uri}/merged.safetensors", so)
-    elif method in PER_TASK_MERGE:
-        sd = read_merged(f"{weights_uri}/{task}.safetensors", so)
-    else:  # pragma: no cover - the config validator rejects unknown methods
-        raise ConfigError(f"method {method!r} cannot be scored.")
-    model = adapter.build(sd)
-    del sd
-    res = evaluate(adapter, model, open_eval_dataset(ctx.eval_uri(task), so), task,
-                   batch_size=ctx.batch_size, limit=ctx.limit)
-    return [{"task": task, "accuracy": res["accuracy"], "n": res["n"], "seconds": time.perf_counter() - t0}]
+def _artifact_uri(cfg: EvalConfig, spec: MethodSpec) -> str | None:
+    """The switch artifacts a method is scored from: its own ``artifacts``, else the config's."""
+    return (spec.artifacts or cfg.artifacts) if get_method_info(spec.method).needs_artifacts else None
 
 
 # ------------------------------------------------------------------ driver
@@ -197,8 +143,11 @@ def _open_data(cfg: EvalConfig) -> tuple[dict[str, Any], str, dict[str, TaskData
 
 def _check(cfg: EvalConfig, specs: Sequence[MethodSpec], tasks: Sequence[str], zoo_tasks: Sequence[str],
            data: Mapping[str, TaskData]) -> None:
+    from tswitch_ray.eval.scoring import scorer_for
+
     for s in specs:
         s.check()
+        scorer_for(get_method_info(s.method))
     missing = [t for t in tasks if t not in zoo_tasks]
     if missing:
         raise ConfigError(f"eval config {cfg.name!r}: unknown task(s) {', '.join(missing)}; "
@@ -210,9 +159,9 @@ def _check(cfg: EvalConfig, specs: Sequence[MethodSpec], tasks: Sequence[str], z
 
     checked: set[str] = set()
     for s in specs:
-        if s.method not in ("tswitch", "autoswitch"):
+        if not get_method_info(s.method).needs_artifacts:
             continue
-        uri = s.artifacts or cfg.artifacts
+        uri = _artifact_uri(cfg, s)
         if not uri:
             raise ConfigError(f"method {s.display!r} needs switch artifacts: set `artifacts:` in the eval config "
                               "(the --out of `tswitch build`).")
@@ -266,7 +215,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
         # Stage 2: merges, once per method, streamed and sharded.
         merge_dirs: dict[str, str] = {}
         for s in specs:
-            if s.method not in ONE_MODEL + PER_TASK_MERGE:
+            if not get_method_info(s.method).merged_by_eval:
                 continue
             out = f"{work_root}/merges/{s.key()}"
             merge_dirs[s.key()] = out
@@ -289,10 +238,10 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
         )
         cells: list[Cell] = []
         for s in specs:
-            for task in ([ALL] if s.method in ALL_TASKS_AT_ONCE else tasks):
+            for task in _cell_tasks(s, tasks):
                 if not fs.exists(_cell_file(work_root, s, task)):
                     cells.append(Cell(s, task, merge_dirs.get(s.key())))
-        n_all = sum(1 if s.method in ALL_TASKS_AT_ONCE else len(tasks) for s in specs)
+        n_all = sum(len(_cell_tasks(s, tasks)) for s in specs)
         say(f"scoring {len(cells)} of {n_all} (method, task) cells ({n_all - len(cells)} cached)")
         items = [WorkItem(key=i, args=(ctx, c.spec.model_dump_json(), c.task, c.weights_uri),
                           memory_bytes=0) for i, c in enumerate(cells)]
@@ -305,15 +254,15 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
         executor.close()
 
     # Stage 4: gather every cell (fresh or cached) and report.
-    sm = storage_model(zoo, sorted({s.artifacts or cfg.artifacts for s in specs
-                                    if s.method in ("tswitch", "autoswitch")}), cfg.storage_options)
+    sm = storage_model(zoo, sorted({uri for s in specs if (uri := _artifact_uri(cfg, s))}), cfg.storage_options)
     rows: list[dict[str, Any]] = []
     for s in specs:
-        for task in ([ALL] if s.method in ALL_TASKS_AT_ONCE else tasks):
+        for task in _cell_tasks(s, tasks):
             for r in json.loads(fs.cat_file(_cell_file(work_root, s, task))):
                 if r["task"] in tasks:
                     rows.append({"label": s.display, "method": s.method, "alpha": s.alpha,
-                                 "options": json.dumps(s.options, sort_keys=True), **r})
+                                 "options": json.dumps(s.options, sort_keys=True),
+                                 "artifact_uri": _artifact_uri(cfg, s), **r})
     summary = _summarise(specs, rows, tasks, sm, adapter_spec)
     seconds = time.perf_counter() - t0
     result = EvalResult(cfg.name, work_dir, rows, summary, seconds)
@@ -326,11 +275,9 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
         for s, summ in zip(specs, summary):
             params = {"method": s.method, "options": s.options, "alpha": s.alpha, "label": s.display,
                       "zoo": cfg.zoo}
-            if s.method == "autoswitch":
-                from tswitch_ray.eval.autoswitch_eval import DEFAULT_EXAMPLES_PER_TASK, DEFAULT_K
-
-                params["k"] = s.options.get("k", DEFAULT_K)
-                params["examples_per_task"] = s.options.get("examples_per_task", DEFAULT_EXAMPLES_PER_TASK)
+            info = get_method_info(s.method)
+            defaults = info.defaults(for_eval=True)
+            params.update({name: s.options.get(name, defaults[name]) for name in info.logged_options})
             metrics = {f"acc_{t}": summ["per_task"].get(t) for t in tasks}
             metrics.update({"avg_accuracy": summ["average"], "storage_bytes": summ["storage_bytes"],
                             "wall_seconds": summ["seconds"]})
@@ -426,7 +373,7 @@ def _report_files(cfg: EvalConfig, result: EvalResult, tasks: Sequence[str], sm:
 
     storage = {s["label"]: s["storage_bytes"] for s in result.summary}
     table = pa.Table.from_pylist([
-        {"uri": result.work_dir, "artifact_uri": cfg.artifacts if r["method"] in ("tswitch", "autoswitch") else None,
+        {"uri": result.work_dir, "artifact_uri": r["artifact_uri"],
          "method": r["method"], "label": r["label"], "task": r["task"], "alpha": r["alpha"],
          "accuracy": float(r["accuracy"]), "n": int(r["n"]), "storage_bytes": int(storage[r["label"]]),
          "options": r["options"], "seconds": float(r["seconds"]), "eval_name": cfg.name}
@@ -474,6 +421,3 @@ class _progress:
         if self.enabled:
             self._p.__exit__(*exc)
 
-
-def result_as_dict(result: EvalResult) -> dict[str, Any]:
-    return asdict(result)

@@ -15,7 +15,7 @@ methods:
   - {method: tswitch, alpha: 0.6}
   - {method: autoswitch, alpha: 0.6, options: {k: 10, examples_per_task: 100}}
 grid:                                  # sweeps only: the product of these is added to methods
-  - {method: [dare, pdiscard], options.p: [0.1, 0.5, 0.9]}   # pdiscard calls it alpha
+  - {method: [dare], options.p: [0.1, 0.5, 0.9]}   # pdiscard's ratio is options.alpha
 tracking: {uri: http://127.0.0.1:5000, experiment: tswitch}
 ```
 """
@@ -33,34 +33,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tswitch_ray.errors import ConfigError
-from tswitch_ray.methods import ALIASES, METHODS, method_options
+from tswitch_ray.methods import MethodOptions, get_method_info, validate_options
 from tswitch_ray.tracking import TrackingConfig
-
-#: Methods scored by the eval runner, beyond the state-dict merges of ``tswitch_ray.methods``.
-EVAL_ONLY = ("base", "individual", "autoswitch", "wemoe", "e-wemoe")
-#: Merges producing one model for all tasks, and those producing one per task.
-ONE_MODEL = ("avg", "ta", "ties", "dare", "pdiscard")
-PER_TASK_MERGE = ("emr",)
-#: Methods whose single Ray task scores every task at once (training or routing spans tasks).
-ALL_TASKS_AT_ONCE = ("wemoe", "e-wemoe")
-AUTOSWITCH_OPTIONS = {"k": None, "examples_per_task": None, "feature_model": None, "average_over_batch": None}
-WEMOE_OPTIONS = {"init_lambda": None, "tta_steps": None, "lr": None, "batch_size": None, "router_hidden": None,
-                 "keep_fraction": None, "seed": None, "router_init_std": None, "router_depth": None,
-                 "tta_limit": None}
-
-
-def canonical_method(name: str) -> str:
-    key = str(name).lower().replace("_", "-")
-    if key in EVAL_ONLY:
-        return key
-    if key in ("ewemoe", "e_wemoe"):
-        return "e-wemoe"
-    key = key.replace("-", "_")
-    key = ALIASES.get(key, key)
-    if key in METHODS:
-        return key
-    known = ", ".join(list(EVAL_ONLY) + list(METHODS))
-    raise ConfigError(f"unknown method {name!r} in the eval config; choose one of {known}.")
 
 
 class TaskData(BaseModel):
@@ -84,27 +58,20 @@ class MethodSpec(BaseModel):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        return canonical_method(v)
+        return get_method_info(v).name  # the registered name, whatever alias or spelling was given
 
     def check(self) -> None:
-        if self.method in ("tswitch", "autoswitch") and self.alpha is None:
+        """What the method's registry entry requires: `alpha` where it needs one, valid options."""
+        if get_method_info(self.method).needs_alpha and self.alpha is None:
             raise ConfigError(f"method {self.method!r} needs `alpha` (one of the α the switches were built for).")
         if self.alpha is not None and not 0.0 <= self.alpha < 1.0:
             raise ConfigError(f"method {self.method!r}: alpha must be in [0, 1), got {self.alpha}.")
-        if self.method == "autoswitch":
-            allowed = AUTOSWITCH_OPTIONS
-        elif self.method in ALL_TASKS_AT_ONCE:
-            allowed = WEMOE_OPTIONS
-        elif self.method in ("base", "individual", "tswitch"):
-            allowed = {}
-        else:
-            allowed = method_options(self.method)
-        unknown = sorted(set(self.options) - set(allowed))
-        if unknown:
-            raise ConfigError(
-                f"method {self.method!r} has no option(s) {', '.join(unknown)}; "
-                f"its options are: {', '.join(allowed) or 'none'}."
-            )
+        self.validated_options()
+
+    def validated_options(self) -> MethodOptions:
+        """``options`` as the method's options model (defaults filled in); ``options`` itself stays as
+        given, so cache keys and merge outputs do not change with how a value was spelled."""
+        return validate_options(self.method, self.options, for_eval=True)
 
     @property
     def display(self) -> str:

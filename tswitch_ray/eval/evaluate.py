@@ -150,8 +150,3 @@ def load_demo(zoo_dir: str, storage_options: Mapping[str, Any] | None = None) ->
         train_uris={k: join_uri(zoo_dir, v["train"]) for k, v in t.items()},
         info=info,
     )
-
-
-def load_demo_adapter(zoo_dir: str, storage_options: Mapping[str, Any] | None = None) -> ModelAdapter:
-    """The adapter described by ``<zoo_dir>/demo.json`` (heads loaded)."""
-    return load_demo(zoo_dir, storage_options).adapter

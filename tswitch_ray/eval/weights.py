@@ -1,4 +1,4 @@
-"""The weights each method is scored with, and what storing them costs.
+"""The weights each method is scored with, and the sizes its storage is counted from.
 
 Every function reads lazily (one tensor at a time) from the zoo, the switch
 artifacts or a merge's output files; none holds more than the state dict it
@@ -8,15 +8,14 @@ fine-tuned checkpoints are never touched for them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tswitch_ray.artifacts import ArtifactReader
 from tswitch_ray.eval.adapters import read_safetensors
+from tswitch_ray.methods.storage import StorageModel
 from tswitch_ray.reconstruct import iter_reconstructed, match_alpha, open_switches
 from tswitch_ray.zoo import Zoo
 
@@ -61,41 +60,10 @@ def read_switches(artifacts_uri: str, zoo_uri: str, tasks: Sequence[str], alpha:
 # ------------------------------------------------------------------ storage
 
 
-@dataclass
-class StorageModel:
-    """Sizes, from headers and manifests only, that every method's storage is counted from."""
-
-    n_tasks: int
-    model_bytes: int  # one checkpoint as stored (base dtype)
-    float_numel: int  # elements of the tensors that carry task vectors
-    mlp_numel: int  # of which in transformer MLPs (WEMoE's experts)
-    dtype_bytes: float  # mean bytes per element of the float tensors
-    switch_bytes: dict[float, int] = field(default_factory=dict)  # encoded switches, all tasks, per α
-
-    def bytes_for(self, method: str, alpha: float | None = None, options: Mapping[str, Any] | None = None,
-                  query_bytes: int = 0) -> int:
-        """Bytes to store what serves all tasks (base included where a method needs it)."""
-        opts = options or {}
-        if method == "individual":
-            return self.n_tasks * self.model_bytes
-        if method in ("base", "avg", "ta", "ties", "dare", "pdiscard"):
-            return self.model_bytes
-        if method == "emr":  # one unified model + per task a 1-bit mask and one λ per tensor
-            return self.model_bytes + self.n_tasks * math.ceil(self.float_numel / 8)
-        if method in ("tswitch", "autoswitch"):
-            if alpha is None or alpha not in self.switch_bytes:
-                return -1
-            return self.model_bytes + self.switch_bytes[alpha] + (query_bytes if method == "autoswitch" else 0)
-        if method == "wemoe":  # dense MLP task vectors as experts
-            return self.model_bytes + int(self.n_tasks * self.mlp_numel * self.dtype_bytes)
-        if method == "e-wemoe":  # kept values + int32 indices
-            keep = float(opts.get("keep_fraction") or 0.1)
-            return self.model_bytes + int(self.n_tasks * self.mlp_numel * keep * (self.dtype_bytes + 4))
-        return -1
-
-
 def storage_model(zoo: Zoo, artifacts: Sequence[str] = (), storage_options: Mapping[str, Any] | None = None
                   ) -> StorageModel:
+    """The sizes every method's storage is counted from (``StorageModel.bytes_for``), from the zoo's
+    headers and the switch artifacts' tables only."""
     infos = zoo.tensor_infos()
     base_infos = zoo.reader("base").infos()
     model_bytes = sum(i.nbytes for i in base_infos.values())

@@ -1,20 +1,26 @@
-"""Auto-Switch: training-free switch combination by kNN retrieval (paper 000 Sec. 4, eq. 8).
+"""Auto-Switch: training-free switch combination by kNN retrieval: docs/MATH.md "Auto-Switch"
+(paper 000, "Less is More: Efficient Model Merging with Binary Task Switch", Sec. 4, eq. 8).
 
 A query set holds pre-classifier features of a few unlabeled examples per task.
 For an input x, its k nearest query features vote: wt(x) = |kNN(x) ∩ Qt| / k,
 and the input is served by θ(x) = θ0 + Σt wt(x)·λt·Mt⊙St. Inputs with the
 same weight vector share one rebuilt model (:func:`group_by_weights`).
 
-Pure tensor code: extracting features and rebuilding models lives in ``eval``.
+Pure tensor code: extracting features and rebuilding models lives in ``eval``
+(``eval/autoswitch_eval.py``, which takes :class:`AutoSwitchOptions` as keywords).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from tswitch_ray.errors import ConfigError
+from tswitch_ray.methods.registry import EvalTimeOptions, Integer, MethodInfo, MethodKind, MethodOptions, register
+from tswitch_ray.methods.storage import StorageModel, switches_bytes
 
 Tensor = torch.Tensor
 
@@ -27,7 +33,7 @@ def autoswitch_weights(
     n_tasks: int | None = None,
     average_over_batch: bool = False,
 ) -> Tensor:
-    """Switch weights wt(x) = |kNN(x) ∩ Qt| / k (paper 000 eq. 8); float32 [B, T].
+    """Switch weights wt(x) = |kNN(x) ∩ Qt| / k (docs/MATH.md "Auto-Switch"; paper 000 eq. 8); float32 [B, T].
 
     ``query_features`` [Q, D], ``query_task_ids`` [Q] (ints in [0, T)),
     ``x_features`` [B, D]. Neighbours by Euclidean distance (``torch.cdist``
@@ -92,7 +98,8 @@ def combine_switches(
     switches: Sequence[tuple[Tensor, Tensor, float]],
     weights: Sequence[float] | Tensor,
 ) -> Tensor:
-    """θ(x) = θ0 + Σt wt·λt·Mt⊙St (paper 000 eq. 8) for one tensor, in the base dtype.
+    """θ(x) = θ0 + Σt wt·λt·Mt⊙St (docs/MATH.md "Auto-Switch"; paper 000 eq. 8) for one tensor, in the
+    base dtype.
 
     ``switches[t] = (mask, positive, knob)`` as stored by T-Switch (``positive``
     is the sign bit of kept elements). Accumulated in fp32 in task order;
@@ -108,3 +115,24 @@ def combine_switches(
         signed = torch.where(positive, 1.0, -1.0).to(acc.device)
         acc = acc + (wt * float(knob)) * torch.where(mask.to(acc.device), signed, 0.0).reshape(acc.shape)
     return acc.to(base.dtype)
+
+
+class AutoSwitchOptions(EvalTimeOptions):
+    k: Integer = Field(10, ge=1)  # neighbours that vote (the authors' runs)
+    examples_per_task: Integer = Field(100, ge=1)  # m, the query set's examples per task (the paper)
+    feature_model: Literal["average", "base"] = "average"  # the paper's averaged model, or the authors' θ0
+    average_over_batch: bool = False  # the authors' code: one weight vector per test batch
+
+
+def autoswitch_storage(sizes: StorageModel, alpha: float | None, options: MethodOptions, query_bytes: int) -> int:
+    """T-Switch's storage plus the query set of features."""
+    switches = switches_bytes(sizes, alpha)
+    return -1 if switches < 0 else switches + query_bytes
+
+
+register(MethodInfo(
+    name="autoswitch", kind=MethodKind.EVAL_TIME,
+    summary="Auto-Switch: per input, switches weighted by its k nearest query features.",
+    options=AutoSwitchOptions, scorer="autoswitch", storage=autoswitch_storage,
+    needs_alpha=True, needs_artifacts=True, logged_options=("k", "examples_per_task"),
+))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class MergeMethod(Protocol):
 class LocalMethod:
     """Mix-in for methods without global statistics (``stat_rounds = 0``)."""
 
-    stat_rounds: int = 0
+    stat_rounds: ClassVar[int] = 0
 
     def tensor_stats(
         self, round: int, name: str, base: Tensor, taus: list[Tensor], params: Any

@@ -1,4 +1,5 @@
-"""DARE merging: Drop And REscale, then Task Arithmetic (Yu et al. 2024, Sec. 4.1).
+"""DARE merging: Drop And REscale, then Task Arithmetic: docs/MATH.md "DARE" (Yu et al. 2024,
+"Language Models are Super Mario", Sec. 4.1).
 
 Each entry of τt is dropped with probability p and survivors are rescaled by
 1/(1−p) (``tswitch_ray.switch.transforms.dare``); the DARE'd vectors are then
@@ -11,21 +12,22 @@ neither the sharding nor the tensor order, only on the device type (CPU and
 CUDA generators differ).
 
 ``rescale_to_sum_norm=True`` applies paper 000's eq. 4 norm matching
-(``pdiscard.norm_matched_merge``) instead of plain Task Arithmetic: the
+(``pdiscard.norm_matched_merge``, docs/MATH.md "P-Discard merge") instead of plain Task Arithmetic: the
 DARE-Random control of paper 000 Table 1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from pydantic import Field
 
-from tswitch_ray.errors import ConfigError
 from tswitch_ray.methods import _global
 from tswitch_ray.methods.base import signed_sum, stable_seed, to_base_dtype
-from tswitch_ray.methods.pdiscard import NORM_SCOPES, norm_matched_merge, norm_ratio, norm_terms
+from tswitch_ray.methods.pdiscard import NormScope, norm_matched_merge, norm_ratio, norm_terms
+from tswitch_ray.methods.registry import Integer, MethodInfo, MethodKind, MethodOptions, Number, register
+from tswitch_ray.methods.storage import one_model_bytes
 from tswitch_ray.methods.task_arithmetic import task_arithmetic
 from tswitch_ray.switch.transforms import dare
 
@@ -33,32 +35,24 @@ Tensor = torch.Tensor
 
 
 def dare_task_vectors(name: str, taus: list[Tensor], p: float, seed: int) -> list[Tensor]:
-    """DARE(τt) for every task of one tensor, each with its (seed, task, name) seed."""
+    """DARE(τt) for every task of one tensor (docs/MATH.md "DARE"), each with its (seed, task, name) seed."""
     return [dare(tau, p, stable_seed(seed, t, name)) for t, tau in enumerate(taus)]
 
 
-@dataclass
-class Dare:
+class DareOptions(MethodOptions):
+    p: Number = Field(0.5, ge=0.0, lt=1.0)  # drop probability
+    seed: Integer = 0
+    scale: Number = 0.3
+    rescale_to_sum_norm: bool = False
+    norm_scope: NormScope = "model"
+
+
+class Dare(DareOptions):
     """DARE + Task Arithmetic (one merged model). Options: ``p`` (0.5), ``seed`` (0),
     ``scale`` (0.3), ``rescale_to_sum_norm`` (False), ``norm_scope`` ("model" | "tensor")."""
 
-    p: float = 0.5
-    seed: int = 0
-    scale: float = 0.3
-    rescale_to_sum_norm: bool = False
-    norm_scope: str = "model"
     name: ClassVar[str] = "dare"
     per_task: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0.0 <= self.p < 1.0:
-            raise ConfigError(f"method 'dare': option p (drop probability) must be in [0, 1), got {self.p!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"method 'dare': option seed must be an integer, got {self.seed!r}.")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-            raise ConfigError(f"method 'dare': option scale must be a number, got {self.scale!r}.")
-        if self.norm_scope not in NORM_SCOPES:
-            raise ConfigError(f"method 'dare': option norm_scope must be one of {NORM_SCOPES}, got {self.norm_scope!r}.")
 
     @property
     def stat_rounds(self) -> int:
@@ -76,3 +70,10 @@ class Dare:
             return to_base_dtype(task_arithmetic(base, dropped, self.scale), base)
         ratio = params["ratio"] if self.norm_scope == "model" else norm_ratio(*norm_terms(taus, dropped))
         return to_base_dtype(norm_matched_merge(base, signed_sum(dropped), ratio, self.scale), base)
+
+
+register(MethodInfo(
+    name="dare", kind=MethodKind.ONE_MODEL,
+    summary="DARE: drop with probability p, rescale by 1/(1-p), then Task Arithmetic.",
+    options=DareOptions, factory=Dare, scorer="merged-one", storage=one_model_bytes,
+))

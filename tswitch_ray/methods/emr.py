@@ -1,4 +1,5 @@
-"""EMR-Merging: Elect, Mask & Rescale (paper 003, Huang et al. 2024, Sec. 3.2 and Alg. 1).
+"""EMR-Merging: Elect, Mask & Rescale: docs/MATH.md "EMR-Merging" (paper 003, Huang et al. 2024,
+"EMR-Merging: Tuning-Free High-Performance Model Merging", Sec. 3.2 and Alg. 1).
 
 One unified task vector τuni plus, per task, a 1-bit mask Mt and a scalar
 rescaler λt; task t is served by θt = θ0 + λt·Mt⊙τuni.
@@ -24,22 +25,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
 
 from tswitch_ray.errors import ConfigError
-from tswitch_ray.methods.base import signed_sum, sum64, to_base_dtype
+from tswitch_ray.methods.base import sum64, to_base_dtype
+from tswitch_ray.methods.registry import MethodInfo, MethodKind, MethodOptions, register
+from tswitch_ray.methods.storage import StorageModel
 
 Tensor = torch.Tensor
 
-LAMBDA_MODES = ("tensor_mean", "element_sum")
+LambdaMode = Literal["tensor_mean", "element_sum"]
+LAMBDA_MODES: tuple[str, ...] = get_args(LambdaMode)
 
 
 def unified_task_vector(taus: Sequence[Tensor]) -> Tensor:
-    """Elect τuni (paper 003 Sec. 3.2 "Electing a unified task vector", Alg. 1 lines 2–3).
+    """Elect τuni (docs/MATH.md "EMR-Merging"; paper 003 Sec. 3.2 "Electing a unified task vector",
+    Alg. 1 lines 2–3).
 
     γuni = sign(Σt τt) with a zero sum mapped to −1 (reference code);
     εuni = max over t of |τt| among the entries whose sign agrees with γuni,
@@ -67,7 +71,8 @@ def unified_task_vector(taus: Sequence[Tensor]) -> Tensor:
 
 
 def task_masks(taus: Sequence[Tensor], tau_uni: Tensor) -> list[Tensor]:
-    """Mt = (τt ⊙ τuni > 0) (paper 003 Sec. 3.2 "Task-specific masks"), bool, one per task."""
+    """Mt = (τt ⊙ τuni > 0) (docs/MATH.md "EMR-Merging"; paper 003 Sec. 3.2 "Task-specific masks"), bool,
+    one per task."""
     buf = torch.empty_like(tau_uni)
     return [torch.mul(tau, tau_uni, out=buf) > 0 for tau in taus]
 
@@ -92,8 +97,8 @@ def rescaler_terms(
 
 
 def rescalers(terms: Iterable[np.ndarray]) -> list[float]:
-    """λt = Σ|τt| / Σ|Mt⊙τuni| over the whole model (paper 003 Sec. 3.2 "Task-specific
-    rescalers", Alg. 1 line 6), from the per-tensor :func:`rescaler_terms`.
+    """λt = Σ|τt| / Σ|Mt⊙τuni| over the whole model (docs/MATH.md "EMR-Merging"; paper 003 Sec. 3.2
+    "Task-specific rescalers", Alg. 1 line 6), from the per-tensor :func:`rescaler_terms`.
 
     λt = 0 where the denominator is 0 (the task keeps no element).
     """
@@ -110,24 +115,20 @@ def rescalers(terms: Iterable[np.ndarray]) -> list[float]:
 
 
 def emr_task_weights(base: Tensor, tau_uni: Tensor, mask: Tensor, lam: float) -> Tensor:
-    """θt = θ0 + λt·Mt⊙τuni (paper 003 Sec. 3.2, inference step), fp32."""
+    """θt = θ0 + λt·Mt⊙τuni (docs/MATH.md "EMR-Merging"; paper 003 Sec. 3.2, inference step), fp32."""
     return base.to(torch.float32) + float(lam) * torch.where(mask, tau_uni, 0.0)
 
 
-@dataclass
-class EMR:
+class EMROptions(MethodOptions):
+    lambda_mode: LambdaMode = "tensor_mean"
+
+
+class EMR(EMROptions):
     """EMR-Merging, one model per task. One statistics round gathers the rescaler terms."""
 
-    lambda_mode: str = "tensor_mean"
     name: ClassVar[str] = "emr"
     per_task: ClassVar[bool] = True
     stat_rounds: ClassVar[int] = 1
-
-    def __post_init__(self) -> None:
-        if self.lambda_mode not in LAMBDA_MODES:
-            raise ConfigError(
-                f"method 'emr': option lambda_mode must be one of {LAMBDA_MODES}, got {self.lambda_mode!r}."
-            )
 
     def tensor_stats(self, round: int, name: str, base: Tensor, taus: list[Tensor], params: Any) -> np.ndarray:
         tau_uni = unified_task_vector(taus)
@@ -143,3 +144,15 @@ class EMR:
             to_base_dtype(emr_task_weights(base, tau_uni, m, lam), base)
             for m, lam in zip(masks, params, strict=True)
         ]
+
+
+def emr_storage(sizes: StorageModel, alpha: float | None, options: MethodOptions, query_bytes: int) -> int:
+    """One unified model, plus per task a 1-bit mask over the float elements (λt is a few bytes)."""
+    return sizes.model_bytes + sizes.n_tasks * math.ceil(sizes.float_numel / 8)
+
+
+register(MethodInfo(
+    name="emr", aliases=("emr_merging",), kind=MethodKind.PER_TASK,
+    summary="EMR-Merging: one unified task vector, a 1-bit mask and a rescaler per task.",
+    options=EMROptions, factory=EMR, scorer="merged-per-task", storage=emr_storage,
+))

@@ -1,4 +1,5 @@
-"""P-Discard merging (paper 000 Sec. 3.2, eq. 4) and the norm-matched merge it uses.
+"""P-Discard merging and the norm-matched merge it uses: docs/MATH.md "P-Discard merge" (paper 000,
+"Less is More: Efficient Model Merging with Binary Task Switch", Sec. 3.2, eq. 4).
 
 Paper 000 merges P-Discarded task vectors P(τt) (eq. 3: drop the fraction α
 of smallest positive and of smallest-magnitude negative entries) "using the
@@ -23,24 +24,26 @@ vector of zero length gets ratio 0.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 
-from tswitch_ray.errors import ConfigError
 from tswitch_ray.methods import _global
 from tswitch_ray.methods.base import signed_sum, sumsq64, to_base_dtype
+from tswitch_ray.methods.registry import MethodInfo, MethodKind, MethodOptions, Number, register
+from tswitch_ray.methods.storage import one_model_bytes
 from tswitch_ray.switch.thresholds import Thresholds, tensor_thresholds
 from tswitch_ray.switch.transforms import p_discard
 
 Tensor = torch.Tensor
 
-NORM_SCOPES = ("model", "tensor")
+NormScope = Literal["model", "tensor"]
 
 
 def norm_ratio(sumsq_full: float, sumsq_processed: float) -> float:
-    """‖Σt τt‖₂ / ‖Σt P(τt)‖₂ from the two sums of squares (paper 000 eq. 4, our reading);
+    """‖Σt τt‖₂ / ‖Σt P(τt)‖₂ from the two sums of squares (docs/MATH.md "P-Discard merge";
+    paper 000 eq. 4, our reading);
     0 when the processed sum is all zero."""
     if sumsq_processed <= 0.0:
         return 0.0
@@ -48,7 +51,7 @@ def norm_ratio(sumsq_full: float, sumsq_processed: float) -> float:
 
 
 def norm_matched_merge(base: Tensor, processed_sum: Tensor, ratio: float, scale: float) -> Tensor:
-    """θ = θ0 + s·ratio·Σt P(τt) (paper 000 eq. 4, our reading; see the module docstring), fp32."""
+    """θ = θ0 + s·ratio·Σt P(τt) (docs/MATH.md "P-Discard merge"; paper 000 eq. 4, our reading), fp32."""
     return base.to(torch.float32) + (float(scale) * float(ratio)) * processed_sum
 
 
@@ -59,35 +62,24 @@ def norm_terms(taus: list[Tensor], processed: list[Tensor]) -> tuple[float, floa
     return sumsq64(full), sumsq64(proc)
 
 
-def _check_number(method: str, option: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"method '{method}': option {option} must be a number, got {value!r}.")
+class PDiscardOptions(MethodOptions):
+    alpha: Number = Field(0.6, ge=0.0, lt=1.0)  # discard ratio α
+    scale: Number = 0.3
+    scope: Literal["tensor", "model"] = "tensor"  # of the thresholds
+    norm_scope: NormScope = "model"
 
 
-@dataclass
-class PDiscard:
+class PDiscard(PDiscardOptions):
     """P-Discard merge (one merged model). Options: ``alpha`` (0.6), ``scale`` (0.3),
     ``scope`` ("tensor" | "model", thresholds), ``norm_scope`` ("model" | "tensor")."""
 
-    alpha: float = 0.6
-    scale: float = 0.3
-    scope: str = "tensor"
-    norm_scope: str = "model"
     name: ClassVar[str] = "pdiscard"
     per_task: ClassVar[bool] = False
-    _phases: tuple[str, ...] = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        _check_number(self.name, "alpha", self.alpha)
-        _check_number(self.name, "scale", self.scale)
-        if not 0.0 <= float(self.alpha) < 1.0:
-            raise ConfigError(f"method 'pdiscard': option alpha must be in [0, 1), got {self.alpha!r}.")
-        if self.scope not in ("tensor", "model"):
-            raise ConfigError(f"method 'pdiscard': option scope must be 'tensor' or 'model', got {self.scope!r}.")
-        if self.norm_scope not in NORM_SCOPES:
-            raise ConfigError(f"method 'pdiscard': option norm_scope must be one of {NORM_SCOPES}, got {self.norm_scope!r}.")
+    @property
+    def _phases(self) -> tuple[str, ...]:
         phases = ("hist", "fine") if self.scope == "model" else ()
-        self._phases = phases + (("norm",) if self.norm_scope == "model" else ())
+        return phases + (("norm",) if self.norm_scope == "model" else ())
 
     @property
     def stat_rounds(self) -> int:
@@ -125,3 +117,10 @@ class PDiscard:
         else:
             ratio = norm_ratio(*norm_terms(taus, processed))
         return to_base_dtype(norm_matched_merge(base, signed_sum(processed), ratio, self.scale), base)
+
+
+register(MethodInfo(
+    name="pdiscard", aliases=("p_discard",), kind=MethodKind.ONE_MODEL,
+    summary="P-Discard merge: drop the fraction alpha of smallest entries per sign, norm-matched sum.",
+    options=PDiscardOptions, factory=PDiscard, scorer="merged-one", storage=one_model_bytes,
+))

@@ -1,4 +1,5 @@
-"""TIES-Merging: trim, elect sign, disjoint merge (Yadav et al. 2023, Sec. 3 / Alg. 1).
+"""TIES-Merging: trim, elect sign, disjoint merge: docs/MATH.md "TIES-Merging" (Yadav et al. 2023,
+"TIES-Merging: Resolving Interference When Merging Models", Sec. 3 / Alg. 1).
 
 Details follow the reference implementation (prateeksha10/ties-merging,
 ``ties_merging_utils.py``), which FusionBench reuses:
@@ -24,14 +25,15 @@ Details follow the reference implementation (prateeksha10/ties-merging,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 
-from tswitch_ray.errors import ConfigError
 from tswitch_ray.methods import _global
 from tswitch_ray.methods.base import signed_sum, to_base_dtype
+from tswitch_ray.methods.registry import MethodInfo, MethodKind, MethodOptions, Number, register
+from tswitch_ray.methods.storage import one_model_bytes
 from tswitch_ray.switch.select import kth_smallest
 
 Tensor = torch.Tensor
@@ -44,22 +46,22 @@ def trim_rank(d: int, k: float) -> int:
 
 
 def trim(tau: Tensor, threshold: float | None) -> Tensor:
-    """TIES step 1, Trim (Yadav et al. 2023 Sec. 3, Alg. 1 step 1): keep |τ| ≥ threshold
-    (ties at the cut kept, as the reference); ``None`` keeps everything."""
+    """TIES step 1, Trim (docs/MATH.md "TIES-Merging"; Yadav et al. 2023 Sec. 3, Alg. 1 step 1):
+    keep |τ| ≥ threshold (ties at the cut kept, as the reference); ``None`` keeps everything."""
     if threshold is None:
         return tau
     return torch.where(tau.abs() >= threshold, tau, 0.0)
 
 
 def elect_sign(trimmed: list[Tensor], majority: float) -> Tensor:
-    """TIES step 2, Elect (Alg. 1 step 2): γ = sign(Σt trimmed τt), a zero sum replaced by
-    the model-wide majority sign (reference ``resolve_zero_signs``)."""
+    """TIES step 2, Elect (docs/MATH.md "TIES-Merging"; Alg. 1 step 2): γ = sign(Σt trimmed τt), a zero
+    sum replaced by the model-wide majority sign (reference ``resolve_zero_signs``)."""
     gamma = torch.sign(signed_sum(trimmed))
     return torch.where(gamma == 0, torch.full_like(gamma, float(majority)), gamma)
 
 
 def disjoint_merge(trimmed: list[Tensor], gamma: Tensor, merge: str = "mean") -> Tensor:
-    """TIES step 3, Disjoint merge (Alg. 1 step 3): the mean (or sum) over t of the
+    """TIES step 3, Disjoint merge (docs/MATH.md "TIES-Merging"; Alg. 1 step 3): the mean (or sum) over t of the
     entries of trimmed τt whose sign agrees with γ (γ > 0: τ > 0, else τ < 0), fp32."""
     total = torch.zeros_like(gamma)
     count = torch.zeros_like(gamma)
@@ -72,29 +74,22 @@ def disjoint_merge(trimmed: list[Tensor], gamma: Tensor, merge: str = "mean") ->
     return total / count.clamp(min=1.0)
 
 
-@dataclass
-class Ties:
+class TiesOptions(MethodOptions):
+    k: Number = Field(20.0, ge=0.0, le=100.0)  # percent of entries kept
+    trim_scope: Literal["model", "tensor"] = "model"
+    merge: Literal["mean", "sum"] = "mean"
+    scale: Number = 0.3
+
+
+class Ties(TiesOptions):
     """TIES-Merging (one merged model). Options: ``k`` (percent kept, 20), ``trim_scope``
     ("model" | "tensor"), ``merge`` ("mean" | "sum"), ``scale`` (0.3)."""
 
-    k: float = 20.0
-    trim_scope: str = "model"
-    merge: str = "mean"
-    scale: float = 0.3
     name: ClassVar[str] = "ties"
     per_task: ClassVar[bool] = False
-    _phases: tuple[str, ...] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not 0.0 <= self.k <= 100.0:
-            raise ConfigError(f"method 'ties': option k is the percent of entries kept, in [0, 100]; got {self.k!r}.")
-        if self.trim_scope not in ("model", "tensor"):
-            raise ConfigError(f"method 'ties': option trim_scope must be 'model' or 'tensor', got {self.trim_scope!r}.")
-        if self.merge not in ("mean", "sum"):
-            raise ConfigError(f"method 'ties': option merge must be 'mean' or 'sum', got {self.merge!r}.")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-            raise ConfigError(f"method 'ties': option scale must be a number, got {self.scale!r}.")
-        self._phases = ("coarse", "fine", "majority") if self.trim_scope == "model" else ("majority",)
+    @property
+    def _phases(self) -> tuple[str, ...]:
+        return ("coarse", "fine", "majority") if self.trim_scope == "model" else ("majority",)
 
     @property
     def stat_rounds(self) -> int:
@@ -135,3 +130,10 @@ class Ties:
         gamma = elect_sign(trimmed, params["majority"])
         merged = disjoint_merge(trimmed, gamma, self.merge)
         return to_base_dtype(base.to(torch.float32) + float(self.scale) * merged, base)
+
+
+register(MethodInfo(
+    name="ties", aliases=("ties_merging",), kind=MethodKind.ONE_MODEL,
+    summary="TIES-Merging: trim to the top k %, elect signs, disjoint mean.",
+    options=TiesOptions, factory=Ties, scorer="merged-one", storage=one_model_bytes,
+))

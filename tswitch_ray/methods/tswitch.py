@@ -1,7 +1,9 @@
-"""T-Switch as a merge method: one model per task, θt = θ0 + λt·Mt⊙St (paper 000 eq. 7).
+"""T-Switch as a merge method: one model per task, θt = θ0 + λt·Mt⊙St: docs/MATH.md "Reconstruction"
+(paper 000, "Less is More: Efficient Model Merging with Binary Task Switch", eq. 7).
 
 Composition only — thresholds, binarisation, knob and reconstruction are the
-functions of ``tswitch_ray.switch`` (the formulas live there). Options:
+functions of ``tswitch_ray.switch`` (docs/MATH.md "Thresholds (P-Discard cut)",
+"Switches and knobs", "Reconstruction"; the formulas live there). Options:
 
 * ``alpha`` (0.6, the authors' ViT setting): P-Discard ratio;
 * ``scope``: "tensor" (default, the authors' code: thresholds and one knob per
@@ -11,44 +13,43 @@ functions of ``tswitch_ray.switch`` (the formulas live there). Options:
 * ``knob``: "rms" (default, the authors' code) or "mean".
 
 The artifact build (``distributed/build.py``) produces the same switches and
-stores them; this method rebuilds full weights directly.
+stores them; this method rebuilds full weights directly. An eval scores T-Switch
+from those stored switches (``needs_artifacts``), so its eval entry takes
+``alpha`` and no options: the scope and knob are the build's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 
-from tswitch_ray.errors import ConfigError
 from tswitch_ray.methods import _global
-from tswitch_ray.switch.binarize import KNOB_MODES, KeptStats, binarize, kept_stats, knob
+from tswitch_ray.methods.registry import MethodInfo, MethodKind, MethodOptions, NoOptions, Number, register
+from tswitch_ray.methods.storage import StorageModel, switches_bytes
+from tswitch_ray.switch.binarize import KeptStats, KnobMode, binarize, kept_stats, knob
 from tswitch_ray.switch.reconstruct import reconstruct
 from tswitch_ray.switch.thresholds import Thresholds, tensor_thresholds
 
 Tensor = torch.Tensor
 
 
-@dataclass
-class TSwitch:
+class TSwitchOptions(MethodOptions):
+    alpha: Number = Field(0.6, ge=0.0, lt=1.0)  # P-Discard ratio α
+    scope: Literal["tensor", "model"] = "tensor"
+    knob: KnobMode = "rms"
+
+
+class TSwitch(TSwitchOptions):
     """T-Switch reconstruction for every task. Options: ``alpha``, ``scope``, ``knob``."""
 
-    alpha: float = 0.6
-    scope: str = "tensor"
-    knob: str = "rms"
     name: ClassVar[str] = "tswitch"
     per_task: ClassVar[bool] = True
-    _phases: tuple[str, ...] = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha < 1.0:
-            raise ConfigError(f"method 'tswitch': option alpha must be a number in [0, 1), got {self.alpha!r}.")
-        if self.scope not in ("tensor", "model"):
-            raise ConfigError(f"method 'tswitch': option scope must be 'tensor' or 'model', got {self.scope!r}.")
-        if self.knob not in KNOB_MODES:
-            raise ConfigError(f"method 'tswitch': option knob must be one of {KNOB_MODES}, got {self.knob!r}.")
-        self._phases = ("hist", "fine", "kept") if self.scope == "model" else ()
+    @property
+    def _phases(self) -> tuple[str, ...]:
+        return ("hist", "fine", "kept") if self.scope == "model" else ()
 
     @property
     def stat_rounds(self) -> int:
@@ -94,3 +95,16 @@ class TSwitch:
             lam = params["knobs"][t] if self.scope == "model" else knob(kept_stats(tau, mask), self.knob)
             out.append(reconstruct(base, mask, positive, lam))
         return out
+
+
+def tswitch_storage(sizes: StorageModel, alpha: float | None, options: MethodOptions, query_bytes: int) -> int:
+    """θ0 plus every task's encoded switches at α, as the artifacts store them."""
+    return switches_bytes(sizes, alpha)
+
+
+register(MethodInfo(
+    name="tswitch", aliases=("t_switch",), kind=MethodKind.PER_TASK,
+    summary="T-Switch: per task θ0 + knob·mask⊙sign (binary task switches at P-Discard ratio alpha).",
+    options=TSwitchOptions, eval_options=NoOptions, factory=TSwitch, scorer="switches", storage=tswitch_storage,
+    needs_alpha=True, needs_artifacts=True,
+))

@@ -1,4 +1,6 @@
-"""WEMoE and E-WEMoE: weight-ensembling mixture of experts (paper 002, Tang/Shen et al.).
+"""WEMoE and E-WEMoE: weight-ensembling mixture of experts: docs/MATH.md "WEMoE and E-WEMoE" (paper 002,
+Shen, Tang et al., "Efficient and Effective Weight-Ensembling Mixture of Experts for Multi-Task Model
+Merging").
 
 Non-MLP weights are merged by Task Arithmetic (use ``task_arithmetic``); each
 Transformer MLP becomes a :class:`WeightEnsemblingMLP` whose weights depend on
@@ -17,8 +19,8 @@ Choices, each an option:
 * ``token_pool="router_output"`` (default): the router runs on every token and
   its outputs are averaged over the tokens — eq. 9 ("mean(R_l(h_1:N))") and
   FusionBench's implementation. ``"input"`` runs the router once on the mean
-  of the input tokens (the reading in DESIGN.md); the two differ because of the
-  ReLU.
+  of the input tokens (the reading in docs/MATH.md "WEMoE and E-WEMoE");
+  the two differ because of the ReLU.
 * ``init_std=0.1``: W ~ N(0, 0.01) in the paper is a *variance* of 0.01
   (FusionBench's code uses std 0.01).
 * ``batch_reduce=False``: one weight set per sample; ``True`` averages λ over
@@ -34,16 +36,21 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call, vmap
 
 from tswitch_ray.errors import ConfigError
+from tswitch_ray.methods.registry import EvalTimeOptions, Integer, MethodInfo, MethodKind, MethodOptions, Number, \
+    register
+from tswitch_ray.methods.storage import StorageModel
 
 Tensor = torch.Tensor
 
 
 class WemoeRouter(nn.Module):
-    """The router R: R^d → R^T of paper 002 eq. 10 (and its 1-layer variant, App. X-C).
+    """The router R: R^d → R^T of docs/MATH.md "WEMoE and E-WEMoE" (paper 002 eq. 10, and its
+    1-layer variant, App. X-C).
 
     depth 2: R(h) = W1·ReLU(W0·h + b0) + b1;  depth 1: R(h) = W0·h + b0;
     depth 0: R(h) = b0 (a learned constant). Init (Sec. III-B2): W ~ N(0, σ²)
@@ -101,7 +108,8 @@ def _buffer_key(param_name: str) -> str:
 
 
 class WeightEnsemblingMLP(nn.Module):
-    """An MLP whose weights are θ0 + Σi λi(x)·τi, λ(x) from a router (paper 002 eq. 9).
+    """An MLP whose weights are θ0 + Σi λi(x)·τi, λ(x) from a router (docs/MATH.md "WEMoE and E-WEMoE";
+    paper 002 eq. 9).
 
     ``task_vectors[i]`` maps the MLP's parameter names (as in
     ``base_mlp.named_parameters()``) to τi; a missing name means τi = 0 there.
@@ -206,7 +214,8 @@ class WeightEnsemblingMLP(nn.Module):
 
 
 def prune_task_vector(tau: Tensor, keep_fraction: float) -> Tensor:
-    """sparse(τ, ρ) of paper 002 eq. 15: keep the k = round(keep_fraction·n) largest |τ|.
+    """sparse(τ, ρ) of docs/MATH.md "WEMoE and E-WEMoE" (paper 002 eq. 15): keep the
+    k = round(keep_fraction·n) largest |τ|.
 
     Exactly k entries are kept: the threshold is the exact (n−k+1)-th smallest
     magnitude (radix selection, ``tswitch_ray.switch.select``), entries above
@@ -285,7 +294,8 @@ def upscale_mlps(
 
 
 def entropy_loss(logits: Tensor) -> Tensor:
-    """L = E_x[−Σ_y p(y|x) log p(y|x)] over the batch (paper 002 eq. 11), from raw logits."""
+    """L = E_x[−Σ_y p(y|x) log p(y|x)] over the batch (docs/MATH.md "WEMoE and E-WEMoE"; paper 002
+    eq. 11), from raw logits."""
     logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
     return -(logp.exp() * logp).sum(dim=-1).mean()
 
@@ -302,3 +312,45 @@ def tta_step(
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+class WemoeOptions(EvalTimeOptions):
+    """What an eval config may set for WEMoE (``eval/wemoe_eval.py`` takes them as keywords)."""
+
+    init_lambda: Number = 0.3  # λ the routers start from (Task Arithmetic's coefficient)
+    tta_steps: Integer = Field(200, ge=0)
+    lr: Number = 1e-4
+    batch_size: Integer = Field(16, ge=1)  # the test-time adaptation batch
+    router_hidden: Integer | None = Field(None, ge=1)  # default: the MLP's input width
+    keep_fraction: Number | None = Field(None, ge=0.0, le=1.0)  # prune the MLP task vectors (E-WEMoE's eq. 15)
+    seed: Integer = 0
+    router_init_std: Number = 0.1
+    router_depth: Integer = Field(2, ge=0, le=2)
+    tta_limit: Integer | None = Field(None, ge=1)  # rows of each task's unlabeled split, cycled
+
+
+class EWemoeOptions(WemoeOptions):
+    keep_fraction: Number = Field(0.1, ge=0.0, le=1.0)  # ρ = 90 % pruned, the paper's default
+
+
+def wemoe_storage(sizes: StorageModel, alpha: float | None, options: MethodOptions, query_bytes: int) -> int:
+    """θ0 plus the dense MLP task vectors, the experts."""
+    return sizes.model_bytes + int(sizes.n_tasks * sizes.mlp_numel * sizes.dtype_bytes)
+
+
+def ewemoe_storage(sizes: StorageModel, alpha: float | None, options: MethodOptions, query_bytes: int) -> int:
+    """θ0 plus the kept MLP task-vector values and their int32 indices."""
+    keep = float(getattr(options, "keep_fraction", None) or 0.1)
+    return sizes.model_bytes + int(sizes.n_tasks * sizes.mlp_numel * keep * (sizes.dtype_bytes + 4))
+
+
+register(MethodInfo(
+    name="wemoe", kind=MethodKind.EVAL_TIME,
+    summary="WEMoE: MLPs as input-routed mixtures of task vectors, routers trained at test time.",
+    options=WemoeOptions, scorer="wemoe", storage=wemoe_storage, scores_all_tasks_at_once=True,
+))
+register(MethodInfo(
+    name="e-wemoe", aliases=("ewemoe",), kind=MethodKind.EVAL_TIME,
+    summary="E-WEMoE: WEMoE with pruned MLP task vectors and one router shared by all layers.",
+    options=EWemoeOptions, scorer="wemoe", storage=ewemoe_storage, scores_all_tasks_at_once=True,
+))

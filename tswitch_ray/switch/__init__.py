@@ -22,16 +22,13 @@ from tswitch_ray.switch.select import (
 from tswitch_ray.switch.select import fine_histograms as bucket_fine_histograms
 from tswitch_ray.switch.taskvec import task_vector
 from tswitch_ray.switch.thresholds import (
-    FineHistograms,
     RefineRequest,
     SignedFine,
     SignedHistograms,
     Thresholds,
     discard_count,
     fine_histograms,
-    magnitude_histograms,
     refine_request,
-    refine_requests,
     resolve_thresholds,
     signed_fine_histograms,
     signed_histograms,
@@ -42,7 +39,6 @@ from tswitch_ray.switch.transforms import bin_discard, dare, p_discard
 __all__ = [
     "KNOB_MODES",
     "N_BUCKETS",
-    "FineHistograms",
     "KeptStats",
     "KnobMode",
     "RefineRequest",
@@ -61,12 +57,10 @@ __all__ = [
     "kept_stats",
     "knob",
     "kth_smallest",
-    "magnitude_histograms",
     "p_discard",
     "reconstruct",
     "refine_buckets",
     "refine_request",
-    "refine_requests",
     "resolve",
     "resolve_thresholds",
     "signed_fine_histograms",

@@ -522,9 +522,3 @@ class WindowPass:
         neg[0] -= self._zeros[1]
         sparse = self._sparse or PatternCounts(np.zeros(0, np.int32), np.zeros(0, np.int64))
         return SignedHistograms(pos, neg, int(pos.sum()), int(neg.sum())), sparse
-
-
-# Names used by docs/ARCHITECTURE.md.
-magnitude_histograms = signed_histograms
-refine_requests = refine_request
-FineHistograms = SignedFine
