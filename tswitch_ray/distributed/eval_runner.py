@@ -32,8 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
 from tswitch_ray.distributed.executor import WorkItem, make_executor
 from tswitch_ray.errors import ArtifactError, ConfigError
 from tswitch_ray.eval.config import (
@@ -45,7 +43,7 @@ from tswitch_ray.eval.config import (
     MethodSpec,
     TaskData,
 )
-from tswitch_ray.io.atomic import atomic_write_fs
+from tswitch_ray.io.atomic import atomic_write_fs, exists, read_bytes
 from tswitch_ray.io.fs import open_fs
 from tswitch_ray.tracking import Tracker
 
@@ -182,14 +180,12 @@ def _open_data(cfg: EvalConfig) -> tuple[dict[str, Any], str, dict[str, TaskData
     zoo_dir = cfg.zoo.rsplit("/", 1)[0] if "/" in cfg.zoo else "."
     if adapter is None or data is None:
         demo_uri = f"{zoo_dir}/demo.json"
-        try:
-            with fsspec.open(demo_uri, "r", **cfg.storage_options) as f:
-                info = json.load(f)
-        except FileNotFoundError as exc:
+        if not exists(demo_uri, cfg.storage_options):
             raise ConfigError(
                 f"the eval config gives no `adapter`/`data` and {demo_uri} does not exist to take them from; "
                 "add `adapter:` (an adapter spec) and `data:` (each task's eval split) to the config."
-            ) from exc
+            )
+        info = json.loads(read_bytes(demo_uri, cfg.storage_options))
         adapter = adapter if adapter is not None else info["adapter"]
         if data is None:
             data = {t: TaskData(eval=f"{zoo_dir}/{v['eval']}", unlabeled=f"{zoo_dir}/{v.get('train', v['eval'])}")
