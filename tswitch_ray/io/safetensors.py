@@ -573,6 +573,9 @@ class SafetensorsStreamWriter:
             missing = self._layout[self._next].name
             self.abort()
             raise ZooError(f"cannot finish {self.uri}: tensor {missing!r} and later ones were never written.")
+        if self._local:  # as atomic_write: the data is on disk before the name points at it
+            self._f.flush()
+            os.fsync(self._f.fileno())
         self._f.close()
         if self._local:
             os.replace(self._tmp, self._path)
