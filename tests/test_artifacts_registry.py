@@ -28,8 +28,8 @@ def _commit_set(uri: str, alpha: float, seed: int, storage_options: dict | None 
             rows.append({"task": task, "tensor": name, "alpha": alpha, "scope": "tensor", "knob_mode": "rms",
                          "shape": list(shape), "dtype": "F32", "kept": int(mask.sum()), "knob": 1e-3,
                          "encoded": enc})
-    w.write_part(0, rows)
-    w.commit({"zoo": {"name": "toy", "fingerprint": "fp"}, "tasks": TASKS, "alphas": [alpha], "scope": "tensor",
+    w.write(0, rows)
+    w.complete({"zoo": {"name": "toy", "fingerprint": "fp"}, "tasks": TASKS, "alphas": [alpha], "scope": "tensor",
               "knob_mode": "rms", "name": f"a{alpha}"})
     return payload
 
@@ -68,7 +68,7 @@ def test_registry_local(tmp_path: Path) -> None:
         _results(str(root / "evals" / f"e{i}" / "results.parquet"), uri + "/", "tswitch", accs[alpha])
     pending = ArtifactWriter(str(root / "builds" / "pending"), "rk-x")  # staged, never committed: not listed
     empty = np.zeros(4, bool)
-    pending.write_part(0, [{"task": "cars", "tensor": "b", "alpha": 0.5, "scope": "tensor", "knob_mode": "rms",
+    pending.write(0, [{"task": "cars", "tensor": "b", "alpha": 0.5, "scope": "tensor", "knob_mode": "rms",
                             "shape": [4], "dtype": "F32", "kept": 0, "encoded": encode_switch(empty, empty)}])
     (root / "junk").mkdir()
     (root / "junk" / "manifest.json").write_text("{broken")
@@ -110,11 +110,11 @@ def test_registry_ignores_uncommitted_and_refreshes(tmp_path: Path) -> None:
     uri = str(tmp_path / "set")
     w = ArtifactWriter(uri, "rk-0")
     mask = np.zeros(8, bool)
-    w.write_part(0, [{"task": t, "tensor": "b", "alpha": 0.5, "scope": "tensor", "knob_mode": "rms", "shape": [8],
+    w.write(0, [{"task": t, "tensor": "b", "alpha": 0.5, "scope": "tensor", "knob_mode": "rms", "shape": [8],
                       "dtype": "F32", "kept": 0, "knob": 0.0, "encoded": encode_switch(mask, mask)} for t in TASKS])
     reg = Registry(str(tmp_path))
     assert reg.query("SELECT * FROM artifacts").num_rows == 0
-    w.commit({"zoo": {"name": "toy", "fingerprint": "fp"}, "tasks": TASKS, "alphas": [0.5], "scope": "tensor",
+    w.complete({"zoo": {"name": "toy", "fingerprint": "fp"}, "tasks": TASKS, "alphas": [0.5], "scope": "tensor",
               "knob_mode": "rms"})
     reg.refresh()
     assert reg.query("SELECT uri FROM artifacts").column("uri").to_pylist() == [uri]

@@ -20,7 +20,7 @@ from tswitch_ray.artifacts import (
     read_table,
     write_table_atomic,
 )
-from tswitch_ray.artifacts import store as store_mod
+from tswitch_ray.artifacts import writer as writer_mod
 from tswitch_ray.errors import ArtifactError
 
 TASKS = ["cars", "dtd"]
@@ -62,7 +62,7 @@ def _build_parts(writer: ArtifactWriter, seed: int = 0, shards=SHARDS, tasks=TAS
                                  "shape": list(shape), "dtype": "F32", **row,
                                  "knob": row["knob"] if scope == "tensor" else None,
                                  "encoded": encode_switch(mask.reshape(-1), positive.reshape(-1))})
-        writer.write_part(sid, rows)
+        writer.write(sid, rows)
     return truth
 
 
@@ -83,7 +83,7 @@ def _check_all(reader: ArtifactReader, truth: dict) -> None:
 def _roundtrip(uri: str, storage_options: dict | None = None) -> None:
     writer = ArtifactWriter(uri, "run-a", storage_options=storage_options)
     truth = _build_parts(writer)
-    manifest = writer.commit(_manifest())
+    manifest = writer.complete(_manifest())
     reader = ArtifactReader(uri, storage_options=storage_options, verify="full")
     assert reader.tasks == TASKS and reader.alphas == ALPHAS
     assert reader.manifest["run_key"] == "run-a" and reader.manifest["extra"] == {"note": "test"}
@@ -148,9 +148,9 @@ def test_scope_model_knob_comes_from_manifest(tmp_path: Path) -> None:
     writer = ArtifactWriter(uri, "run-m")
     truth = _build_parts(writer, scope="model")
     with pytest.raises(ArtifactError, match="knob"):
-        writer.commit(_manifest(scope="model"))
+        writer.complete(_manifest(scope="model"))
     knobs = [{"task": t, "alpha": a, "knob": 0.01 * (i + 1)} for i, (t, a) in enumerate((t, a) for t in TASKS for a in ALPHAS)]
-    writer.commit(_manifest(scope="model", knobs=knobs))
+    writer.complete(_manifest(scope="model", knobs=knobs))
     reader = ArtifactReader(uri)
     table = {(e["task"], e["alpha"]): e["knob"] for e in knobs}
     for (task, alpha, name), (mask, _, _) in truth.items():
@@ -165,12 +165,12 @@ def test_commit_refuses_incomplete_grid(tmp_path: Path) -> None:
     writer = ArtifactWriter(uri, "run-a")
     _build_parts(writer)
     with pytest.raises(ArtifactError, match="tasks"):
-        writer.commit(_manifest(tasks=["cars"]))  # parts hold dtd too
+        writer.complete(_manifest(tasks=["cars"]))  # parts hold dtd too
     # Declared tensors that no shard wrote: a shard is missing.
     with pytest.raises(ArtifactError, match="missing"):
-        writer.commit(_manifest(tensors=["l0.w", "l0.b", "l1.w", "l2.w"]))
+        writer.complete(_manifest(tensors=["l0.w", "l0.b", "l1.w", "l2.w"]))
     with pytest.raises(ArtifactError, match="missing"):
-        writer.commit(_manifest(alphas=[0.5, 0.9, 0.99]))
+        writer.complete(_manifest(alphas=[0.5, 0.9, 0.99]))
     assert not (tmp_path / "set/manifest.json").exists()
 
 
@@ -194,11 +194,11 @@ def test_resume_with_has_part(tmp_path: Path) -> None:
     # Another run_key never sees these parts.
     assert ArtifactWriter(uri, "run-b").existing_parts() == {}
     with pytest.raises(ArtifactError, match="part-00000"):
-        resumed.commit(_manifest(), shard_ids=[0, 1])
+        resumed.complete(_manifest(), shard_ids=[0, 1])
     # Redo exactly the shards that are not there, with the same data.
     redo = _build_parts(resumed, shards={sid: SHARDS[sid] for sid in SHARDS if not resumed.has_part(sid)})
     assert set(redo) == set(truth)  # both shards were redone (same seed -> same data)
-    resumed.commit(_manifest())
+    resumed.complete(_manifest())
     _check_all(ArtifactReader(uri, verify="full"), truth)
 
 
@@ -206,23 +206,23 @@ def test_commit_overwrite_and_abort(tmp_path: Path) -> None:
     uri = str(tmp_path / "set")
     w1 = ArtifactWriter(uri, "run-a")
     _build_parts(w1, seed=1)
-    w1.commit(_manifest())
-    w1.commit(_manifest())  # retrying the same commit is fine
+    w1.complete(_manifest())
+    w1.complete(_manifest())  # retrying the same commit is fine
     w2 = ArtifactWriter(uri, "run-b")
     truth2 = _build_parts(w2, seed=2)
     with pytest.raises(ArtifactError, match="run-a"):
-        w2.commit(_manifest())
+        w2.complete(_manifest())
     assert ArtifactReader(uri).manifest["run_key"] == "run-a"  # untouched
     with pytest.raises(ArtifactError, match="committed"):
-        w1.abort()
-    w2.commit(_manifest(), overwrite=True)
+        w1.failed()
+    ArtifactWriter(uri, "run-b", overwrite=True).complete(_manifest())
     reader = ArtifactReader(uri, verify="full")
     assert reader.manifest["run_key"] == "run-b"
     _check_all(reader, truth2)
     assert not (tmp_path / "set/parts/run-a").exists()  # garbage of the replaced set removed
     w3 = ArtifactWriter(uri, "run-c")
     _build_parts(w3, seed=3)
-    w3.abort()
+    w3.failed()
     assert not (tmp_path / "set/parts/run-c").exists()
     assert ArtifactReader(uri).manifest["run_key"] == "run-b"
 
@@ -231,7 +231,7 @@ def test_corrupt_part_detected_and_named(tmp_path: Path) -> None:
     uri = str(tmp_path / "set")
     w = ArtifactWriter(uri, "run-a")
     _build_parts(w)
-    w.commit(_manifest())
+    w.complete(_manifest())
     part = tmp_path / "set/parts/run-a/part-00001.parquet"
     data = bytearray(part.read_bytes())
     data[len(data) // 3] ^= 0x01
@@ -245,11 +245,11 @@ def test_corrupt_part_detected_and_named(tmp_path: Path) -> None:
 
 def test_corrupt_payload_page_detected_on_row_read(tmp_path: Path, monkeypatch) -> None:
     """Row reads touch only their row group, and page CRCs catch a flipped byte in it."""
-    monkeypatch.setattr(store_mod, "ROW_GROUP_PAYLOAD_BYTES", 1)  # one row per row group
+    monkeypatch.setattr(writer_mod, "ROW_GROUP_PAYLOAD_BYTES", 1)  # one row per row group
     uri = str(tmp_path / "set")
     w = ArtifactWriter(uri, "run-a")
     truth = _build_parts(w)
-    w.commit(_manifest())
+    w.complete(_manifest())
     path = tmp_path / "set/parts/run-a/part-00000.parquet"
     md = pq.ParquetFile(path).metadata
     assert md.num_row_groups == md.num_rows
@@ -271,7 +271,7 @@ def test_missing_or_truncated_part_after_commit(tmp_path: Path) -> None:
     uri = str(tmp_path / "set")
     w = ArtifactWriter(uri, "run-a")
     _build_parts(w)
-    w.commit(_manifest())
+    w.complete(_manifest())
     part = tmp_path / "set/parts/run-a/part-00000.parquet"
     part.write_bytes(part.read_bytes()[:-10])
     with pytest.raises(ArtifactError, match="part-00000.parquet has"):
@@ -285,7 +285,7 @@ def test_reader_errors_name_the_unknown(tmp_path: Path) -> None:
     uri = str(tmp_path / "set")
     w = ArtifactWriter(uri, "run-a")
     _build_parts(w)
-    w.commit(_manifest())
+    w.complete(_manifest())
     r = ArtifactReader(uri)
     with pytest.raises(ArtifactError, match="svhn"):
         r.switch("svhn", 0.5, "l0.w")
@@ -313,7 +313,7 @@ def test_manifest_is_json_listing_parts(tmp_path: Path) -> None:
     uri = str(tmp_path / "set")
     w = ArtifactWriter(uri, "run-a")
     _build_parts(w)
-    w.commit(_manifest())
+    w.complete(_manifest())
     m = json.loads((tmp_path / "set/manifest.json").read_text())
     fs = fsspec.filesystem("file")
     for p in m["parts"]:

@@ -291,3 +291,29 @@ def test_reconstruct_bad_requests(zoo, tmp_path):
     r = run("reconstruct", "--artifacts", tmp_path / "nothing", "--task", "cars", "--alpha", "0.5", "--out", dst)
     assert_refused(r, tmp_path / "none", str(tmp_path / "nothing"), "manifest.json")
     assert not dst.exists()
+
+
+# --- merge outputs -------------------------------------------------------------------
+
+def merge(zoo: object, out: Path, method: str = "ta", *extra: object):
+    return run("merge", "--zoo", zoo, "--method", method, "--out", out, "--executor", "local", "--quiet", *extra)
+
+
+def test_merge_to_unwritable_output(zoo, tmp_path):
+    """An output under a regular file cannot be created: refused by the probe at start, not by a traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "merged"
+    assert_refused(merge(zoo, out), tmp_path / "none", str(out), "cannot write merge outputs there")
+
+
+def test_merge_to_an_output_of_another_method(zoo, tmp_path):
+    out = tmp_path / "merged"
+    assert merge(zoo, out, "ta").exit_code == 0
+    committed = (out / "merged.safetensors").read_bytes()
+    assert_refused(merge(zoo, out, "ties"), tmp_path / "none", str(out), "merge.json", "'ta'", "'ties'")
+    assert (out / "merged.safetensors").read_bytes() == committed
+    assert not (out / ".staging").exists()
+    r = merge(zoo, out, "ties", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "merge.json").read_text())["method"] == "ties"

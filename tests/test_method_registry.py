@@ -41,7 +41,7 @@ from tswitch_ray.methods import (
     validate_options,
 )
 from tswitch_ray.methods import registry as registry_module
-from tswitch_ray.methods.base import LocalMethod, signed_sum, to_base_dtype
+from tswitch_ray.methods.base import LocalMethod, to_base_dtype
 from tswitch_ray.methods.storage import one_model_bytes
 from tswitch_ray.tracking import TrackingConfig
 

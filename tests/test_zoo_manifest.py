@@ -7,7 +7,8 @@ import pytest
 
 from tswitch_ray.errors import ZooError
 from tswitch_ray.zoo import load_zoo, parse_manifest, read_manifest, resolve_uri
-from tswitch_ray.zoo.readers import SafetensorsReader, ShardedSafetensorsReader, TorchStateDictReader
+from tswitch_ray.io.checkpoints import TorchStateDictReader
+from tswitch_ray.io.safetensors import SafetensorsReader, ShardedSafetensorsReader
 
 GOOD = """\
 name: my-zoo

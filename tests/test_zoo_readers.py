@@ -132,7 +132,7 @@ def test_read_fetches_exactly_one_tensor_range(tmp_path, monkeypatch):
     header_bytes = sum(c[2] for c in calls)
     assert len(calls) == 1 and header_bytes <= 256 * 1024  # one small ranged read for the header
     calls.clear()
-    import tswitch_ray.zoo.readers as readers_mod
+    import tswitch_ray.io.safetensors as readers_mod
 
     orig_local = readers_mod._read_local
 
@@ -413,7 +413,7 @@ def test_stream_writer_abort_and_order_errors(tmp_path):
 
 
 def test_writers_finish_all_or_none(tmp_path):
-    from tswitch_ray.zoo.writer import all_or_none
+    from tswitch_ray.io.safetensors import all_or_none
 
     layout = [("a", (2,), "F32")]
     paths = [str(tmp_path / f"{i}.safetensors") for i in range(3)]

@@ -190,6 +190,7 @@ def merge(
     out_dir: str = typer.Option(..., "--out", "-o", help="Output folder: merged.safetensors or <task>.safetensors."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-O",
                                                help="Method option KEY=VALUE (repeatable); see the methods below."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed merge of another method, options or zoo."),
     executor: str = ExecOpt,
     ray_address: Optional[str] = AddrOpt,
     workers: Optional[int] = WorkersOpt,
@@ -202,7 +203,8 @@ def merge(
     from tswitch_ray.distributed.merge import MergeConfig, run_merge
 
     opts = _method_options(option)  # run_merge checks the method, its kind and options before any work
-    cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, executor=executor, ray_address=ray_address,
+    cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, overwrite=overwrite, executor=executor,
+                      ray_address=ray_address,
                       num_workers=workers, num_gpus=num_gpus,
                       storage_options=_storage_options(storage_option, s3_endpoint), show_progress=not quiet)
     s = run_merge(cfg)

@@ -10,8 +10,8 @@ import torch
 from tswitch_ray.artifacts import ArtifactReader
 from tswitch_ray.errors import ArtifactError
 from tswitch_ray.switch import reconstruct
+from tswitch_ray.io.safetensors import SafetensorsStreamWriter
 from tswitch_ray.zoo import Zoo, load_zoo
-from tswitch_ray.zoo.writer import SafetensorsStreamWriter
 
 
 def match_alpha(alphas: list[float], alpha: float, uri: str) -> float:

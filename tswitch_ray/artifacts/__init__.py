@@ -1,6 +1,13 @@
-"""Artifacts layer: switch codec, Parquet store with atomic commit, duckdb registry.
+"""Artifacts layer: switch codec, Parquet parts committed by a manifest, duckdb registry.
 
-See docs/ARTIFACTS.md for the on-disk format.
+* ``encoding.py`` - the switch codec; ``schema.py`` - part schema and manifest model;
+* ``writer.py`` - :class:`ArtifactWriter`, the sink that stages parts and commits the manifest last;
+* ``reader.py`` - :class:`ArtifactReader`; ``manifest.py`` - :class:`PartInfo` and the manifest body;
+* ``registry.py`` - :class:`Registry`, SQL over every committed set and results table under a root.
+
+Storage itself goes through :mod:`tswitch_ray.io`; ``open_fs``, ``normalize_uri``,
+``read_table`` and ``write_table_atomic`` (= :func:`tswitch_ray.io.tables.write_table`)
+are re-exported here. See docs/ARTIFACTS.md for the on-disk format.
 """
 
 from tswitch_ray.artifacts.encoding import (
@@ -23,15 +30,12 @@ from tswitch_ray.artifacts.schema import (
     RESULTS_SCHEMA,
     Manifest,
 )
-from tswitch_ray.artifacts.store import (
-    ArtifactReader,
-    ArtifactWriter,
-    PartInfo,
-    normalize_uri,
-    open_fs,
-    read_table,
-    write_table_atomic,
-)
+from tswitch_ray.artifacts.manifest import PartInfo
+from tswitch_ray.artifacts.reader import ArtifactReader
+from tswitch_ray.artifacts.writer import ArtifactWriter
+from tswitch_ray.io.fs import normalize_uri, open_fs
+from tswitch_ray.io.tables import read_table
+from tswitch_ray.io.tables import write_table as write_table_atomic
 
 __all__ = [
     "CODEC_NAME",

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tswitch_ray.artifacts.schema import MANIFEST_NAME, PARTS_DIR, RESULTS_NAME, RESULTS_SCHEMA
-from tswitch_ray.artifacts.store import _unstrip, normalize_uri, open_fs
 from tswitch_ray.errors import ConfigError
+from tswitch_ray.io.fs import normalize_uri, open_fs, uri_of
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Registry:
         arts, sws = [], []
         for path in paths:
             folder = path.rsplit("/", 1)[0]
-            uri = _unstrip(self.fs, folder)
+            uri = uri_of(self.fs, folder)
             try:
                 m = json.loads(self.fs.cat_file(path))
                 zoo = m.get("zoo") or {}
@@ -164,10 +164,10 @@ class Registry:
             try:
                 t = pq.read_table(io.BytesIO(self.fs.cat_file(path)))
             except (OSError, pa.ArrowException) as exc:
-                self.problems.append((_unstrip(self.fs, path), str(exc)))
+                self.problems.append((uri_of(self.fs, path), str(exc)))
                 log.warning("registry: skipping unreadable results %s: %s", path, exc)
                 continue
-            tables.append(self._conform(t, _unstrip(self.fs, folder), path))
+            tables.append(self._conform(t, uri_of(self.fs, folder), path))
         if not tables:
             return RESULTS_SCHEMA.empty_table()
         return pa.concat_tables(tables, promote_options="permissive")
@@ -183,7 +183,7 @@ class Registry:
                 try:
                     cols[f.name] = t.column(f.name).cast(f.type)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    self.problems.append((_unstrip(self.fs, path), f"column {f.name}: {exc}"))
+                    self.problems.append((uri_of(self.fs, path), f"column {f.name}: {exc}"))
                     cols[f.name] = pa.nulls(n, f.type)
             else:
                 cols[f.name] = pa.nulls(n, f.type)

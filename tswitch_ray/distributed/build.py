@@ -44,12 +44,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tswitch_ray import __version__
 from tswitch_ray.artifacts import ArtifactWriter
 from tswitch_ray.artifacts.encoding import encode_kept
-from tswitch_ray.artifacts.store import read_table
 from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_digest, plan_shards
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ZooError
+from tswitch_ray.io.checkpoints import CheckpointReader, dtype_to_torch
+from tswitch_ray.io.tables import read_table
 from tswitch_ray.switch import (
     KeptStats,
     knob,
@@ -62,7 +63,6 @@ from tswitch_ray.switch import (
 from tswitch_ray.switch.binarize import SwitchScratch, kept_switches
 from tswitch_ray.switch.thresholds import RefineRequest, Thresholds, WindowPass, covers, window_request
 from tswitch_ray.zoo import Zoo, load_zoo
-from tswitch_ray.zoo.readers import dtype_to_torch
 
 # Sample of scope "model" (phase 0): SAMPLE_CHUNKS evenly spaced slices of
 # every tensor, SAMPLE_FRACTION of its elements in all; tensors up to
@@ -215,16 +215,15 @@ def _sample_spans(numel: int) -> list[tuple[int, int]]:
     return [(i * step, i * step + size) for i in range(SAMPLE_CHUNKS)]
 
 
-def _read_sample(reader: Any, name: str, spans: list[tuple[int, int]], device: Any) -> Any:
+def _read_sample(reader: CheckpointReader, name: str, spans: list[tuple[int, int]], device: Any) -> Any:
     """The sampled elements of one tensor, flat, in its stored dtype (only those bytes are read)."""
     info = reader.infos()[name]
-    raw = getattr(reader, "_read_raw", None)
-    if raw is None or sys.byteorder != "little" or spans == [(0, info.numel)]:
+    if sys.byteorder != "little" or spans == [(0, info.numel)]:
         flat = reader.read(name).reshape(-1)
         return torch.cat([flat[a:b] for a, b in spans]).to(device)
     dtype = dtype_to_torch(info.dtype)
     size = torch.empty((), dtype=dtype).element_size()
-    parts = [torch.frombuffer(bytearray(raw(name, a * size, b * size)), dtype=dtype) for a, b in spans]
+    parts = [torch.frombuffer(bytearray(reader.read_range(name, a * size, b * size)), dtype=dtype) for a, b in spans]
     return torch.cat(parts).to(device)
 
 
@@ -305,7 +304,7 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
                 rows.append(_row(task, name, info, th, sw.stats, enc, ctx))
             del tau
         del base
-    writer.write_part(shard.shard_id, rows)
+    writer.write(shard.shard_id, rows)
     return totals
 
 
@@ -388,8 +387,8 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     if not shards:
         raise ZooError(f"{cfg.zoo}: no floating-point tensors selected by include/exclude; nothing to build.")
     run_key = run_key_for(zoo, cfg, shards)
-    writer = ArtifactWriter(cfg.out, run_key, storage_options=cfg.storage_options)
-    writer.check_writable()
+    writer = ArtifactWriter(cfg.out, run_key, storage_options=cfg.storage_options, overwrite=cfg.overwrite)
+    writer.start()  # before any work: the output is writable and holds no other run's committed set
     existing = set(writer.existing_parts())
     todo = [s for s in shards if s.shard_id not in existing]
 
@@ -435,7 +434,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                     totals[key] = st if key not in totals else totals[key] + st
         timer.start("commit")
         manifest = _manifest(cfg, zoo, run_key, shards, writer, totals)
-        writer.commit(manifest, overwrite=cfg.overwrite)
+        writer.complete(manifest)
         stats = executor.stats
     finally:
         timer.start("shutdown")

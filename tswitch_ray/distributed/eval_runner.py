@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
 from tswitch_ray.distributed.executor import WorkItem, make_executor
 from tswitch_ray.errors import ArtifactError, ConfigError
 from tswitch_ray.eval.config import EvalConfig, MethodSpec, TaskData
+from tswitch_ray.io.atomic import atomic_write_fs, exists, read_bytes
+from tswitch_ray.io.fs import open_fs
 from tswitch_ray.methods import get_method_info
 from tswitch_ray.tracking import Tracker
 
@@ -126,14 +126,12 @@ def _open_data(cfg: EvalConfig) -> tuple[dict[str, Any], str, dict[str, TaskData
     zoo_dir = cfg.zoo.rsplit("/", 1)[0] if "/" in cfg.zoo else "."
     if adapter is None or data is None:
         demo_uri = f"{zoo_dir}/demo.json"
-        try:
-            with fsspec.open(demo_uri, "r", **cfg.storage_options) as f:
-                info = json.load(f)
-        except FileNotFoundError as exc:
+        if not exists(demo_uri, cfg.storage_options):
             raise ConfigError(
                 f"the eval config gives no `adapter`/`data` and {demo_uri} does not exist to take them from; "
                 "add `adapter:` (an adapter spec) and `data:` (each task's eval split) to the config."
-            ) from exc
+            )
+        info = json.loads(read_bytes(demo_uri, cfg.storage_options))
         adapter = adapter if adapter is not None else info["adapter"]
         if data is None:
             data = {t: TaskData(eval=f"{zoo_dir}/{v['eval']}", unlabeled=f"{zoo_dir}/{v.get('train', v['eval'])}")
@@ -181,17 +179,9 @@ def _cell_file(work_dir: str, spec: MethodSpec, task: str) -> str:
     return f"{_cells_dir(work_dir, spec)}/{task}.json"
 
 
-def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{os.getpid()}-{path.rsplit('/', 1)[1]}"
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
-
-
 def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], None] | None = None) -> EvalResult:
     """Run the evaluation ``cfg`` end to end; see the module docstring for the stages."""
-    from tswitch_ray.distributed.merge import MergeConfig, run_merge
+    from tswitch_ray.distributed.merge import MERGE_MARKER, MergeConfig, run_merge
     from tswitch_ray.eval.weights import storage_model
     from tswitch_ray.zoo import load_zoo
 
@@ -206,7 +196,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
     _check(cfg, specs, tasks, zoo.task_names, data)
     tracker = Tracker(cfg.tracking)  # fails fast on an unreachable server, before any work
     work_dir = cfg.work_dir or str(Path("runs") / cfg.name)
-    fs, root = fsspec.core.url_to_fs(work_dir, **cfg.storage_options)
+    fs, root = open_fs(work_dir, cfg.storage_options)
     fs.makedirs(root, exist_ok=True)
     work_root = work_dir.rstrip("/")
 
@@ -219,14 +209,13 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
                 continue
             out = f"{work_root}/merges/{s.key()}"
             merge_dirs[s.key()] = out
-            if fs.exists(f"{out}/_DONE"):
+            if fs.exists(f"{out}/{MERGE_MARKER}"):  # committed by an earlier run
                 continue
             say(f"merging {s.display}")
             run_merge(MergeConfig(zoo=cfg.zoo, method=s.method, out=out, options=s.options,
                                   storage_options=cfg.storage_options, executor=cfg.executor,
                                   ray_address=cfg.ray_address, num_workers=cfg.num_workers, num_gpus=cfg.num_gpus,
                                   show_progress=show_progress))
-            fs.pipe_file(f"{out}/_DONE", b"")
 
         # Stage 3: one task per (method, task) not already cached.
         ctx = EvalContext(
@@ -248,7 +237,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
         with _progress(len(items), show_progress) as advance:
             for i, rows in executor.map(score_cell, items, None):
                 c = cells[i]
-                _write_atomic(fs, _cell_file(work_root, c.spec, c.task), json.dumps(rows).encode())
+                atomic_write_fs(fs, _cell_file(work_root, c.spec, c.task), json.dumps(rows).encode())
                 advance(c.spec.display, c.task)
     finally:
         executor.close()
@@ -267,8 +256,9 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
     seconds = time.perf_counter() - t0
     result = EvalResult(cfg.name, work_dir, rows, summary, seconds)
     files = _report_files(cfg, result, tasks, sm)
-    for name, payload in files.items():
-        _write_atomic(fs, f"{root}/{name}", payload)
+    # results.parquet last: it is what the registry finds an evaluation by.
+    for name in sorted(files, key=lambda n: n == "results.parquet"):
+        atomic_write_fs(fs, f"{root}/{name}", files[name])
     result.files = {name: f"{work_root}/{name}" for name in files}
     with tracker.evaluation(cfg.name, {"zoo": cfg.zoo, "tasks": tasks, "artifacts": cfg.artifacts,
                                        "n_methods": len(specs), "executor": cfg.executor}):

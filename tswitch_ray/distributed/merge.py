@@ -7,6 +7,14 @@ the result does not depend on which shard finished first) into parameters for
 the next round. The last pass merges each shard's tensors and writes them as a
 safetensors part; the driver then concatenates parts into the final files by
 byte-range copies, so no process ever holds a whole model.
+
+The outputs are committed by a :class:`~tswitch_ray.io.sink.FolderSink`:
+before any work the output folder is probed and a committed merge of another
+method, options or zoo is refused (unless ``overwrite``); parts stage under
+``OUT/.staging/``; once every part verifies against the checksum its worker
+recorded, ``OUT/merged.safetensors`` (or ``OUT/<task>.safetensors``) is
+written and ``OUT/merge.json`` (:data:`MERGE_MARKER`) last. A failed merge
+removes its staging and leaves no marker.
 """
 
 from __future__ import annotations
@@ -14,11 +22,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import fsspec
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,11 +34,16 @@ from tswitch_ray.distributed.executor import WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, merge_memory_bytes, plan_digest, plan_shards
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ConfigError, ZooError
+from tswitch_ray.io.atomic import FileDigest
+from tswitch_ray.io.safetensors import SafetensorsStreamWriter, all_or_none, concat_safetensors, safetensors_bytes
+from tswitch_ray.io.sink import FolderSink
 from tswitch_ray.methods import get_method
 from tswitch_ray.switch import task_vector
 from tswitch_ray.zoo import Zoo, check_finite, load_zoo
-from tswitch_ray.zoo.concat import concat_safetensors
-from tswitch_ray.zoo.writer import SafetensorsStreamWriter, all_or_none, save_safetensors
+
+# The commit marker of a merge output folder, written last (docs/ARTIFACTS.md "Merge outputs").
+MERGE_MARKER = "merge.json"
+MERGE_FORMAT = "tswitch-ray/merge"
 
 
 class MergeConfig(BaseModel):
@@ -49,6 +62,8 @@ class MergeConfig(BaseModel):
     num_gpus: float = 0.0
     shard_bytes: int = 32 * 2**20
     max_in_flight: int | None = None
+    # Replace a committed merge of another method, options or zoo in ``out``.
+    overwrite: bool = False
     show_progress: bool = True
 
 
@@ -110,7 +125,7 @@ def shard_stats(ctx: MergeContext, shard: Shard, rnd: int, params: Any) -> list[
     return out
 
 
-def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True) -> list[str]:
+def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True) -> list[FileDigest]:
     """Merge the shard's tensors and stage them as one safetensors part per output model.
 
     Each merged tensor is streamed to its part as soon as it exists (the
@@ -125,7 +140,8 @@ def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True
     layout = [infos[name] for name in shard.tensors]
     opts = json.loads(ctx.storage_options_json)
     paths = [f"{ctx.staging}/{model}/part-{shard.shard_id:05d}.safetensors" for model in models]
-    with all_or_none(SafetensorsStreamWriter(path, layout, storage_options=opts) for path in paths) as writers:
+    with all_or_none(SafetensorsStreamWriter(path, layout, storage_options=opts, hashed=True)
+                     for path in paths) as writers:
         for name in shard.tensors:
             _, base, taus = _load(ctx, name, check=check)
             merged = method.merge_tensor(name, base, taus, params)
@@ -134,10 +150,11 @@ def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True
             for writer, tensor in zip(writers, merged_list, strict=True):
                 writer.write(name, tensor.to(base.dtype))
             del merged, merged_list
-    return paths
+    return [writer.digest() for writer in writers]
 
 
 def run_merge(cfg: MergeConfig) -> MergeSummary:
+    """Merge ``cfg.zoo`` with ``cfg.method`` into ``cfg.out``, committed by :data:`MERGE_MARKER` last."""
     t0 = time.perf_counter()
     timer = PhaseTimer()
     timer.start("plan")
@@ -153,10 +170,36 @@ def run_merge(cfg: MergeConfig) -> MergeSummary:
         raise ZooError(f"{cfg.zoo}: no floating-point tensors selected; nothing to merge.")
     key = hashlib.sha256(json.dumps([zoo.fingerprint(), list(zoo.task_names), cfg.method, cfg.options,
                                      plan_digest(shards)], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    out = cfg.out.rstrip("/")
-    staging = f"{out}/.staging/{cfg.method}-{key}"
-    ctx = MergeContext(cfg.zoo, json.dumps(cfg.storage_options, sort_keys=True), cfg.method,
-                       json.dumps(cfg.options, sort_keys=True), staging, cfg.num_gpus > 0, zoo.files_identity())
+    sink = merge_sink(cfg, zoo, f"{cfg.method}-{key}")
+    sink.start()  # before any work: the folder is writable and holds no other committed merge
+    try:
+        ctx = MergeContext(cfg.zoo, json.dumps(cfg.storage_options, sort_keys=True), cfg.method,
+                           json.dumps(cfg.options, sort_keys=True), sink.staging_uri, cfg.num_gpus > 0,
+                           zoo.files_identity())
+        parts, stats = _merge_parts(cfg, ctx, method, zoo, shards, timer)
+        timer.start("write")
+        models = list(zoo.task_names) if method.per_task else ["merged"]
+        outputs = _commit(sink, cfg, zoo, models, parts, [nm for s in shards for nm in s.tensors])
+    except BaseException:
+        sink.failed()
+        raise
+    timer.stop()
+    return MergeSummary(out=sink.uri, method=cfg.method, outputs=outputs, shards=len(shards),
+                        bytes_read=stats.bytes_read, seconds=time.perf_counter() - t0,
+                        peak_rss_by_worker=stats.peak_rss_by_worker, phase_seconds=dict(timer.seconds))
+
+
+def merge_sink(cfg: MergeConfig, zoo: Zoo, staging_key: str) -> FolderSink:
+    """The sink of a merge output folder; its identity is what a rerun must match to replace it."""
+    identity = {"method": cfg.method, "options": cfg.options, "zoo_fingerprint": zoo.fingerprint(),
+                "tasks": list(zoo.task_names)}
+    return FolderSink(cfg.out, marker=MERGE_MARKER, fmt=MERGE_FORMAT, identity=identity, staging_key=staging_key,
+                      what="merge outputs", storage_options=cfg.storage_options, overwrite=cfg.overwrite)
+
+
+def _merge_parts(cfg: MergeConfig, ctx: MergeContext, method: Any, zoo: Zoo, shards: list[Shard],
+                 timer: PhaseTimer) -> tuple[list[FileDigest], Any]:
+    """The statistics rounds and the merge pass; returns the staged parts and the executor's stats."""
     n = len(zoo.task_names)
     timer.start("start-up")
     executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus, cfg.max_in_flight)
@@ -179,31 +222,35 @@ def run_merge(cfg: MergeConfig) -> MergeSummary:
             items = [WorkItem(s.shard_id, (ctx, s, params, first_pass), (n + 1) * s.nbytes, merge_memory_bytes(s, n))
                      for s in shards]
             parts = [p for _, ps in executor.map(shard_merge, items, progress.advance) for p in ps]
-        stats = executor.stats
+        return parts, executor.stats
     finally:
         timer.start("shutdown")
         executor.close()
 
-    timer.start("write")
-    models = list(zoo.task_names) if method.per_task else ["merged"]
-    passthrough = {nm: zoo.base.read(nm) for nm in infos if nm not in set(order)}
-    opts = cfg.storage_options
+
+def _commit(sink: FolderSink, cfg: MergeConfig, zoo: Zoo, models: list[str], parts: list[FileDigest],
+            merged: list[str]) -> list[str]:
+    """Stage the pass-through tensors, then verify every part and publish one file per model; returns the outputs."""
+    infos = zoo.tensor_infos()
+    passthrough = {nm: zoo.base.read(nm) for nm in infos if nm not in set(merged)}
     if passthrough:
-        for model in models:
-            p = f"{staging}/{model}/part-passthrough.safetensors"
-            save_safetensors(passthrough, p, storage_options=opts)
-            parts.append(p)
-    outputs = []
+        data = safetensors_bytes(passthrough)
+        parts = parts + [sink.write(f"{model}/part-passthrough.safetensors", data) for model in models]
     meta = {"tswitch_method": cfg.method, "tswitch_options": json.dumps(cfg.options, sort_keys=True),
             "tswitch_zoo_fingerprint": zoo.fingerprint()}
-    for model in models:
-        model_parts = sorted(p for p in parts if f"/{model}/part-" in p)
-        dest = f"{out}/{model}.safetensors"
-        concat_safetensors(model_parts, dest, order=list(infos), metadata=meta, storage_options=opts)
-        outputs.append(dest)
-    fs, path = fsspec.core.url_to_fs(staging, **opts)
-    fs.rm(path, recursive=True)
-    timer.stop()
-    return MergeSummary(out=out, method=cfg.method, outputs=outputs, shards=len(shards), bytes_read=stats.bytes_read,
-                        seconds=time.perf_counter() - t0, peak_rss_by_worker=stats.peak_rss_by_worker,
-                        phase_seconds=dict(timer.seconds))
+
+    def publish() -> list[FileDigest]:
+        outputs = []
+        for model in models:
+            model_parts = sorted(p.uri for p in parts if f"/{model}/part-" in p.uri)
+            outputs.append(concat_safetensors(model_parts, f"{sink.uri}/{model}.safetensors", order=list(infos),
+                                              metadata=meta, storage_options=cfg.storage_options))
+        return outputs
+
+    marker = sink.complete(parts, publish, details={"zoo": {"name": zoo.name, "uri": _absolute(cfg.zoo)}})
+    return [f"{sink.uri}/{o['path']}" for o in marker["outputs"]]
+
+
+def _absolute(uri: str) -> str:
+    """Local paths are recorded absolute, so the marker names the zoo from any working directory."""
+    return uri if "://" in uri else os.path.abspath(uri)

@@ -40,17 +40,18 @@ Four families:
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
 from tswitch_ray.errors import ConfigError, ZooError
+from tswitch_ray.io.atomic import read_bytes
+from tswitch_ray.io.fs import open_fs, resolve_uri
+from tswitch_ray.io.safetensors import read_safetensors, save_safetensors
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -126,51 +127,7 @@ def collate_tokens(items: Sequence[Sequence[int]], pre: Preprocess) -> torch.Ten
     return out
 
 
-# ---------------------------------------------------------------- fsspec + safetensors helpers
-
-
-def join_uri(base: str, rel: str) -> str:
-    """``rel`` resolved against folder ``base`` unless it is absolute or has a scheme."""
-    if not base or "://" in rel or rel.startswith("/"):
-        return rel
-    return base.rstrip("/") + "/" + rel
-
-
-def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    """Whole file through fsspec; ``ZooError`` naming the file when it cannot be read."""
-    try:
-        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
-            return f.read()
-    except FileNotFoundError as e:
-        raise ZooError(f"{uri}: file not found ({e}).") from e
-    except OSError as e:
-        raise ZooError(f"{uri}: cannot be read ({type(e).__name__}: {e}).") from e
-
-
-def read_safetensors(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the ``__metadata__`` of one safetensors file on any fsspec URI."""
-    from safetensors.torch import load
-
-    raw = read_bytes(uri, storage_options)
-    try:
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8 : 8 + n])
-        return load(raw), dict(header.get("__metadata__") or {})
-    except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file for the user
-        raise ZooError(f"{uri}: not a valid safetensors file ({type(e).__name__}: {e}).") from e
-
-
-def write_safetensors(uri: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write tensors (contiguous copies) as safetensors to any fsspec URI."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=dict(metadata) if metadata else None)
-    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+# ---------------------------------------------------------------- HF folders and JSON files
 
 
 def read_hf_folder_tensors(folder: str, storage_options: Mapping[str, Any] | None = None, prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -178,17 +135,17 @@ def read_hf_folder_tensors(folder: str, storage_options: Mapping[str, Any] | Non
 
     With ``prefix``, only shards holding keys starting with it are read.
     """
-    so = storage_options
-    fs, path = fsspec.core.url_to_fs(folder, **dict(so or {}))
+    so = dict(storage_options or {})
+    fs, path = open_fs(folder, so)
     index = path.rstrip("/") + "/model.safetensors.index.json"
     if fs.exists(index):
-        weight_map: dict[str, str] = json.loads(read_bytes(join_uri(folder, "model.safetensors.index.json"), so))["weight_map"]
+        weight_map: dict[str, str] = json.loads(read_bytes(resolve_uri(folder, "model.safetensors.index.json"), so))["weight_map"]
         files = sorted({f for k, f in weight_map.items() if prefix is None or k.startswith(prefix)})
     else:
         files = ["model.safetensors"]
     out: dict[str, torch.Tensor] = {}
     for name in files:
-        tensors, _ = read_safetensors(join_uri(folder, name), so)
+        tensors, _ = read_safetensors(resolve_uri(folder, name), so)
         out.update({k: v for k, v in tensors.items() if prefix is None or k.startswith(prefix)})
     return out
 
@@ -254,12 +211,12 @@ class LinearHead(nn.Module):
 
 def save_head(uri: str, head: LinearHead, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write a :class:`LinearHead` as safetensors (tensors + metadata)."""
-    write_safetensors(uri, head.tensors(), head.metadata(), storage_options)
+    save_safetensors(head.tensors(), uri, dict(storage_options or {}), head.metadata())
 
 
 def load_head(uri: str, storage_options: Mapping[str, Any] | None = None, *, default_normalize: bool = True) -> LinearHead:
     """Read a head file; ``ZooError`` naming the file when ``weight`` is missing or shapes disagree."""
-    tensors, md = read_safetensors(uri, storage_options)
+    tensors, md = read_safetensors(uri, dict(storage_options or {}))
     if "weight" not in tensors:
         raise ZooError(f"{uri}: head file has no 'weight' tensor (found {sorted(tensors)}); a head needs weight [C, D] and optionally bias [C].")
     w = tensors["weight"]
@@ -279,7 +236,7 @@ def load_head(uri: str, storage_options: Mapping[str, Any] | None = None, *, def
 def load_heads_dir(heads_uri: str, tasks: Sequence[str] | None = None, storage_options: Mapping[str, Any] | None = None, *, default_normalize: bool = True) -> dict[str, LinearHead]:
     """Heads ``<heads_uri>/<task>.safetensors`` for ``tasks`` (all files in the folder if None)."""
     if tasks is None:
-        fs, path = fsspec.core.url_to_fs(heads_uri, **dict(storage_options or {}))
+        fs, path = open_fs(heads_uri, dict(storage_options or {}))
         try:
             names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(HEAD_SUFFIX))
         except FileNotFoundError as e:
@@ -287,7 +244,7 @@ def load_heads_dir(heads_uri: str, tasks: Sequence[str] | None = None, storage_o
         tasks = [n[: -len(HEAD_SUFFIX)] for n in names]
         if not tasks:
             raise ZooError(f"{heads_uri}: no <task>.safetensors head files in the heads folder.")
-    return {t: load_head(join_uri(heads_uri, t + HEAD_SUFFIX), storage_options, default_normalize=default_normalize) for t in tasks}
+    return {t: load_head(resolve_uri(heads_uri, t + HEAD_SUFFIX), storage_options, default_normalize=default_normalize) for t in tasks}
 
 
 class SequenceHead(nn.Module):
@@ -549,10 +506,10 @@ class OpenClipVisionAdapter(_AdapterBase):
 
 
 def _hf_image_stats(folder: str, so: Mapping[str, Any] | None, default_mean, default_std) -> tuple[tuple, tuple]:
-    fs, path = fsspec.core.url_to_fs(folder, **dict(so or {}))
+    fs, path = open_fs(folder, dict(so or {}))
     p = path.rstrip("/") + "/preprocessor_config.json"
     if fs.exists(p):
-        cfg = read_json(join_uri(folder, "preprocessor_config.json"), so)
+        cfg = read_json(resolve_uri(folder, "preprocessor_config.json"), so)
         return tuple(cfg.get("image_mean", default_mean)), tuple(cfg.get("image_std", default_std))
     return tuple(default_mean), tuple(default_std)
 
@@ -594,7 +551,7 @@ class HFCLIPVisionAdapter(_AdapterBase):
     def from_folder(cls, folder: str, heads_uri: str, tasks: Sequence[str] | None = None, storage_options: Mapping[str, Any] | None = None) -> "HFCLIPVisionAdapter":
         from transformers import CLIPVisionConfig
 
-        raw = read_json(join_uri(folder, "config.json"), storage_options)
+        raw = read_json(resolve_uri(folder, "config.json"), storage_options)
         if raw.get("model_type") == "clip":  # a full CLIPModel config: take its vision part
             raw = raw.get("vision_config", {})
         raw = {k: v for k, v in raw.items() if k not in ("architectures", "transformers_version")}
@@ -643,7 +600,7 @@ class HFViTClassifierAdapter(_AdapterBase):
     def from_folders(cls, base: str, task_folders: Mapping[str, str], storage_options: Mapping[str, Any] | None = None) -> "HFViTClassifierAdapter":
         from transformers import ViTConfig
 
-        raw = read_json(join_uri(base, "config.json"), storage_options)
+        raw = read_json(resolve_uri(base, "config.json"), storage_options)
         config = ViTConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "transformers_version", "id2label", "label2id")})
         heads: dict[str, nn.Module] = {}
         for task, folder in task_folders.items():
@@ -695,7 +652,7 @@ class HFSequenceClassifierAdapter(_AdapterBase):
     def from_folders(cls, base: str, task_folders: Mapping[str, str], storage_options: Mapping[str, Any] | None = None) -> "HFSequenceClassifierAdapter":
         from transformers import AutoConfig
 
-        raw = read_json(join_uri(base, "config.json"), storage_options)
+        raw = read_json(resolve_uri(base, "config.json"), storage_options)
         mt = raw.get("model_type")
         if mt not in _ROBERTA_FAMILY:
             raise ConfigError(f"{base}: model_type {mt!r} is not supported by the sequence-classifier adapter (RoBERTa family: {', '.join(_ROBERTA_FAMILY)}).")
@@ -729,14 +686,14 @@ def adapter_from_spec(spec: Mapping[str, Any], base_uri: str = "", storage_optio
     so = storage_options
     if kind == "open_clip":
         extra = {k: tuple(spec[k]) for k in ("mean", "std") if k in spec}
-        return OpenClipVisionAdapter.from_heads_dir(spec["model"], join_uri(base_uri, spec.get("heads", "heads")), spec.get("tasks"), so, **extra)
+        return OpenClipVisionAdapter.from_heads_dir(spec["model"], resolve_uri(base_uri, spec.get("heads", "heads")), spec.get("tasks"), so, **extra)
     if kind == "hf_clip_vision":
-        return HFCLIPVisionAdapter.from_folder(join_uri(base_uri, spec["folder"]), join_uri(base_uri, spec.get("heads", "heads")), spec.get("tasks"), so)
+        return HFCLIPVisionAdapter.from_folder(resolve_uri(base_uri, spec["folder"]), resolve_uri(base_uri, spec.get("heads", "heads")), spec.get("tasks"), so)
     if kind in ("hf_vit_classifier", "hf_sequence_classifier"):
         tasks = spec.get("tasks")
         if not isinstance(tasks, Mapping) or not tasks:
             raise ConfigError(f"adapter spec of kind {kind!r} needs 'tasks': a mapping of task name to checkpoint folder.")
-        folders = {t: join_uri(base_uri, f) for t, f in tasks.items()}
+        folders = {t: resolve_uri(base_uri, f) for t, f in tasks.items()}
         cls = HFViTClassifierAdapter if kind == "hf_vit_classifier" else HFSequenceClassifierAdapter
-        return cls.from_folders(join_uri(base_uri, spec["base"]), folders, so)
+        return cls.from_folders(resolve_uri(base_uri, spec["base"]), folders, so)
     raise ConfigError(f"adapter spec kind {kind!r} is unknown; use one of {', '.join(ADAPTER_KINDS)}.")

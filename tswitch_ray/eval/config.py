@@ -28,11 +28,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tswitch_ray.errors import ConfigError
+from tswitch_ray.io.atomic import exists, read_bytes
 from tswitch_ray.methods import MethodOptions, get_method_info, validate_options
 from tswitch_ray.tracking import TrackingConfig
 
@@ -147,11 +147,10 @@ def resolve_uri(base_dir: str, uri: str) -> str:
 def load_eval_config(uri: str, overrides: dict[str, Any] | None = None,
                      storage_options: dict[str, Any] | None = None) -> EvalConfig:
     """Read and validate a YAML eval config; relative paths resolve from its folder."""
+    if not exists(uri, storage_options):
+        raise ConfigError(f"{uri}: eval config not found.")
     try:
-        with fsspec.open(uri, "r", **(storage_options or {})) as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{uri}: eval config not found.") from exc
+        raw = yaml.safe_load(read_bytes(uri, storage_options))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{uri}: not valid YAML ({exc}).") from exc
     if not isinstance(raw, dict):

@@ -25,7 +25,6 @@ import io
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +32,8 @@ import torch
 from PIL import Image
 
 from tswitch_ray.errors import ZooError
+from tswitch_ray.io.fs import open_fs
+from tswitch_ray.io.tables import write_table
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -92,7 +93,7 @@ class ParquetEvalDataset:
     def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.uri = uri
         self.storage_options = dict(storage_options or {})
-        fs, self._path = fsspec.core.url_to_fs(uri, **self.storage_options)
+        fs, self._path = open_fs(uri, self.storage_options)
         self._fs = fs
         try:
             with fs.open(self._path, "rb") as f:
@@ -157,7 +158,7 @@ class ImageFolderDataset:
     def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
         self.uri = root
         self.storage_options = dict(storage_options or {})
-        self._fs, path = fsspec.core.url_to_fs(root, **self.storage_options)
+        self._fs, path = open_fs(root, self.storage_options)
         path = path.rstrip("/")
         try:
             entries = self._fs.ls(path, detail=True)
@@ -229,9 +230,4 @@ def write_token_parquet(uri: str, input_ids: Sequence[Sequence[int]], labels: Se
 
 
 def _write_table(uri: str, table: pa.Table, storage_options: Mapping[str, Any] | None, row_group_size: int) -> None:
-    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f, row_group_size=row_group_size, compression="zstd")
+    write_table(uri, table, dict(storage_options or {}), row_group_size=row_group_size)

@@ -42,7 +42,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -53,9 +53,11 @@ from torch import nn
 
 from tswitch_ray.errors import ConfigError
 from tswitch_ray.eval import _tasks
-from tswitch_ray.eval.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, LinearHead, OpenClipVisionAdapter, save_head, write_safetensors
+from tswitch_ray.eval.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, LinearHead, OpenClipVisionAdapter, save_head
 from tswitch_ray.eval.datasets import open_eval_dataset, write_image_parquet
 from tswitch_ray.eval.evaluate import evaluate
+from tswitch_ray.io.atomic import atomic_write
+from tswitch_ray.io.safetensors import save_safetensors
 
 RECIPE_VERSION = 3
 ZOO_NAME = "tswitch-demo"
@@ -314,7 +316,7 @@ def _build(out: Path, seed: int, cfg: DemoZooConfig, h: str, say: Callable[[str]
     sym_imgs, sym_labels = _tasks.generate_pretrain(cfg.n_pretrain, seed, cfg.image_size)
     pre_losses = _pretrain(base, [train_x[t] for t in cfg.tasks], _to_input(sym_imgs), torch.from_numpy(sym_labels), cfg, gen)
     base_sd = _visual_state(base)
-    write_safetensors(str(out / "base.safetensors"), base_sd, {"format": "pt", "model": MODEL_NAME, "recipe": h})
+    save_safetensors(base_sd, str(out / "base.safetensors"), metadata={"format": "pt", "model": MODEL_NAME, "recipe": h})
     timings["pretrain"] = time.perf_counter() - t0
     say(f"pretrain: {cfg.pretrain_steps} steps, loss {pre_losses[0]:.3f} -> {np.mean(pre_losses[-10:]):.3f}, {timings['pretrain']:.1f}s")
 
@@ -329,7 +331,7 @@ def _build(out: Path, seed: int, cfg: DemoZooConfig, h: str, say: Callable[[str]
         tower, head, losses = _finetune(base, probe, train_x[t], train_y[t], cfg, gen)
         ft_losses[t] = losses
         towers[t] = _visual_state(tower)
-        write_safetensors(str(out / "tasks" / f"{t}.safetensors"), towers[t], {"format": "pt", "model": MODEL_NAME, "task": t})
+        save_safetensors(towers[t], str(out / "tasks" / f"{t}.safetensors"), metadata={"format": "pt", "model": MODEL_NAME, "task": t})
         heads[t] = head
         save_head(str(out / "heads" / f"{t}.safetensors"), head)
         if cfg.head_mode == "joint":  # the base is scored with its own probe
@@ -388,7 +390,7 @@ def _build(out: Path, seed: int, cfg: DemoZooConfig, h: str, say: Callable[[str]
             "finetuned_accuracy": float(np.mean([r["finetuned_accuracy"] for r in report_tasks.values()])),
         },
     }
-    (out / "zoo_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write(str(out / "zoo_report.json"), json.dumps(report, indent=2).encode())
     demo = {
         "name": ZOO_NAME,
         "recipe_hash": h,
@@ -404,8 +406,8 @@ def _build(out: Path, seed: int, cfg: DemoZooConfig, h: str, say: Callable[[str]
         "pretraining": "generic symbol classification (letters/signs, no task classes) + domain (which task source) + rotation (0/90/180/270) prediction on the unlabeled mixture of all tasks' training images",
         "report": "zoo_report.json",
     }
-    (out / "demo.json").write_text(json.dumps(demo, indent=2))
+    atomic_write(str(out / "demo.json"), json.dumps(demo, indent=2).encode())
     manifest = {"name": ZOO_NAME, "base": "base.safetensors", "tasks": [{"name": t, "uri": f"tasks/{t}.safetensors"} for t in cfg.tasks]}
     text = f"# tswitch demo zoo (recipe {h}); see demo.json and zoo_report.json\n" + yaml.safe_dump(manifest, sort_keys=False)
-    (out / "zoo.yaml").write_text(text)
+    atomic_write(str(out / "zoo.yaml"), text.encode())  # last: the marker of a complete zoo (see _cached)
     return out / "zoo.yaml"

@@ -18,8 +18,11 @@ from torch import nn
 
 from tswitch_ray.device import pick_device
 from tswitch_ray.errors import ZooError
-from tswitch_ray.eval.adapters import ModelAdapter, adapter_from_spec, join_uri, read_bytes, read_safetensors
+from tswitch_ray.eval.adapters import ModelAdapter, adapter_from_spec
 from tswitch_ray.eval.datasets import EvalDataset, open_eval_dataset
+from tswitch_ray.io.atomic import read_bytes
+from tswitch_ray.io.fs import resolve_uri
+from tswitch_ray.io.safetensors import read_safetensors
 
 
 def _batches(adapter: ModelAdapter, dataset: EvalDataset, batch_size: int, num_classes: int | None, require_labels: bool, limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -129,7 +132,7 @@ class DemoZoo:
 
 def load_demo(zoo_dir: str, storage_options: Mapping[str, Any] | None = None) -> DemoZoo:
     """Open a zoo folder written by :func:`tswitch_ray.eval.demo_zoo.build_demo_zoo` (or any folder with a ``demo.json``)."""
-    uri = join_uri(zoo_dir, "demo.json")
+    uri = resolve_uri(zoo_dir, "demo.json")
     try:
         info = json.loads(read_bytes(uri, storage_options))
     except json.JSONDecodeError as e:
@@ -143,10 +146,10 @@ def load_demo(zoo_dir: str, storage_options: Mapping[str, Any] | None = None) ->
         root=zoo_dir,
         adapter=adapter,
         tasks=tasks,
-        manifest_uri=join_uri(zoo_dir, info.get("manifest", "zoo.yaml")),
-        base_uri=join_uri(zoo_dir, info.get("base", "base.safetensors")),
-        task_uris={k: join_uri(zoo_dir, v["checkpoint"]) for k, v in t.items()},
-        eval_uris={k: join_uri(zoo_dir, v["eval"]) for k, v in t.items()},
-        train_uris={k: join_uri(zoo_dir, v["train"]) for k, v in t.items()},
+        manifest_uri=resolve_uri(zoo_dir, info.get("manifest", "zoo.yaml")),
+        base_uri=resolve_uri(zoo_dir, info.get("base", "base.safetensors")),
+        task_uris={k: resolve_uri(zoo_dir, v["checkpoint"]) for k, v in t.items()},
+        eval_uris={k: resolve_uri(zoo_dir, v["eval"]) for k, v in t.items()},
+        train_uris={k: resolve_uri(zoo_dir, v["train"]) for k, v in t.items()},
         info=info,
     )

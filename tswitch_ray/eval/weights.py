@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tswitch_ray.artifacts import ArtifactReader
-from tswitch_ray.eval.adapters import read_safetensors
+from tswitch_ray.io.safetensors import read_safetensors
 from tswitch_ray.methods.storage import StorageModel
 from tswitch_ray.reconstruct import iter_reconstructed, match_alpha, open_switches
 from tswitch_ray.zoo import Zoo

@@ -1,30 +1,34 @@
-"""zoo layer: the zoo manifest and lazy per-tensor checkpoint readers over fsspec.
+"""zoo layer: the zoo manifest, the :class:`Zoo`, synthetic zoos and pickle conversion.
 
 * :func:`load_zoo` / :class:`Zoo` - a base and N task checkpoints from a
   ``zoo.yaml`` (local, file://, memory:// or s3://), validated with clear
   :class:`~tswitch_ray.errors.ZooError` messages.
-* :func:`open_checkpoint` and the readers - ``.safetensors`` (byte-range reads),
-  HF sharded folders, ``.pt``/``.bin`` state dicts (``weights_only`` only).
-* :func:`save_safetensors`, :func:`save_sharded`,
-  :class:`SafetensorsStreamWriter` - atomic writers.
 * :func:`synth_zoo` - synthetic zoos with open_clip ViT vision-tower shapes.
 * :func:`convert_checkpoint` - explicit pickle -> safetensors conversion.
+
+The checkpoint readers and writers live in the I/O layer
+(:mod:`tswitch_ray.io.checkpoints`, :mod:`tswitch_ray.io.safetensors`); the
+most used of them are re-exported here for the zoo's users.
 """
 
-from tswitch_ray.zoo.convert import convert_checkpoint
-from tswitch_ray.zoo.manifest import TaskEntry, ZooManifest, parse_manifest, read_manifest, resolve_uri
-from tswitch_ray.zoo.readers import (
+from tswitch_ray.io.checkpoints import (
     CheckpointReader,
-    SafetensorsReader,
-    ShardedSafetensorsReader,
     TensorInfo,
     TorchStateDictReader,
     dtype_name,
     dtype_to_torch,
     open_checkpoint,
 )
+from tswitch_ray.io.safetensors import (
+    SafetensorsReader,
+    SafetensorsStreamWriter,
+    ShardedSafetensorsReader,
+    save_safetensors,
+    save_sharded,
+)
+from tswitch_ray.zoo.convert import convert_checkpoint
+from tswitch_ray.zoo.manifest import TaskEntry, ZooManifest, parse_manifest, read_manifest, resolve_uri
 from tswitch_ray.zoo.synth import ARCHS, synth_zoo, vision_tower_layout
-from tswitch_ray.zoo.writer import SafetensorsStreamWriter, save_safetensors, save_sharded
 from tswitch_ray.zoo.zoo import FINGERPRINT_SAMPLE_BYTES, Zoo, check_finite, load_zoo
 
 __all__ = [

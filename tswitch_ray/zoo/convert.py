@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from tswitch_ray.errors import ZooError
-from tswitch_ray.zoo._fs import fs_is_local, get_fs
-from tswitch_ray.zoo.writer import save_safetensors
+from tswitch_ray.io.fs import fs_is_local, open_fs
+from tswitch_ray.io.safetensors import save_safetensors
 
 
 def convert_checkpoint(
@@ -50,7 +50,7 @@ def convert_checkpoint(
         )
     if not dst.lower().endswith(".safetensors"):
         raise ZooError(f"conversion target {dst} must be a .safetensors file name.")
-    fs, path = get_fs(src, storage_options)
+    fs, path = open_fs(src, storage_options)
     if not fs.exists(path):
         raise ZooError(f"checkpoint file {src} does not exist (or is not readable).")
     if fs_is_local(fs):

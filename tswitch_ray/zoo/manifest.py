@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tswitch_ray.errors import ZooError
-from tswitch_ray.zoo._fs import access_checked, get_fs
+from tswitch_ray.io.fs import access_checked, open_fs
 
 # Task names become file names (DIR/<task>.safetensors) and SQL values, so keep
 # them to a safe, portable alphabet.
@@ -126,7 +126,7 @@ def parse_manifest(text: str, uri: str = "<string>") -> ZooManifest:
 
 def read_manifest(manifest_uri: str, storage_options: dict[str, Any] | None = None) -> ZooManifest:
     """Read and validate the YAML at ``manifest_uri`` (any fsspec URL)."""
-    fs, path = get_fs(manifest_uri, storage_options)
+    fs, path = open_fs(manifest_uri, storage_options)
     try:
         with access_checked("zoo manifest", manifest_uri):
             raw = fs.cat_file(path)

@@ -35,8 +35,9 @@ import torch
 import yaml
 
 from tswitch_ray.errors import ConfigError
-from tswitch_ray.zoo._fs import join_uri
-from tswitch_ray.zoo.writer import SafetensorsStreamWriter, _atomic_write_bytes, all_or_none
+from tswitch_ray.io.atomic import atomic_write
+from tswitch_ray.io.fs import join_uri
+from tswitch_ray.io.safetensors import SafetensorsStreamWriter, all_or_none
 
 # open_clip model configs (ViT-*-*.json): vision width, depth, patch size,
 # image size and joint embedding dim.
@@ -180,5 +181,5 @@ def synth_zoo(
         "tasks": [{"name": t, "uri": f"{t}.safetensors"} for t in task_names],
     }
     manifest_uri = join_uri(out_dir, "zoo.yaml")
-    _atomic_write_bytes(manifest_uri, yaml.safe_dump(manifest, sort_keys=False).encode(), storage_options)
+    atomic_write(manifest_uri, yaml.safe_dump(manifest, sort_keys=False).encode(), storage_options)
     return manifest_uri

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from tswitch_ray.errors import ZooError
+from tswitch_ray.io.checkpoints import CheckpointReader, TensorInfo, open_checkpoint
+from tswitch_ray.io.fs import open_fs
 from tswitch_ray.zoo.manifest import ZooManifest, read_manifest, resolve_uri
-from tswitch_ray.zoo.readers import CheckpointReader, TensorInfo, open_checkpoint
 
 # Bytes hashed from each end of every base tensor by Zoo.fingerprint().
 FINGERPRINT_SAMPLE_BYTES = 64 * 1024
@@ -182,11 +183,7 @@ class Zoo:
             else:
                 requests += [(n, 0, k), (n, nb - k, nb)]
         try:
-            many = getattr(self.base, "_read_raw_many", None)
-            if many is not None:
-                chunks = many(requests)
-            else:
-                chunks = [self.base._read_raw(n, s, e) for n, s, e in requests]  # type: ignore[attr-defined]
+            chunks = self.base.read_ranges(requests)
         except ZooError as e:
             raise ZooError(f"{self._where()}, base checkpoint: {e}") from None
         samples: dict[str, Any] = {n: hashlib.sha256() for n in names}
@@ -207,12 +204,10 @@ class Zoo:
         same path — what a resumed or cached build must notice. Sharded
         folders contribute every file in them.
         """
-        import fsspec
-
         h = hashlib.sha256(b"tswitch-files-v1")
         uris = [self.base.uri] + [self.tasks[t].uri for t in self.task_names]
         for uri in uris:
-            fs, path = fsspec.core.url_to_fs(uri, **self._storage_options)
+            fs, path = open_fs(uri, self._storage_options)
             try:
                 infos = [fs.info(f) for f in sorted(fs.find(path))] if fs.isdir(path) else [fs.info(path)]
             except FileNotFoundError as e:

@@ -1,8 +1,14 @@
-"""fsspec helpers shared by the zoo readers and writers (private)."""
+"""Filesystems from URIs: the one place that turns a URI and storage options into an fsspec filesystem.
+
+Every storage access of the product starts here: :func:`open_fs` is the only
+caller of ``fsspec.core.url_to_fs`` (tests/test_io.py checks it). URIs are
+local paths, ``file://``, ``memory://`` or object-store URLs (``s3://``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +35,7 @@ def is_local(uri: str) -> bool:
 def options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """Storage options to use for ``uri``.
 
-    One options dict is given for a whole zoo; it is meant for the remote store
+    One options dict is given for a whole run; it is meant for the remote store
     (credentials, endpoint). Local paths never get it, so a local manifest can
     point at s3:// tasks and an s3 manifest at local files without the s3
     options being passed to the local filesystem.
@@ -39,14 +45,35 @@ def options_for(uri: str, storage_options: dict[str, Any] | None) -> dict[str, A
     return dict(storage_options)
 
 
-def get_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for ``uri``."""
+def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for ``uri``: the path has no protocol and no trailing slash.
+
+    Local paths are absolute and normalised (``os.path.normpath``), so the
+    same location always gives the same path and prefixes can be cut off it.
+    """
     fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
-    return fs, path
+    if isinstance(fs, LocalFileSystem):
+        path = os.path.normpath(path)
+    return fs, path.rstrip("/") or "/"
 
 
 def fs_is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def uri_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URI of ``path`` inside ``fs``: local paths stay plain, others get their protocol back."""
+    return path if fs_is_local(fs) else fs.unstrip_protocol(path)
+
+
+def normalize_uri(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Canonical spelling of a URI, so that the same location compares equal.
+
+    Local paths become absolute normalised paths (no ``file://``); other
+    filesystems keep their protocol (``s3://bucket/key``, ``memory:///a``).
+    """
+    fs, path = open_fs(uri, storage_options)
+    return uri_of(fs, path)
 
 
 def join_uri(base_dir_uri: str, name: str) -> str:
@@ -55,6 +82,17 @@ def join_uri(base_dir_uri: str, name: str) -> str:
         scheme, rest = base_dir_uri.split("://", 1)
         return f"{scheme}://{posixpath.join(rest.rstrip('/'), name)}"
     return posixpath.join(base_dir_uri, name)
+
+
+def resolve_uri(base_dir: str, uri: str) -> str:
+    """``uri`` resolved against the folder ``base_dir`` unless it is absolute or has a scheme.
+
+    Unlike :func:`join_uri`, an absolute ``uri`` (or one with a scheme) is
+    kept as it is, and an empty ``base_dir`` leaves ``uri`` relative.
+    """
+    if not base_dir or "://" in uri or uri.startswith("/"):
+        return uri
+    return base_dir.rstrip("/") + "/" + uri
 
 
 def access_denied(what: str, uri: str, exc: PermissionError) -> ZooError:
