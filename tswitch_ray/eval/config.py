@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tswitch_ray.errors import ConfigError
 from tswitch_ray.io.atomic import exists, read_bytes
+from tswitch_ray.io.fs import resolve_uri as io_resolve_uri
 from tswitch_ray.methods import MethodOptions, get_method_info, validate_options
 from tswitch_ray.tracking import TrackingConfig
 
@@ -138,10 +139,8 @@ class EvalConfig(BaseModel):
 
 
 def resolve_uri(base_dir: str, uri: str) -> str:
-    """Relative paths resolve from the config file's folder, like the zoo manifest."""
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    return str(Path(base_dir) / uri) if "://" not in base_dir else f"{base_dir.rstrip('/')}/{uri}"
+    """Relative paths resolve from the config file's folder, like the zoo manifest; local ones spelled as pathlib does."""
+    return io_resolve_uri(base_dir, uri, tidy_local=True)
 
 
 def load_eval_config(uri: str, overrides: dict[str, Any] | None = None,

@@ -35,16 +35,16 @@ written last, so a build that died midway is never taken for a cached one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -53,10 +53,10 @@ from torch import nn
 
 from tswitch_ray.errors import ConfigError
 from tswitch_ray.eval import _tasks
-from tswitch_ray.eval.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, LinearHead, OpenClipVisionAdapter, save_head
+from tswitch_ray.eval.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, LinearHead, OpenClipVisionAdapter, load_head, save_head
 from tswitch_ray.eval.datasets import open_eval_dataset, write_image_parquet
 from tswitch_ray.eval.evaluate import evaluate
-from tswitch_ray.io.atomic import atomic_write
+from tswitch_ray.io.atomic import atomic_write, exists, read_bytes, remove_tree
 from tswitch_ray.io.safetensors import save_safetensors
 
 RECIPE_VERSION = 3
@@ -240,17 +240,17 @@ def _visual_state(tower: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _cached(out: Path, h: str) -> bool:
-    demo, manifest = out / "demo.json", out / "zoo.yaml"
-    if not (demo.exists() and manifest.exists()):
+    demo, manifest = str(out / "demo.json"), str(out / "zoo.yaml")
+    if not (exists(demo) and exists(manifest)):
         return False
     try:
-        info = json.loads(demo.read_text())
+        info = json.loads(read_bytes(demo))
     except json.JSONDecodeError:
         return False
     if info.get("recipe_hash") != h:
         return False
     files = [info["base"]] + [p for t in info["tasks"].values() for p in (t["checkpoint"], t["eval"], t["train"], t["head"])]
-    return all((out / f).exists() for f in files)
+    return all(exists(str(out / f)) for f in files)
 
 
 def build_demo_zoo(
@@ -285,17 +285,47 @@ def build_demo_zoo(
 
 
 def _build(out: Path, seed: int, cfg: DemoZooConfig, h: str, say: Callable[[str], None]) -> Path:
-    t_start = time.perf_counter()
-    cpu_start = time.process_time()
+    """The recipe's steps in order; every random draw comes from ``seed`` (the global RNG was seeded by the caller)."""
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
-    for stale in ("zoo.yaml", "demo.json"):
-        (out / stale).unlink(missing_ok=True)
-    for sub in ("tasks", "heads", "data"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
+    with _timed(timings, "data"):
+        train_x, train_y = _write_data(out, seed, cfg)
+    say(f"data: {len(cfg.tasks)} tasks in {timings['data']:.1f}s")
+    gen = torch.Generator().manual_seed(seed)  # shared by pretraining and every fine-tuning, in this order
+    with _timed(timings, "pretrain"):
+        base, base_sd, pre_losses = _pretrain_base(out, seed, cfg, h, train_x, gen)
+    say(f"pretrain: {cfg.pretrain_steps} steps, loss {pre_losses[0]:.3f} -> {np.mean(pre_losses[-10:]):.3f}, {timings['pretrain']:.1f}s")
+    with _timed(timings, "probe_and_finetune"):
+        heads, towers, ft_losses = _probe_and_finetune(out, base, train_x, train_y, cfg, gen, say)
+    with _timed(timings, "eval"):
+        report_tasks = _measure(out, cfg, base_sd, heads, towers, say)
+    timings["total"] = time.perf_counter() - t_start
+    # CPU seconds of this process: what the 5-minute budget means on a shared machine, where wall time is noise.
+    timings["cpu_total"] = time.process_time() - cpu_start
+    _write_report(out, seed, cfg, h, timings, pre_losses, ft_losses, report_tasks)
+    _write_description(out, seed, cfg, h)
+    return _write_manifest(out, cfg, h)  # last: the marker of a complete zoo (see _cached)
 
-    # 1. data
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Wall seconds of the block, recorded as ``timings[step]``."""
     t0 = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - t0
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove the markers first (so a half-cleared folder is never taken for a zoo), then old task files."""
+    for stale in ("zoo.yaml", "demo.json"):
+        remove_tree(str(out / stale))
+    for sub in ("tasks", "heads", "data"):
+        remove_tree(str(out / sub))
+
+
+def _write_data(out: Path, seed: int, cfg: DemoZooConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Step 1: every task's splits; the training images are returned as inputs, the held-out sample and eval split written."""
     train_x: dict[str, torch.Tensor] = {}
     train_y: dict[str, torch.Tensor] = {}
     for t in cfg.tasks:
@@ -305,23 +335,24 @@ def _build(out: Path, seed: int, cfg: DemoZooConfig, h: str, say: Callable[[str]
         write_image_parquet(str(out / "data" / t / "train.parquet"), imgs[cfg.n_train :], labels[cfg.n_train :])
         ev_imgs, ev_labels = _tasks.generate(t, "eval", cfg.n_eval, seed, cfg.image_size)
         write_image_parquet(str(out / "data" / t / "eval.parquet"), ev_imgs, ev_labels)
-    timings["data"] = time.perf_counter() - t0
-    say(f"data: {len(cfg.tasks)} tasks in {timings['data']:.1f}s")
+    return train_x, train_y
 
-    # 2. pretraining
-    t0 = time.perf_counter()
+
+def _pretrain_base(out: Path, seed: int, cfg: DemoZooConfig, h: str, train_x: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[nn.Module, dict[str, torch.Tensor], list[float]]:
+    """Step 2: the base tower, pretrained generically and written as ``base.safetensors``."""
     adapter = OpenClipVisionAdapter(heads={}, source=str(out), model_cfg=cfg.model_config())
-    gen = torch.Generator().manual_seed(seed)
     base = adapter.template()
     sym_imgs, sym_labels = _tasks.generate_pretrain(cfg.n_pretrain, seed, cfg.image_size)
-    pre_losses = _pretrain(base, [train_x[t] for t in cfg.tasks], _to_input(sym_imgs), torch.from_numpy(sym_labels), cfg, gen)
+    losses = _pretrain(base, [train_x[t] for t in cfg.tasks], _to_input(sym_imgs), torch.from_numpy(sym_labels), cfg, gen)
     base_sd = _visual_state(base)
     save_safetensors(base_sd, str(out / "base.safetensors"), metadata={"format": "pt", "model": MODEL_NAME, "recipe": h})
-    timings["pretrain"] = time.perf_counter() - t0
-    say(f"pretrain: {cfg.pretrain_steps} steps, loss {pre_losses[0]:.3f} -> {np.mean(pre_losses[-10:]):.3f}, {timings['pretrain']:.1f}s")
+    return base, base_sd, losses
 
-    # 3. heads (linear probes on the frozen base) and 4. fine-tuning
-    t0 = time.perf_counter()
+
+def _probe_and_finetune(
+    out: Path, base: nn.Module, train_x: dict[str, torch.Tensor], train_y: dict[str, torch.Tensor], cfg: DemoZooConfig, gen: torch.Generator, say: Callable[[str], None]
+) -> tuple[dict[str, LinearHead], dict[str, dict[str, torch.Tensor]], dict[str, list[float]]]:
+    """Steps 3 and 4, per task: the linear probe on the frozen base, then the fine-tuned tower; both written."""
     heads: dict[str, LinearHead] = {}
     towers: dict[str, dict[str, torch.Tensor]] = {}
     ft_losses: dict[str, list[float]] = {}
@@ -337,18 +368,19 @@ def _build(out: Path, seed: int, cfg: DemoZooConfig, h: str, say: Callable[[str]
         if cfg.head_mode == "joint":  # the base is scored with its own probe
             save_head(str(out / "heads" / "probe" / f"{t}.safetensors"), probe)
         say(f"finetune {t}: loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f}")
-    timings["probe_and_finetune"] = time.perf_counter() - t0
+    return heads, towers, ft_losses
 
-    # 5. measure through the real path: parquet -> adapter.collate -> built model -> head
-    t0 = time.perf_counter()
+
+def _measure(
+    out: Path, cfg: DemoZooConfig, base_sd: dict[str, torch.Tensor], heads: dict[str, LinearHead], towers: dict[str, dict[str, torch.Tensor]], say: Callable[[str], None]
+) -> dict[str, dict[str, float]]:
+    """Step 5: accuracies through the real path: parquet -> adapter.collate -> built model -> head."""
     report_tasks: dict[str, dict[str, float]] = {}
-    base_model = adapter.build(base_sd)
+    base_model = OpenClipVisionAdapter(heads={}, source=str(out), model_cfg=cfg.model_config()).build(base_sd)
     for t in cfg.tasks:
         ds = open_eval_dataset(str(out / "data" / t / "eval.parquet"))
         probe_heads = {t: heads[t]}
         if cfg.head_mode == "joint":
-            from tswitch_ray.eval.adapters import load_head
-
             probe_heads = {t: load_head(str(out / "heads" / "probe" / f"{t}.safetensors"))}
         base_ad = OpenClipVisionAdapter(heads=probe_heads, source=str(out), model_cfg=cfg.model_config())
         ft_ad = OpenClipVisionAdapter(heads={t: heads[t]}, source=str(out), model_cfg=cfg.model_config())
@@ -356,25 +388,13 @@ def _build(out: Path, seed: int, cfg: DemoZooConfig, h: str, say: Callable[[str]
         acc_ft = evaluate(ft_ad, ft_ad.build(towers[t]), ds, t, device="cpu")["accuracy"]
         report_tasks[t] = {"base_accuracy": acc_base, "finetuned_accuracy": acc_ft, "n_eval": len(ds), "n_classes": len(heads[t].classes or [])}
         say(f"eval {t}: base(probe) {acc_base:.3f}  finetuned {acc_ft:.3f}")
-    timings["eval"] = time.perf_counter() - t0
+    return report_tasks
 
-    # 6. manifest and descriptions, last
-    timings["total"] = time.perf_counter() - t_start
-    # CPU seconds of this process: what the 5-minute budget means on a shared machine, where wall time is noise.
-    timings["cpu_total"] = time.process_time() - cpu_start
-    task_files = {
-        t: {
-            "checkpoint": f"tasks/{t}.safetensors",
-            "head": f"heads/{t}.safetensors",
-            "eval": f"data/{t}/eval.parquet",
-            "train": f"data/{t}/train.parquet",
-            "classes": list(_tasks.task_info(t).classes),
-            "real_data": _tasks.task_info(t).real,
-            "source": _tasks.task_info(t).source,
-            "split": _tasks.task_info(t).split_rule,
-        }
-        for t in cfg.tasks
-    }
+
+def _write_report(
+    out: Path, seed: int, cfg: DemoZooConfig, h: str, timings: dict[str, float], pre_losses: list[float], ft_losses: dict[str, list[float]], report_tasks: dict[str, dict[str, float]]
+) -> None:
+    """``zoo_report.json``: accuracies, losses and timings of this build."""
     report = {
         "recipe_hash": h,
         "seed": seed,
@@ -391,6 +411,27 @@ def _build(out: Path, seed: int, cfg: DemoZooConfig, h: str, say: Callable[[str]
         },
     }
     atomic_write(str(out / "zoo_report.json"), json.dumps(report, indent=2).encode())
+
+
+def _task_files(cfg: DemoZooConfig) -> dict[str, dict]:
+    """``demo.json``'s per-task entries: file map (relative to the zoo folder) and data provenance."""
+    return {
+        t: {
+            "checkpoint": f"tasks/{t}.safetensors",
+            "head": f"heads/{t}.safetensors",
+            "eval": f"data/{t}/eval.parquet",
+            "train": f"data/{t}/train.parquet",
+            "classes": list(_tasks.task_info(t).classes),
+            "real_data": _tasks.task_info(t).real,
+            "source": _tasks.task_info(t).source,
+            "split": _tasks.task_info(t).split_rule,
+        }
+        for t in cfg.tasks
+    }
+
+
+def _write_description(out: Path, seed: int, cfg: DemoZooConfig, h: str) -> None:
+    """``demo.json``: the adapter spec, the file map and the recipe (see :func:`tswitch_ray.eval.evaluate.load_demo`)."""
     demo = {
         "name": ZOO_NAME,
         "recipe_hash": h,
@@ -402,12 +443,16 @@ def _build(out: Path, seed: int, cfg: DemoZooConfig, h: str, say: Callable[[str]
         "key_layout": "visual.* (open_clip VisionTransformer state dict with a 'visual.' prefix)",
         "manifest": "zoo.yaml",
         "base": "base.safetensors",
-        "tasks": task_files,
+        "tasks": _task_files(cfg),
         "pretraining": "generic symbol classification (letters/signs, no task classes) + domain (which task source) + rotation (0/90/180/270) prediction on the unlabeled mixture of all tasks' training images",
         "report": "zoo_report.json",
     }
     atomic_write(str(out / "demo.json"), json.dumps(demo, indent=2).encode())
+
+
+def _write_manifest(out: Path, cfg: DemoZooConfig, h: str) -> Path:
+    """``zoo.yaml``, the zoo manifest of README.md; returns its path."""
     manifest = {"name": ZOO_NAME, "base": "base.safetensors", "tasks": [{"name": t, "uri": f"tasks/{t}.safetensors"} for t in cfg.tasks]}
     text = f"# tswitch demo zoo (recipe {h}); see demo.json and zoo_report.json\n" + yaml.safe_dump(manifest, sort_keys=False)
-    atomic_write(str(out / "zoo.yaml"), text.encode())  # last: the marker of a complete zoo (see _cached)
+    atomic_write(str(out / "zoo.yaml"), text.encode())
     return out / "zoo.yaml"

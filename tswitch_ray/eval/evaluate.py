@@ -8,7 +8,6 @@ CUDA is used when present (``tswitch_ray.device.pick_device``).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
@@ -18,9 +17,8 @@ from torch import nn
 
 from tswitch_ray.device import pick_device
 from tswitch_ray.errors import ZooError
-from tswitch_ray.eval.adapters import ModelAdapter, adapter_from_spec
+from tswitch_ray.eval.adapters import ModelAdapter, adapter_from_spec, read_json
 from tswitch_ray.eval.datasets import EvalDataset, open_eval_dataset
-from tswitch_ray.io.atomic import read_bytes
 from tswitch_ray.io.fs import resolve_uri
 from tswitch_ray.io.safetensors import read_safetensors
 
@@ -133,10 +131,7 @@ class DemoZoo:
 def load_demo(zoo_dir: str, storage_options: Mapping[str, Any] | None = None) -> DemoZoo:
     """Open a zoo folder written by :func:`tswitch_ray.eval.demo_zoo.build_demo_zoo` (or any folder with a ``demo.json``)."""
     uri = resolve_uri(zoo_dir, "demo.json")
-    try:
-        info = json.loads(read_bytes(uri, storage_options))
-    except json.JSONDecodeError as e:
-        raise ZooError(f"{uri}: not valid JSON ({e}).") from e
+    info = read_json(uri, storage_options)
     if "adapter" not in info or "tasks" not in info:
         raise ZooError(f"{uri}: demo description lacks 'adapter' or 'tasks'.")
     adapter = adapter_from_spec(info["adapter"], zoo_dir, storage_options)

@@ -1,8 +1,8 @@
 """The I/O layer: every byte the product reads or writes goes through this package.
 
 * :mod:`~tswitch_ray.io.fs` - URIs to fsspec filesystems (the only caller of
-  ``fsspec.core.url_to_fs``), joining, resolving and normalising URIs, denied
-  reads as user errors.
+  ``fsspec.core.url_to_fs``), joining, resolving (against a folder or a file's
+  folder) and normalising URIs, denied reads as user errors.
 * :mod:`~tswitch_ray.io.atomic` - the one atomic whole-file writer, small
   whole-file reads, existence checks, tree removal.
 * :mod:`~tswitch_ray.io.checkpoints` - the checkpoint reader protocol
@@ -36,6 +36,7 @@ from tswitch_ray.io.fs import (
     open_fs,
     options_for,
     protocol_of,
+    resolve_against_file,
     resolve_uri,
     uri_of,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "protocol_of",
     "read_bytes",
     "remove_tree",
+    "resolve_against_file",
     "resolve_uri",
     "sha256_hex",
     "uri_of",

@@ -11,6 +11,7 @@ import contextlib
 import os
 import posixpath
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -84,15 +85,48 @@ def join_uri(base_dir_uri: str, name: str) -> str:
     return posixpath.join(base_dir_uri, name)
 
 
-def resolve_uri(base_dir: str, uri: str) -> str:
+def resolve_uri(base_dir: str, uri: str, *, tidy_local: bool = False) -> str:
     """``uri`` resolved against the folder ``base_dir`` unless it is absolute or has a scheme.
 
     Unlike :func:`join_uri`, an absolute ``uri`` (or one with a scheme) is
-    kept as it is, and an empty ``base_dir`` leaves ``uri`` relative.
+    kept as it is, and an empty ``base_dir`` leaves ``uri`` relative. The two
+    are joined as strings (``"/z" + "./heads"`` gives ``"/z/./heads"``).
+
+    With ``tidy_local`` and a local ``base_dir``, the result is spelled as
+    :mod:`pathlib` spells it: ``.`` segments and doubled or trailing slashes
+    dropped, ``..`` kept (``"/z/heads"``, ``"/z/../x"``). Eval configs resolve
+    this way, and their resolved strings are part of cache keys, so each
+    caller keeps the spelling it always had.
     """
-    if not base_dir or "://" in uri or uri.startswith("/"):
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    if tidy_local and "://" not in base_dir:
+        return str(Path(base_dir) / uri)
+    if not base_dir:
         return uri
     return base_dir.rstrip("/") + "/" + uri
+
+
+def resolve_against_file(file_uri: str, uri: str) -> str:
+    """``uri`` as written in the file at ``file_uri`` (a zoo manifest), made absolute.
+
+    URLs (``scheme://...``) and absolute local paths are kept; relative paths
+    are joined to the file's folder and normalised (``./`` and ``..``
+    collapsed), keeping the file's scheme. A local ``file_uri`` is made
+    absolute first (``~`` expanded, relative to the working directory).
+    """
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    uri = uri[2:] if uri.startswith("./") else uri
+    if "://" in file_uri:
+        scheme, rest = file_uri.split("://", 1)
+        folder = posixpath.dirname(rest)
+        joined = posixpath.normpath(posixpath.join(folder, uri)) if folder else posixpath.normpath(uri)
+        if scheme.lower() == "file" and not joined.startswith("/"):
+            joined = "/" + joined
+        return f"{scheme}://{joined}"
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(file_uri)))
+    return os.path.normpath(os.path.join(folder, uri))
 
 
 def access_denied(what: str, uri: str, exc: PermissionError) -> ZooError:

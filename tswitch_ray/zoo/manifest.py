@@ -16,15 +16,13 @@ YAML itself lives on s3:// or memory://); absolute paths and URLs are kept.
 
 from __future__ import annotations
 
-import os
-import posixpath
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tswitch_ray.errors import ZooError
-from tswitch_ray.io.fs import access_checked, open_fs
+from tswitch_ray.io.fs import access_checked, open_fs, resolve_against_file
 
 # Task names become file names (DIR/<task>.safetensors) and SQL values, so keep
 # them to a safe, portable alphabet.
@@ -71,20 +69,10 @@ def resolve_uri(manifest_uri: str, uri: str) -> str:
     """``uri`` as written in the manifest at ``manifest_uri``, made absolute.
 
     URLs (``scheme://...``) and absolute local paths are kept; relative paths
-    are joined to the manifest's folder, keeping the manifest's scheme.
+    are joined to the manifest's folder, keeping the manifest's scheme (see
+    :func:`tswitch_ray.io.fs.resolve_against_file`).
     """
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    uri = uri[2:] if uri.startswith("./") else uri
-    if "://" in manifest_uri:
-        scheme, rest = manifest_uri.split("://", 1)
-        folder = posixpath.dirname(rest)
-        joined = posixpath.normpath(posixpath.join(folder, uri)) if folder else posixpath.normpath(uri)
-        if scheme.lower() == "file" and not joined.startswith("/"):
-            joined = "/" + joined
-        return f"{scheme}://{joined}"
-    folder = os.path.dirname(os.path.abspath(os.path.expanduser(manifest_uri)))
-    return os.path.normpath(os.path.join(folder, uri))
+    return resolve_against_file(manifest_uri, uri)
 
 
 def _format_validation_error(uri: str, err: ValidationError) -> str:

@@ -1,0 +1,39 @@
+"""Adapters from the small JSON-able spec that ``demo.json`` and eval configs hold."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from tswitch_ray.errors import ConfigError
+from tswitch_ray.eval.adapters.base import ModelAdapter
+from tswitch_ray.eval.adapters.hf_clip import HFCLIPVisionAdapter
+from tswitch_ray.eval.adapters.hf_sequence import HFSequenceClassifierAdapter
+from tswitch_ray.eval.adapters.hf_vit import HFViTClassifierAdapter
+from tswitch_ray.eval.adapters.open_clip import OpenClipVisionAdapter
+from tswitch_ray.io.fs import resolve_uri
+
+ADAPTER_KINDS = ("open_clip", "hf_clip_vision", "hf_vit_classifier", "hf_sequence_classifier")
+
+
+def adapter_from_spec(spec: Mapping[str, Any], base_uri: str = "", storage_options: Mapping[str, Any] | None = None) -> ModelAdapter:
+    """Build an adapter from a JSON-able spec; relative paths resolve against ``base_uri``.
+
+    * ``{"kind": "open_clip", "model": "ViT-B-32" | {config dict}, "heads": "heads", "tasks": [...]?, "mean": [...]?, "std": [...]?}``
+    * ``{"kind": "hf_clip_vision", "folder": "base_hf", "heads": "heads", "tasks": [...]?}``
+    * ``{"kind": "hf_vit_classifier" | "hf_sequence_classifier", "base": "base_folder", "tasks": {"task": "folder", ...}}``
+    """
+    kind = spec.get("kind")
+    so = storage_options
+    if kind == "open_clip":
+        extra = {k: tuple(spec[k]) for k in ("mean", "std") if k in spec}
+        return OpenClipVisionAdapter.from_heads_dir(spec["model"], resolve_uri(base_uri, spec.get("heads", "heads")), spec.get("tasks"), so, **extra)
+    if kind == "hf_clip_vision":
+        return HFCLIPVisionAdapter.from_folder(resolve_uri(base_uri, spec["folder"]), resolve_uri(base_uri, spec.get("heads", "heads")), spec.get("tasks"), so)
+    if kind in ("hf_vit_classifier", "hf_sequence_classifier"):
+        tasks = spec.get("tasks")
+        if not isinstance(tasks, Mapping) or not tasks:
+            raise ConfigError(f"adapter spec of kind {kind!r} needs 'tasks': a mapping of task name to checkpoint folder.")
+        folders = {t: resolve_uri(base_uri, f) for t, f in tasks.items()}
+        cls = HFViTClassifierAdapter if kind == "hf_vit_classifier" else HFSequenceClassifierAdapter
+        return cls.from_folders(resolve_uri(base_uri, spec["base"]), folders, so)
+    raise ConfigError(f"adapter spec kind {kind!r} is unknown; use one of {', '.join(ADAPTER_KINDS)}.")
