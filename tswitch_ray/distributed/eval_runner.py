@@ -288,7 +288,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
                          cfg.model_dump_json(indent=2))
     write_report(plan.fs, plan.root, files)
     result.files = {name: f"{plan.work_root}/{name}" for name in files}
-    result.run_id = _track(plan, tracker, result)
+    result.run_id = _track(plan, tracker, result, files)
     return result
 
 
@@ -380,14 +380,15 @@ def _gather(plan: EvalPlan) -> list[Row]:
 # ------------------------------------------------------------------ stage 5: tracking
 
 
-def _track(plan: EvalPlan, tracker: Tracker, result: EvalResult) -> str | None:
-    """Log the evaluation as an MLflow parent run with one nested run per method; the parent's run id."""
+def _track(plan: EvalPlan, tracker: Tracker, result: EvalResult, files: Mapping[str, bytes]) -> str | None:
+    """Log the evaluation as an MLflow parent run with one nested run per method, the results ``files``
+    attached to the parent; the parent's run id."""
     cfg, tasks = plan.cfg, plan.tasks
     with tracker.evaluation(cfg.name, {"zoo": cfg.zoo, "tasks": tasks, "artifacts": cfg.artifacts,
                                        "n_methods": len(plan.specs), "executor": cfg.executor}):
         for s, summ in zip(plan.specs, result.summary):
             tracker.log_method(s.display, _method_params(s, cfg.zoo), _method_metrics(summ, tasks))
-        tracker.log_summary({"wall_seconds": result.seconds}, result.files)
+        tracker.log_summary({"wall_seconds": result.seconds}, files)
         return tracker.parent_run_id
 
 
