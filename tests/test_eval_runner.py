@@ -289,3 +289,18 @@ def test_a_cell_of_all_tasks_is_rescored_when_the_tasks_change(tiny_demo_zoo, sw
     messages.clear()
     run_eval(cfg.model_copy(update={"tasks": ["digits", "glyphs"]}), show_progress=False, say=messages.append)
     assert any("scoring 0 of 1" in m for m in messages)
+
+
+def test_unwritable_work_dir_fails_before_any_work(tiny_demo_zoo, switches, tmp_path, monkeypatch):
+    import tswitch_ray.distributed.merge as merge_module
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("a merge ran although the work dir cannot be written")
+
+    monkeypatch.setattr(merge_module, "run_merge", no_merge)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = _config(tiny_demo_zoo, switches, blocker / "work", executor="local",
+                  methods=[MethodSpec(method="ta", options={"scale": 0.3})])
+    with pytest.raises(ArtifactError, match="cannot write evaluation results"):
+        run_eval(cfg, show_progress=False)

@@ -100,7 +100,7 @@ class EvalContext:
 
 @dataclass
 class Cell:
-    """One unit of scoring work: a method on one task (or on all, for WEMoE)."""
+    """One unit of scoring work: a method on one task (or on all, for Auto-Switch and WEMoE)."""
 
     spec: MethodSpec
     task: str  # or ALL
