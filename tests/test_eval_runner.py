@@ -182,3 +182,125 @@ def test_sweep_cli_runs_a_grid_and_refuses_a_config_without_one(tiny_demo_zoo, s
     rows = json.loads((work / "summary.json").read_text())
     assert sorted((r["method"], r["options"].get("alpha")) for r in rows) == [("pdiscard", 0.2), ("pdiscard", 0.8), ("ta", None)]
     assert all(len(r["per_task"]) == 3 for r in rows)
+
+
+# ------------------------------------------------------------------ once per evaluation (issue 13 point 8)
+
+
+def test_the_zoo_is_fingerprinted_once_per_eval(tiny_demo_zoo, switches, tmp_path, monkeypatch):
+    """Several switch methods over two artifact sets, and a merge: one fingerprint computation in all.
+
+    A Zoo computes its fingerprint on the first call and keeps it, so the computations are the Zoo
+    objects it is asked on; the local executor scores in this process, where the wrapper is installed.
+    """
+    from tswitch_ray.zoo import Zoo
+
+    asked: list[Zoo] = []
+    original = Zoo.fingerprint
+
+    def counted(self: Zoo) -> str:
+        if not any(z is self for z in asked):
+            asked.append(self)
+        return original(self)
+
+    monkeypatch.setattr(Zoo, "fingerprint", counted)
+    copy = tmp_path / "sw-copy"
+    shutil.copytree(switches, copy)
+    specs = [MethodSpec(method="tswitch", alpha=0.6), MethodSpec(method="tswitch", alpha=0.9),
+             MethodSpec(method="tswitch", alpha=0.9, artifacts=str(copy), label="T-Switch (copy)"),
+             MethodSpec(method="autoswitch", alpha=0.6, options={"k": 3, "examples_per_task": 8}),
+             MethodSpec(method="ta", options={"scale": 0.3})]
+    result = run_eval(_config(tiny_demo_zoo, switches, tmp_path / "w", methods=specs, executor="local"),
+                      show_progress=False)
+    assert len(result.rows) == len(specs) * 3
+    assert len(asked) == 1
+
+
+def test_cells_check_artifacts_against_the_fingerprint_they_are_given(tiny_demo_zoo, switches, monkeypatch):
+    from tswitch_ray.eval.weights import read_switches, reconstruct_switched
+    from tswitch_ray.zoo import Zoo, load_zoo
+
+    right = load_zoo(str(tiny_demo_zoo)).fingerprint()
+
+    def never(self: Zoo) -> str:
+        raise AssertionError("the zoo was fingerprinted although its fingerprint was given")
+
+    monkeypatch.setattr(Zoo, "fingerprint", never)
+    sd = reconstruct_switched(str(switches), str(tiny_demo_zoo), "digits", 0.6, zoo_fingerprint=right)
+    assert sd
+    for read in (lambda fp: reconstruct_switched(str(switches), str(tiny_demo_zoo), "digits", 0.6, zoo_fingerprint=fp),
+                 lambda fp: read_switches(str(switches), str(tiny_demo_zoo), ["digits"], 0.6, zoo_fingerprint=fp)):
+        with pytest.raises(ArtifactError, match="built for base model fingerprint"):
+            read("0" * 64)
+
+
+def test_autoswitch_is_one_cell_that_reads_switches_and_query_set_once(tiny_demo_zoo, switches, tmp_path,
+                                                                       monkeypatch):
+    import json
+
+    from tswitch_ray.artifacts import ArtifactReader
+    from tswitch_ray.eval import autoswitch_eval
+
+    reads: list[str] = []
+    extractions: list[list[str]] = []
+    iter_switches, extract = ArtifactReader.iter_switches, autoswitch_eval.extract_query_set
+
+    def counted_reads(self, task, alpha):
+        reads.append(task)
+        return iter_switches(self, task, alpha)
+
+    def counted_extract(adapter, model, tasks, *args, **kwargs):
+        extractions.append(list(tasks))
+        return extract(adapter, model, tasks, *args, **kwargs)
+
+    monkeypatch.setattr(ArtifactReader, "iter_switches", counted_reads)
+    monkeypatch.setattr(autoswitch_eval, "extract_query_set", counted_extract)
+    spec = MethodSpec(method="autoswitch", alpha=0.6, options={"k": 3, "examples_per_task": 8})
+    messages: list[str] = []
+    result = run_eval(_config(tiny_demo_zoo, switches, tmp_path / "w", methods=[spec], executor="local"),
+                      show_progress=False, say=messages.append)
+    tasks = ["digits", "glyphs", "signs"]
+    assert sorted(reads) == tasks  # each task's switches once
+    assert extractions == [tasks]  # the query set of every task, once
+    assert any("scoring 1 of 1" in m for m in messages)
+    cells = sorted(p.relative_to(tmp_path / "w" / "cells") for p in (tmp_path / "w" / "cells").rglob("*.json"))
+    assert [c.name for c in cells] == ["__all__.json"]
+    assert [r["task"] for r in result.rows] == tasks
+    assert all(r["n"] == 24 and 0.0 <= r["accuracy"] <= 1.0 for r in result.rows)
+    # one call's measurements, shared by every task's row; models_built is each task's own
+    assert len({r["throughput_ratio"] for r in result.rows}) == 1 and result.rows[0]["throughput_ratio"] > 0
+    assert len({r["query_bytes"] for r in result.rows}) == 1 and result.rows[0]["query_bytes"] > 0
+    assert all(r["models_built"] >= 1 for r in result.rows)
+    assert result.summary[0]["throughput_ratio"] == result.rows[0]["throughput_ratio"]
+    stored = json.loads((tmp_path / "w" / "cells" / cells[0]).read_text())
+    assert [r["task"] for r in stored] == tasks
+
+
+def test_a_cell_of_all_tasks_is_rescored_when_the_tasks_change(tiny_demo_zoo, switches, tmp_path):
+    """Auto-Switch routes over every task's switches: a cached cell of other tasks does not answer."""
+    spec = MethodSpec(method="autoswitch", alpha=0.6, options={"k": 3, "examples_per_task": 8})
+    cfg = _config(tiny_demo_zoo, switches, tmp_path / "w", methods=[spec], executor="local")
+    run_eval(cfg, show_progress=False)
+    messages: list[str] = []
+    fewer = run_eval(cfg.model_copy(update={"tasks": ["digits", "glyphs"]}), show_progress=False,
+                     say=messages.append)
+    assert any("scoring 1 of 1 (method, task) cells (0 cached)" in m for m in messages)
+    assert [r["task"] for r in fewer.rows] == ["digits", "glyphs"]
+    messages.clear()
+    run_eval(cfg.model_copy(update={"tasks": ["digits", "glyphs"]}), show_progress=False, say=messages.append)
+    assert any("scoring 0 of 1" in m for m in messages)
+
+
+def test_unwritable_work_dir_fails_before_any_work(tiny_demo_zoo, switches, tmp_path, monkeypatch):
+    import tswitch_ray.distributed.merge as merge_module
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("a merge ran although the work dir cannot be written")
+
+    monkeypatch.setattr(merge_module, "run_merge", no_merge)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = _config(tiny_demo_zoo, switches, blocker / "work", executor="local",
+                  methods=[MethodSpec(method="ta", options={"scale": 0.3})])
+    with pytest.raises(ArtifactError, match="cannot write evaluation results"):
+        run_eval(cfg, show_progress=False)

@@ -86,7 +86,7 @@ def test_kinds_scorers_and_requirements_of_the_entries():
         "pdiscard": (one, "merged-one", False, False, False),
         "emr": (per, "merged-per-task", False, False, False),
         "tswitch": (per, "switches", True, True, False),
-        "autoswitch": (ev, "autoswitch", True, True, False),
+        "autoswitch": (ev, "autoswitch", True, True, True),
         "wemoe": (ev, "wemoe", False, False, True),
         "e-wemoe": (ev, "wemoe", False, False, True),
     }

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from tswitch_ray.artifacts import ArtifactReader
 from tswitch_ray.errors import ArtifactError
-from tswitch_ray.switch import reconstruct
 from tswitch_ray.io.safetensors import SafetensorsStreamWriter
+from tswitch_ray.switch import reconstruct
 from tswitch_ray.zoo import Zoo, load_zoo
 
 
@@ -30,18 +31,31 @@ def task_knobs(manifest: dict[str, Any], task: str, alpha: float) -> float | Non
     return None
 
 
-def open_switches(artifacts_uri: str, zoo_uri: str | None = None,
-                  storage_options: dict[str, Any] | None = None) -> tuple[ArtifactReader, Zoo]:
-    """The artifact set and the zoo it was built from, after checking the base model's fingerprint."""
-    reader = ArtifactReader(artifacts_uri, storage_options=storage_options)
-    manifest = reader.manifest
-    zoo = load_zoo(zoo_uri or manifest["zoo"]["uri"], storage_options=storage_options)
-    if zoo.fingerprint() != manifest["zoo"]["fingerprint"]:
+def check_built_from(reader: ArtifactReader, zoo: Zoo, zoo_fingerprint: str | None = None) -> None:
+    """``ArtifactError`` unless the artifact set was built from ``zoo``'s base model.
+
+    ``zoo_fingerprint`` is ``zoo.fingerprint()`` when the caller has it already:
+    an evaluation computes it once on the driver and hands it to every check
+    and every scoring task, since computing it reads up to 128 KiB of every
+    base tensor.
+    """
+    built_for = reader.manifest["zoo"]["fingerprint"]
+    actual = zoo_fingerprint if zoo_fingerprint is not None else zoo.fingerprint()
+    if actual != built_for:
         raise ArtifactError(
-            f"{artifacts_uri}: built for base model fingerprint {manifest['zoo']['fingerprint'][:12]}…, but the base "
-            f"checkpoint {zoo.base.uri} has fingerprint {zoo.fingerprint()[:12]}… (different tensors or weights); "
-            "pass --zoo with the zoo the switches were built from."
+            f"{reader.uri}: built for base model fingerprint {built_for[:12]}…, but the base checkpoint "
+            f"{zoo.base.uri} has fingerprint {actual[:12]}… (different tensors or weights); use the zoo the "
+            "switches were built from (their manifest records its URI under zoo.uri)."
         )
+
+
+def open_switches(artifacts_uri: str, zoo_uri: str | None = None, storage_options: dict[str, Any] | None = None,
+                  *, zoo_fingerprint: str | None = None) -> tuple[ArtifactReader, Zoo]:
+    """The artifact set and the zoo it was built from (``zoo_uri``, else the one its manifest records),
+    after :func:`check_built_from`; ``zoo_fingerprint``: that zoo's fingerprint, if already computed."""
+    reader = ArtifactReader(artifacts_uri, storage_options=storage_options)
+    zoo = load_zoo(zoo_uri or reader.manifest["zoo"]["uri"], storage_options=storage_options)
+    check_built_from(reader, zoo, zoo_fingerprint)
     return reader, zoo
 
 

@@ -1,31 +1,46 @@
 """Distributed evaluation: Ray tasks per (method, task), one MLflow run per evaluation.
 
-Stages:
+This module orchestrates; what the results look like (tables, plot, progress
+bar, per-method summary) is ``eval/reporting.py``, how a cell is scored is
+``eval/scoring.py``. Stages, each one function of :func:`run_eval`:
 
-1. **Check** everything that can fail cheaply before any work: methods and
-   options, tasks present in the zoo and the data, artifacts built from this
-   zoo's base model, the tracking server answering.
-2. **Merge** the state-dict methods (the registry entries whose
-   ``merged_by_eval`` is true: TA, TIES, DARE, P-Discard, EMR, ...) with the
-   streamed, sharded :func:`~tswitch_ray.distributed.merge.run_merge`, once
-   per method, into ``work_dir/merges/<key>/``.
-3. **Score**: one Ray task per (method, task) runs the scorer the method's
-   registry entry names (``eval/scoring.py``): it rebuilds the weights (from
-   the merge output, the zoo, or — T-Switch and Auto-Switch — from θ0 and the
+1. **Check** (:func:`_prepare`) everything that can fail cheaply before any
+   work: methods and options, tasks present in the zoo and the data, artifacts
+   built from this zoo's base model (its fingerprint is computed here, once
+   per evaluation, and handed to every cell in the :class:`EvalContext`), the
+   tracking server answering, the work dir writable.
+2. **Merge** (:func:`_merge_stage`) the state-dict methods (the registry
+   entries whose ``merged_by_eval`` is true: TA, TIES, DARE, P-Discard, EMR,
+   ...) with the streamed, sharded :func:`~tswitch_ray.distributed.merge.run_merge`,
+   once per method, into ``work_dir/merges/<key>/``.
+3. **Score** (:func:`_score_stage`): one Ray task per (method, task) runs the
+   scorer the method's registry entry names: it rebuilds the weights (from the
+   merge output, the zoo, or — T-Switch and Auto-Switch — from θ0 and the
    switch artifacts only) and runs the adapter over the task's eval split.
-   Methods that ``score_all_tasks_at_once`` (WEMoE/E-WEMoE train their routers
-   on all tasks) are one Ray task per method.
-4. **Report**: ``results.parquet`` (queryable by ``tswitch registry``),
-   ``results.csv``, ``results.md``, ``accuracy_vs_storage.png``, the config,
-   and an MLflow parent run with one nested run per method.
+   Methods that ``score_all_tasks_at_once`` (Auto-Switch routes over every
+   task's switches and query examples, WEMoE/E-WEMoE train their routers on
+   all tasks) are one Ray task per method, which reads each task's switches
+   and extracts the query set once.
+4. **Gather** (:func:`_gather`) every cell, fresh or cached, into rows; each
+   row carries the artifact URI its method was scored from.
+5. **Report** (``eval/reporting.py``): ``results.parquet`` (queryable by
+   ``tswitch registry``, written last), ``results.csv``, ``results.md``,
+   ``summary.json``, ``accuracy_vs_storage.png``, ``config.json``; then
+   **track** (:func:`_track`): an MLflow parent run with one nested run per
+   method.
 
-Each scored cell is cached as ``work_dir/cells/<method-key>/<task>.json``, so
-a rerun (or a sweep that grows) recomputes only what is missing.
+Commit lifecycle: each scored cell is one file,
+``work_dir/cells/<method-key>/<task>.json`` (``__all__.json`` for a method
+that scores all tasks at once), written whole by ``atomic_write``; a cell
+file that exists is complete, so a rerun (or a sweep that grows) recomputes
+only what is missing. The results set is committed by
+:func:`~tswitch_ray.eval.reporting.write_report` with ``results.parquet`` as
+its marker, removed first and written last. The work dir is reused by design
+(the cell cache), so an existing evaluation there is not refused.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -34,13 +49,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tswitch_ray.distributed.executor import WorkItem, make_executor
+import fsspec
+
+from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.errors import ArtifactError, ConfigError
 from tswitch_ray.eval.config import EvalConfig, MethodSpec, TaskData
+from tswitch_ray.eval.reporting import (
+    CellProgress,
+    Row,
+    report_files,
+    summarise,
+    write_report,
+)
 from tswitch_ray.io.atomic import atomic_write_fs, exists, read_bytes
 from tswitch_ray.io.fs import open_fs
+from tswitch_ray.io.sink import probe_writable
 from tswitch_ray.methods import get_method_info
 from tswitch_ray.tracking import Tracker
+from tswitch_ray.zoo import Zoo
 
 ALL = "__all__"
 
@@ -50,6 +76,7 @@ class EvalContext:
     """What a scoring task needs; small and picklable (URIs, not tensors)."""
 
     zoo: str
+    zoo_fingerprint: str | None  # computed once on the driver where a method is scored from switches
     storage_options_json: str
     adapter_spec: str  # JSON
     adapter_base: str
@@ -73,7 +100,7 @@ class EvalContext:
 
 @dataclass
 class Cell:
-    """One unit of scoring work: a method on one task (or on all, for WEMoE)."""
+    """One unit of scoring work: a method on one task (or on all, for Auto-Switch and WEMoE)."""
 
     spec: MethodSpec
     task: str  # or ALL
@@ -117,7 +144,51 @@ def _artifact_uri(cfg: EvalConfig, spec: MethodSpec) -> str | None:
     return (spec.artifacts or cfg.artifacts) if get_method_info(spec.method).needs_artifacts else None
 
 
-# ------------------------------------------------------------------ driver
+# ------------------------------------------------------------------ stage 1: checks, before any work
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What the checks established, for the stages after them (driver only)."""
+
+    cfg: EvalConfig
+    specs: list[MethodSpec]
+    tasks: list[str]
+    zoo: Zoo
+    zoo_fingerprint: str | None  # None where no method is scored from switch artifacts
+    adapter_spec: dict[str, Any]
+    adapter_base: str
+    data: dict[str, TaskData]
+    work_dir: str
+    fs: fsspec.AbstractFileSystem
+    root: str  # work_dir as a path of fs
+
+    @property
+    def work_root(self) -> str:
+        return self.work_dir.rstrip("/")
+
+    def cell_file(self, spec: MethodSpec, task: str) -> str:
+        return f"{self.work_root}/cells/{spec.key()}/{task}.json"
+
+    def artifact_uris(self) -> list[str]:
+        return sorted({uri for s in self.specs if (uri := _artifact_uri(self.cfg, s))})
+
+
+def _prepare(cfg: EvalConfig) -> EvalPlan:
+    """Stage 1 up to the tracking server: the methods, tasks, data and artifacts are checked; nothing written."""
+    from tswitch_ray.zoo import load_zoo
+
+    specs = cfg.expanded_methods()
+    if not specs:
+        raise ConfigError(f"eval config {cfg.name!r} lists no methods.")
+    zoo = load_zoo(cfg.zoo, storage_options=cfg.storage_options)
+    tasks = list(cfg.tasks or zoo.task_names)
+    adapter_spec, adapter_base, data = _open_data(cfg)
+    _check(cfg, specs, tasks, zoo.task_names, data)
+    fingerprint = _check_artifacts(cfg, specs, tasks, zoo)
+    work_dir = cfg.work_dir or str(Path("runs") / cfg.name)
+    fs, root = open_fs(work_dir, cfg.storage_options)
+    return EvalPlan(cfg, specs, tasks, zoo, fingerprint, adapter_spec, adapter_base, data, work_dir, fs, root)
 
 
 def _open_data(cfg: EvalConfig) -> tuple[dict[str, Any], str, dict[str, TaskData]]:
@@ -141,6 +212,7 @@ def _open_data(cfg: EvalConfig) -> tuple[dict[str, Any], str, dict[str, TaskData
 
 def _check(cfg: EvalConfig, specs: Sequence[MethodSpec], tasks: Sequence[str], zoo_tasks: Sequence[str],
            data: Mapping[str, TaskData]) -> None:
+    """Every method spec valid and scorable, every task in the zoo and in the data."""
     from tswitch_ray.eval.scoring import scorer_for
 
     for s in specs:
@@ -153,261 +225,187 @@ def _check(cfg: EvalConfig, specs: Sequence[MethodSpec], tasks: Sequence[str], z
     no_data = [t for t in tasks if t not in data]
     if no_data:
         raise ConfigError(f"eval config {cfg.name!r}: no eval data for task(s) {', '.join(no_data)}.")
-    from tswitch_ray.reconstruct import match_alpha, open_switches
 
-    checked: set[str] = set()
+
+def _check_artifacts(cfg: EvalConfig, specs: Sequence[MethodSpec], tasks: Sequence[str], zoo: Zoo) -> str | None:
+    """Each artifact set a method is scored from: built from this zoo's base, with its α and every task.
+
+    Returns the zoo's fingerprint, computed here once for the whole evaluation (None: no method needs
+    artifacts); every artifact set is opened once however many methods use it.
+    """
+    from tswitch_ray.artifacts import ArtifactReader
+    from tswitch_ray.reconstruct import check_built_from, match_alpha
+
+    fingerprint: str | None = None
+    readers: dict[str, ArtifactReader] = {}
     for s in specs:
         if not get_method_info(s.method).needs_artifacts:
             continue
         uri = _artifact_uri(cfg, s)
         if not uri:
             raise ConfigError(f"method {s.display!r} needs switch artifacts: set `artifacts:` in the eval config "
-                              "(the --out of `tswitch build`).")
-        reader, _ = open_switches(uri, cfg.zoo, cfg.storage_options)  # fingerprint check against this zoo
-        match_alpha(reader.alphas, s.alpha, uri)
-        absent = [t for t in tasks if t not in reader.tasks]
-        if absent:
-            raise ArtifactError(f"{uri}: no switches for task(s) {', '.join(absent)}.")
-        checked.add(uri)
+                              "(where `tswitch build` wrote them).")
+        if uri not in readers:
+            fingerprint = fingerprint or zoo.fingerprint()
+            reader = readers[uri] = ArtifactReader(uri, storage_options=cfg.storage_options)
+            check_built_from(reader, zoo, fingerprint)
+            absent = [t for t in tasks if t not in reader.tasks]
+            if absent:
+                raise ArtifactError(f"{uri}: no switches for task(s) {', '.join(absent)}.")
+        match_alpha(readers[uri].alphas, s.alpha, uri)
+    return fingerprint
 
 
-def _cells_dir(work_dir: str, spec: MethodSpec) -> str:
-    return f"{work_dir}/cells/{spec.key()}"
+def _open_work_dir(plan: EvalPlan) -> None:
+    """The sink's start for the work dir: writable (probed), before any merge or scoring."""
+    probe_writable(plan.fs, plan.root, plan.work_dir, "evaluation results")
+    plan.fs.makedirs(plan.root, exist_ok=True)
 
 
-def _cell_file(work_dir: str, spec: MethodSpec, task: str) -> str:
-    return f"{_cells_dir(work_dir, spec)}/{task}.json"
+# ------------------------------------------------------------------ driver
 
 
 def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], None] | None = None) -> EvalResult:
     """Run the evaluation ``cfg`` end to end; see the module docstring for the stages."""
-    from tswitch_ray.distributed.merge import MERGE_MARKER, MergeConfig, run_merge
     from tswitch_ray.eval.weights import storage_model
-    from tswitch_ray.zoo import load_zoo
 
     say = say or (lambda msg: None)
     t0 = time.perf_counter()
-    specs = cfg.expanded_methods()
-    if not specs:
-        raise ConfigError(f"eval config {cfg.name!r} lists no methods.")
-    zoo = load_zoo(cfg.zoo, storage_options=cfg.storage_options)
-    tasks = list(cfg.tasks or zoo.task_names)
-    adapter_spec, adapter_base, data = _open_data(cfg)
-    _check(cfg, specs, tasks, zoo.task_names, data)
+    plan = _prepare(cfg)
     tracker = Tracker(cfg.tracking)  # fails fast on an unreachable server, before any work
-    work_dir = cfg.work_dir or str(Path("runs") / cfg.name)
-    fs, root = open_fs(work_dir, cfg.storage_options)
-    fs.makedirs(root, exist_ok=True)
-    work_root = work_dir.rstrip("/")
-
+    _open_work_dir(plan)
     executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus)
     try:
-        # Stage 2: merges, once per method, streamed and sharded.
-        merge_dirs: dict[str, str] = {}
-        for s in specs:
-            if not get_method_info(s.method).merged_by_eval:
-                continue
-            out = f"{work_root}/merges/{s.key()}"
-            merge_dirs[s.key()] = out
-            if fs.exists(f"{out}/{MERGE_MARKER}"):  # committed by an earlier run
-                continue
-            say(f"merging {s.display}")
-            run_merge(MergeConfig(zoo=cfg.zoo, method=s.method, out=out, options=s.options,
-                                  storage_options=cfg.storage_options, executor=cfg.executor,
-                                  ray_address=cfg.ray_address, num_workers=cfg.num_workers, num_gpus=cfg.num_gpus,
-                                  show_progress=show_progress))
-
-        # Stage 3: one task per (method, task) not already cached.
-        ctx = EvalContext(
-            zoo=cfg.zoo, storage_options_json=json.dumps(cfg.storage_options, sort_keys=True),
-            adapter_spec=json.dumps(adapter_spec), adapter_base=adapter_base,
-            data=tuple((t, data[t].eval, data[t].unlabeled or data[t].eval) for t in tasks),
-            tasks=tuple(tasks), artifacts=cfg.artifacts, batch_size=cfg.batch_size, limit=cfg.limit,
-            torch_threads=1 if cfg.executor == "ray" else (os.cpu_count() or 1),
-        )
-        cells: list[Cell] = []
-        for s in specs:
-            for task in _cell_tasks(s, tasks):
-                if not fs.exists(_cell_file(work_root, s, task)):
-                    cells.append(Cell(s, task, merge_dirs.get(s.key())))
-        n_all = sum(len(_cell_tasks(s, tasks)) for s in specs)
-        say(f"scoring {len(cells)} of {n_all} (method, task) cells ({n_all - len(cells)} cached)")
-        items = [WorkItem(key=i, args=(ctx, c.spec.model_dump_json(), c.task, c.weights_uri),
-                          memory_bytes=0) for i, c in enumerate(cells)]
-        with _progress(len(items), show_progress) as advance:
-            for i, rows in executor.map(score_cell, items, None):
-                c = cells[i]
-                atomic_write_fs(fs, _cell_file(work_root, c.spec, c.task), json.dumps(rows).encode())
-                advance(c.spec.display, c.task)
+        merge_dirs = _merge_stage(plan, show_progress, say)
+        _score_stage(plan, executor, merge_dirs, show_progress, say)
     finally:
         executor.close()
-
-    # Stage 4: gather every cell (fresh or cached) and report.
-    sm = storage_model(zoo, sorted({uri for s in specs if (uri := _artifact_uri(cfg, s))}), cfg.storage_options)
-    rows: list[dict[str, Any]] = []
-    for s in specs:
-        for task in _cell_tasks(s, tasks):
-            for r in json.loads(fs.cat_file(_cell_file(work_root, s, task))):
-                if r["task"] in tasks:
-                    rows.append({"label": s.display, "method": s.method, "alpha": s.alpha,
-                                 "options": json.dumps(s.options, sort_keys=True),
-                                 "artifact_uri": _artifact_uri(cfg, s), **r})
-    summary = _summarise(specs, rows, tasks, sm, adapter_spec)
-    seconds = time.perf_counter() - t0
-    result = EvalResult(cfg.name, work_dir, rows, summary, seconds)
-    files = _report_files(cfg, result, tasks, sm)
-    # results.parquet last: it is what the registry finds an evaluation by.
-    for name in sorted(files, key=lambda n: n == "results.parquet"):
-        atomic_write_fs(fs, f"{root}/{name}", files[name])
-    result.files = {name: f"{work_root}/{name}" for name in files}
-    with tracker.evaluation(cfg.name, {"zoo": cfg.zoo, "tasks": tasks, "artifacts": cfg.artifacts,
-                                       "n_methods": len(specs), "executor": cfg.executor}):
-        for s, summ in zip(specs, summary):
-            params = {"method": s.method, "options": s.options, "alpha": s.alpha, "label": s.display,
-                      "zoo": cfg.zoo}
-            info = get_method_info(s.method)
-            defaults = info.defaults(for_eval=True)
-            params.update({name: s.options.get(name, defaults[name]) for name in info.logged_options})
-            metrics = {f"acc_{t}": summ["per_task"].get(t) for t in tasks}
-            metrics.update({"avg_accuracy": summ["average"], "storage_bytes": summ["storage_bytes"],
-                            "wall_seconds": summ["seconds"]})
-            if summ.get("throughput_ratio") is not None:
-                metrics["throughput_ratio"] = summ["throughput_ratio"]
-            tracker.log_method(s.display, params, metrics)
-        tracker.log_summary({"wall_seconds": seconds}, files)
-        result.run_id = tracker.parent_run_id
+    sizes = storage_model(plan.zoo, plan.artifact_uris(), cfg.storage_options)
+    rows = _gather(plan)
+    summary = summarise(plan.specs, rows, sizes)
+    result = EvalResult(cfg.name, plan.work_dir, rows, summary, time.perf_counter() - t0)
+    files = report_files(cfg.name, plan.work_dir, rows, summary, plan.tasks, sizes.bytes_for("individual"),
+                         cfg.model_dump_json(indent=2))
+    write_report(plan.fs, plan.root, files)
+    result.files = {name: f"{plan.work_root}/{name}" for name in files}
+    result.run_id = _track(plan, tracker, result, files)
     return result
 
 
-def _summarise(specs: Sequence[MethodSpec], rows: Sequence[dict[str, Any]], tasks: Sequence[str], sm: Any,
-               adapter_spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for s in specs:
-        mine = [r for r in rows if r["label"] == s.display]
-        per_task = {r["task"]: r["accuracy"] for r in mine}
-        query_bytes = max((int(r.get("query_bytes") or 0) for r in mine), default=0)
-        ratios = [r["throughput_ratio"] for r in mine if r.get("throughput_ratio") is not None]
-        out.append({
-            "label": s.display, "method": s.method, "alpha": s.alpha, "options": s.options,
-            "per_task": per_task,
-            "average": sum(per_task.values()) / len(per_task) if per_task else float("nan"),
-            "storage_bytes": sm.bytes_for(s.method, s.alpha, s.options, query_bytes),
-            "seconds": max((r["seconds"] for r in mine), default=0.0),
-            "throughput_ratio": (sum(ratios) / len(ratios)) if ratios else None,
-        })
-    return out
+# ------------------------------------------------------------------ stage 2: merges
 
 
-def results_markdown(summary: Sequence[Mapping[str, Any]], tasks: Sequence[str], individual_bytes: int) -> str:
-    head = "| method | " + " | ".join(tasks) + " | avg | storage (MB) | storage vs individual |"
-    sep = "|" + "---|" * (len(tasks) + 4)
-    lines = [head, sep]
-    for s in summary:
-        accs = " | ".join(f"{100 * s['per_task'][t]:.1f}" if t in s["per_task"] else "–" for t in tasks)
-        sb = s["storage_bytes"]
-        store = f"{sb / 1e6:.2f}" if sb >= 0 else "–"
-        rel = f"{100 * sb / individual_bytes:.1f} %" if sb >= 0 and individual_bytes else "–"
-        lines.append(f"| {s['label']} | {accs} | **{100 * s['average']:.1f}** | {store} | {rel} |")
-    return "\n".join(lines) + "\n"
+def _merge_stage(plan: EvalPlan, show_progress: bool, say: Callable[[str], None]) -> dict[str, str]:
+    """Merge every method the registry marks ``merged_by_eval``, once (a committed merge is reused);
+    the merge output folder of each, by method key."""
+    from tswitch_ray.distributed.merge import MERGE_MARKER, MergeConfig, run_merge
+
+    cfg = plan.cfg
+    merge_dirs: dict[str, str] = {}
+    for s in plan.specs:
+        if not get_method_info(s.method).merged_by_eval:
+            continue
+        out = f"{plan.work_root}/merges/{s.key()}"
+        merge_dirs[s.key()] = out
+        if plan.fs.exists(f"{out}/{MERGE_MARKER}"):  # committed by an earlier run
+            continue
+        say(f"merging {s.display}")
+        run_merge(MergeConfig(zoo=cfg.zoo, method=s.method, out=out, options=s.options,
+                              storage_options=cfg.storage_options, executor=cfg.executor,
+                              ray_address=cfg.ray_address, num_workers=cfg.num_workers, num_gpus=cfg.num_gpus,
+                              show_progress=show_progress), zoo=plan.zoo)
+    return merge_dirs
 
 
-# Label offsets (points) tried in order until a label overlaps no earlier label.
-_LABEL_OFFSETS = ((5, 3, "left"), (5, -10, "left"), (-5, 3, "right"), (-5, -10, "right"), (5, 12, "left"), (5, -19, "left"))
+# ------------------------------------------------------------------ stage 3: scoring
 
 
-def plot_accuracy_vs_storage(summary: Sequence[Mapping[str, Any]], title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    points = [(s["storage_bytes"] / 1e6, 100 * s["average"], s["label"]) for s in summary if s["storage_bytes"] >= 0]
-    for x, y, _ in points:
-        ax.scatter(x, y, s=40)
-    ax.set_xscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="x", which="minor", labelsize=7)
-    fig.tight_layout()
-    renderer = fig.canvas.get_renderer()
-    placed = []
-    for x, y, label in sorted(points, key=lambda p: (-p[1], p[0])):
-        for dx, dy, ha in _LABEL_OFFSETS:
-            text = ax.annotate(label, (x, y), fontsize=7, xytext=(dx, dy), textcoords="offset points", ha=ha)
-            box = text.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
-                break
-            text.remove()
-        else:  # every offset collides: keep the first rather than drop the label
-            text = ax.annotate(label, (x, y), fontsize=7, xytext=_LABEL_OFFSETS[0][:2], textcoords="offset points")
-            box = text.get_window_extent(renderer)
-        placed.append(box)
-    ax.set_xlabel("storage for all tasks (MB, log scale)")
-    ax.set_ylabel("average accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+def _context(plan: EvalPlan) -> EvalContext:
+    """The frozen context every scoring task of this evaluation shares."""
+    cfg, data, tasks = plan.cfg, plan.data, plan.tasks
+    return EvalContext(
+        zoo=cfg.zoo, zoo_fingerprint=plan.zoo_fingerprint,
+        storage_options_json=json.dumps(cfg.storage_options, sort_keys=True),
+        adapter_spec=json.dumps(plan.adapter_spec), adapter_base=plan.adapter_base,
+        data=tuple((t, data[t].eval, data[t].unlabeled or data[t].eval) for t in tasks),
+        tasks=tuple(tasks), artifacts=cfg.artifacts, batch_size=cfg.batch_size, limit=cfg.limit,
+        torch_threads=1 if cfg.executor == "ray" else (os.cpu_count() or 1),
+    )
 
 
-def _report_files(cfg: EvalConfig, result: EvalResult, tasks: Sequence[str], sm: Any) -> dict[str, bytes]:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    storage = {s["label"]: s["storage_bytes"] for s in result.summary}
-    table = pa.Table.from_pylist([
-        {"uri": result.work_dir, "artifact_uri": r["artifact_uri"],
-         "method": r["method"], "label": r["label"], "task": r["task"], "alpha": r["alpha"],
-         "accuracy": float(r["accuracy"]), "n": int(r["n"]), "storage_bytes": int(storage[r["label"]]),
-         "options": r["options"], "seconds": float(r["seconds"]), "eval_name": cfg.name}
-        for r in result.rows
-    ])
-    pbuf, cbuf = io.BytesIO(), io.BytesIO()
-    pq.write_table(table, pbuf, compression="zstd")
-    pacsv.write_csv(table.drop_columns(["uri"]), cbuf)
-    md = f"# {cfg.name}\n\n" + results_markdown(result.summary, tasks, sm.bytes_for("individual")) + \
-        f"\nAccuracy in %; {len(tasks)} tasks; storage counts every byte needed to serve all tasks.\n"
-    return {
-        "results.parquet": pbuf.getvalue(),
-        "results.csv": cbuf.getvalue(),
-        "results.md": md.encode(),
-        "summary.json": json.dumps([{**s, "options": s["options"]} for s in result.summary], indent=2,
-                                   default=str).encode(),
-        "accuracy_vs_storage.png": plot_accuracy_vs_storage(result.summary, cfg.name),
-        "config.json": cfg.model_dump_json(indent=2).encode(),
-    }
+def _is_cached(plan: EvalPlan, spec: MethodSpec, task: str) -> bool:
+    """A cell file exists (cells are written whole); one covering all tasks must cover exactly these tasks,
+    since its scores depend on all of them (routing, router training)."""
+    path = plan.cell_file(spec, task)
+    if not plan.fs.exists(path):
+        return False
+    if task != ALL:
+        return True
+    return {r["task"] for r in json.loads(plan.fs.cat_file(path))} == set(plan.tasks)
 
 
-class _progress:
-    """A rich progress bar over (method, task) cells."""
+def _score_stage(plan: EvalPlan, executor: LocalExecutor, merge_dirs: Mapping[str, str], show_progress: bool,
+                 say: Callable[[str], None]) -> None:
+    """Score every cell not cached yet, one task each on ``executor``; each cell file is written as it lands."""
+    cells = [Cell(s, task, merge_dirs.get(s.key()))
+             for s in plan.specs for task in _cell_tasks(s, plan.tasks) if not _is_cached(plan, s, task)]
+    n_all = sum(len(_cell_tasks(s, plan.tasks)) for s in plan.specs)
+    say(f"scoring {len(cells)} of {n_all} (method, task) cells ({n_all - len(cells)} cached)")
+    ctx = _context(plan)
+    items = [WorkItem(key=i, args=(ctx, c.spec.model_dump_json(), c.task, c.weights_uri), memory_bytes=0)
+             for i, c in enumerate(cells)]
+    with CellProgress(len(items), show_progress) as advance:
+        for i, rows in executor.map(score_cell, items, None):
+            c = cells[i]
+            atomic_write_fs(plan.fs, plan.cell_file(c.spec, c.task), json.dumps(rows).encode())
+            advance(c.spec.display, c.task)
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled and total > 0
 
-    def __enter__(self) -> Callable[[str, str], None]:
-        if not self.enabled:
-            return lambda label, task: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+# ------------------------------------------------------------------ stage 4: gathering
 
-        self._p = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           TimeRemainingColumn(), TextColumn("{task.description}"), transient=False)
-        self._p.__enter__()
-        tid = self._p.add_task("", total=self.total)
 
-        def advance(label: str, task: str) -> None:
-            self._p.update(tid, advance=1, description=f"{label} / {task}")
+def _gather(plan: EvalPlan) -> list[Row]:
+    """Every cell's rows, fresh or cached, in spec then task order, labelled with their method spec."""
+    rows: list[Row] = []
+    for s in plan.specs:
+        for task in _cell_tasks(s, plan.tasks):
+            for r in json.loads(plan.fs.cat_file(plan.cell_file(s, task))):
+                if r["task"] in plan.tasks:
+                    rows.append({"label": s.display, "method": s.method, "alpha": s.alpha,
+                                 "options": json.dumps(s.options, sort_keys=True),
+                                 "artifact_uri": _artifact_uri(plan.cfg, s), **r})
+    return rows
 
-        return advance
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self._p.__exit__(*exc)
+# ------------------------------------------------------------------ stage 5: tracking
 
+
+def _track(plan: EvalPlan, tracker: Tracker, result: EvalResult, files: Mapping[str, bytes]) -> str | None:
+    """Log the evaluation as an MLflow parent run with one nested run per method, the results ``files``
+    attached to the parent; the parent's run id."""
+    cfg, tasks = plan.cfg, plan.tasks
+    with tracker.evaluation(cfg.name, {"zoo": cfg.zoo, "tasks": tasks, "artifacts": cfg.artifacts,
+                                       "n_methods": len(plan.specs), "executor": cfg.executor}):
+        for s, summ in zip(plan.specs, result.summary):
+            tracker.log_method(s.display, _method_params(s, cfg.zoo), _method_metrics(summ, tasks))
+        tracker.log_summary({"wall_seconds": result.seconds}, files)
+        return tracker.parent_run_id
+
+
+def _method_params(spec: MethodSpec, zoo: str) -> dict[str, Any]:
+    """A method's MLflow params: what it is, and the options its registry entry logs (defaults filled in)."""
+    params = {"method": spec.method, "options": spec.options, "alpha": spec.alpha, "label": spec.display, "zoo": zoo}
+    info = get_method_info(spec.method)
+    defaults = info.defaults(for_eval=True)
+    params.update({name: spec.options.get(name, defaults[name]) for name in info.logged_options})
+    return params
+
+
+def _method_metrics(summ: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """A method's MLflow metrics: accuracy per task and on average, storage, wall time, throughput ratio."""
+    metrics = {f"acc_{t}": summ["per_task"].get(t) for t in tasks}
+    metrics.update({"avg_accuracy": summ["average"], "storage_bytes": summ["storage_bytes"],
+                    "wall_seconds": summ["seconds"]})
+    if summ.get("throughput_ratio") is not None:
+        metrics["throughput_ratio"] = summ["throughput_ratio"]
+    return metrics

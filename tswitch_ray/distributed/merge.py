@@ -153,8 +153,10 @@ def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True
     return [writer.digest() for writer in writers]
 
 
-def run_merge(cfg: MergeConfig) -> MergeSummary:
-    """Merge ``cfg.zoo`` with ``cfg.method`` into ``cfg.out``, committed by :data:`MERGE_MARKER` last."""
+def run_merge(cfg: MergeConfig, zoo: Zoo | None = None) -> MergeSummary:
+    """Merge ``cfg.zoo`` with ``cfg.method`` into ``cfg.out``, committed by :data:`MERGE_MARKER` last.
+
+    ``zoo``: that zoo already loaded (an evaluation passes its own, so its fingerprint is computed once)."""
     t0 = time.perf_counter()
     timer = PhaseTimer()
     timer.start("plan")
@@ -162,7 +164,7 @@ def run_merge(cfg: MergeConfig) -> MergeSummary:
         method = get_method(cfg.method, **cfg.options)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"Invalid merge method or option: {exc}") from exc
-    zoo = load_zoo(cfg.zoo, storage_options=cfg.storage_options)
+    zoo = zoo if zoo is not None else load_zoo(cfg.zoo, storage_options=cfg.storage_options)
     zoo.validate()
     infos = zoo.tensor_infos()
     shards = plan_shards(infos, cfg.shard_bytes)

@@ -14,11 +14,17 @@ zoo-task        the task's own fine-tuned checkpoint
 merged-one      the merge output ``<weights_uri>/merged.safetensors``
 merged-per-task the merge output ``<weights_uri>/<task>.safetensors``
 switches        θ0 + λ·M⊙S rebuilt from the switch artifacts and θ0 only
-autoswitch      Auto-Switch, θ0 + Σt wt(x)·λt·Mt⊙St per input (its rows add
+autoswitch      Auto-Switch, θ0 + Σt wt(x)·λt·Mt⊙St per input: routing spans
+                every task, so one cell scores all tasks, reading the switches
+                and extracting the query set once (its rows add
                 throughput_ratio, models_built, query_bytes)
 wemoe           WEMoE / E-WEMoE (the method's name is the variant): routers
                 trained on every task at once, so one cell scores all tasks
 =============== ==============================================================
+
+The switch scorers check that the artifacts were built from the zoo's base
+model against ``ctx.zoo_fingerprint``, computed once per evaluation by the
+runner, instead of fingerprinting the zoo again in every cell.
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ from tswitch_ray.eval.adapters import ModelAdapter
 from tswitch_ray.eval.config import MethodSpec
 from tswitch_ray.eval.datasets import open_eval_dataset
 from tswitch_ray.eval.evaluate import evaluate
-from tswitch_ray.eval.weights import StateDict, read_checkpoint, read_merged, read_switches, reconstruct_switched
+from tswitch_ray.eval.weights import (
+    StateDict,
+    read_checkpoint,
+    read_merged,
+    read_switches,
+    reconstruct_switched,
+)
 from tswitch_ray.methods import MethodInfo, MethodOptions, get_method_info
 from tswitch_ray.zoo import load_zoo
 
@@ -44,6 +56,7 @@ class CellContext(Protocol):
     """What every cell of one evaluation shares (the eval runner's ``EvalContext``)."""
 
     zoo: str
+    zoo_fingerprint: str  # the zoo's base-model fingerprint, computed once per evaluation
     tasks: tuple[str, ...]
     artifacts: str | None
     batch_size: int
@@ -103,22 +116,25 @@ def _zoo_checkpoint(job: CellJob, which: str) -> StateDict:
 
 
 def score_autoswitch(job: CellJob, adapter: ModelAdapter) -> list[Row]:
-    """Auto-Switch on θ0 and every task's switches, scored on the job's task."""
+    """Auto-Switch on θ0 and every task's switches, every task scored in one call: the switches are read
+    and the query set extracted once (each task's accuracy equals that of scoring it alone)."""
     from tswitch_ray.eval.autoswitch_eval import evaluate_autoswitch
 
     t0 = time.perf_counter()
-    ctx, so, task = job.ctx, job.ctx.storage_options, job.task
-    base, switches = read_switches(job.artifacts, ctx.zoo, ctx.tasks, job.spec.alpha, so)
+    ctx, so = job.ctx, job.ctx.storage_options
+    base, switches = read_switches(job.artifacts, ctx.zoo, ctx.tasks, job.spec.alpha, so,
+                                   zoo_fingerprint=ctx.zoo_fingerprint)
     out = evaluate_autoswitch(
         adapter, base, switches, list(ctx.tasks),
-        {task: open_eval_dataset(ctx.eval_uri(task), so)},
+        {t: open_eval_dataset(ctx.eval_uri(t), so) for t in ctx.tasks},
         {t: open_eval_dataset(ctx.unlabeled_uri(t), so) for t in ctx.tasks},
         batch_size=ctx.batch_size, limit=ctx.limit, **job.options.model_dump(),
     )
-    per = out["per_task"][task]
-    return [{"task": task, "accuracy": per["accuracy"], "n": per["n"], "seconds": time.perf_counter() - t0,
-             "throughput_ratio": out.get("throughput_ratio"), "models_built": per.get("models_built"),
-             "query_bytes": out.get("query_bytes", 0)}]
+    seconds = time.perf_counter() - t0
+    return [{"task": t, "accuracy": out["per_task"][t]["accuracy"], "n": out["per_task"][t]["n"],
+             "seconds": seconds, "throughput_ratio": out["throughput_ratio"],
+             "models_built": out["per_task"][t]["models_built"], "query_bytes": out["query_bytes"]}
+            for t in ctx.tasks]
 
 
 def score_wemoe(job: CellJob, adapter: ModelAdapter) -> list[Row]:
@@ -150,7 +166,8 @@ SCORERS: dict[str, Scorer] = {
     "merged-per-task": _one_model(lambda job: read_merged(f"{job.weights_uri}/{job.task}.safetensors",
                                                           job.ctx.storage_options)),
     "switches": _one_model(lambda job: reconstruct_switched(job.artifacts, job.ctx.zoo, job.task, job.spec.alpha,
-                                                            job.ctx.storage_options)),
+                                                            job.ctx.storage_options,
+                                                            zoo_fingerprint=job.ctx.zoo_fingerprint)),
     "autoswitch": score_autoswitch,
     "wemoe": score_wemoe,
 }

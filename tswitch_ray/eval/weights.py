@@ -36,17 +36,25 @@ def read_merged(uri: str, storage_options: Mapping[str, Any] | None = None) -> S
 
 
 def reconstruct_switched(artifacts_uri: str, zoo_uri: str, task: str, alpha: float,
-                         storage_options: Mapping[str, Any] | None = None) -> StateDict:
-    """θ0 + λ·Mt⊙St for every tensor (paper 000 eq. 7), from the artifacts and θ0 only."""
-    reader, zoo = open_switches(artifacts_uri, zoo_uri, dict(storage_options or {}))
+                         storage_options: Mapping[str, Any] | None = None, *,
+                         zoo_fingerprint: str | None = None) -> StateDict:
+    """θ0 + λ·Mt⊙St for every tensor (docs/MATH.md "Reconstruction", paper 000 eq. 7), from the
+    artifacts and θ0 only.
+
+    ``zoo_fingerprint``: the zoo's fingerprint if the caller computed it already (see ``open_switches``).
+    """
+    reader, zoo = open_switches(artifacts_uri, zoo_uri, dict(storage_options or {}), zoo_fingerprint=zoo_fingerprint)
     return dict(iter_reconstructed(reader, zoo, task, alpha))
 
 
 def read_switches(artifacts_uri: str, zoo_uri: str, tasks: Sequence[str], alpha: float,
-                  storage_options: Mapping[str, Any] | None = None
+                  storage_options: Mapping[str, Any] | None = None, *, zoo_fingerprint: str | None = None
                   ) -> tuple[StateDict, list[dict[str, tuple[Tensor, Tensor, float]]]]:
-    """θ0 and every task's switches ``{tensor: (mask, positive, λ)}`` — Auto-Switch's whole input."""
-    reader, zoo = open_switches(artifacts_uri, zoo_uri, dict(storage_options or {}))
+    """θ0 and every task's switches ``{tensor: (mask, positive, λ)}`` — Auto-Switch's whole input.
+
+    ``zoo_fingerprint``: the zoo's fingerprint if the caller computed it already (see ``open_switches``).
+    """
+    reader, zoo = open_switches(artifacts_uri, zoo_uri, dict(storage_options or {}), zoo_fingerprint=zoo_fingerprint)
     base = read_checkpoint(zoo, "base")
     switches = []
     for task in tasks:

@@ -135,4 +135,5 @@ register(MethodInfo(
     summary="Auto-Switch: per input, switches weighted by its k nearest query features.",
     options=AutoSwitchOptions, scorer="autoswitch", storage=autoswitch_storage,
     needs_alpha=True, needs_artifacts=True, logged_options=("k", "examples_per_task"),
+    scores_all_tasks_at_once=True,  # routing spans every task: one cell reads the switches and the query set once
 ))
