@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tswitch_ray.errors import ConfigError, TSwitchError
+from tswitch_ray.errors import ConfigError
 
 app = typer.Typer(
     add_completion=False,

@@ -175,7 +175,8 @@ class RayExecutor(LocalExecutor):
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
-            from tswitch_ray.io.faults import user_error_of  # io/ imports torch; the executor need not
+            # Imported here: io/ imports torch, which the executor module itself need not.
+            from tswitch_ray.io.faults import user_error_of
 
             # A worker's user error or storage fault surfaces as itself, translated by io/faults.py.
             user = user_error_of(exc)
