@@ -207,3 +207,40 @@ def test_a_workers_bug_keeps_its_traceback(ray_session):
     with pytest.raises(Exception) as ei:
         _run_on_ray(ray_session, bug)
     assert not isinstance(ei.value, TSwitchError)
+
+
+# --- tracking -----------------------------------------------------------------
+
+def test_tracking_server_dying_mid_eval_fails_fast_naming_the_results(tmp_path):
+    """A real `mlflow server`, killed after the parent run started: the next log is a ServiceError in seconds
+    (MLflow's own defaults retried for ~260 s) that says where the results are."""
+    import sys
+
+    from conftest import _free_port, _server
+
+    from tswitch_ray.tracking import HTTP_DEADLINE_S, Tracker, TrackingConfig
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--default-artifact-root",
+            str(tmp_path / "artifacts"), "--workers", "1"]
+    results = str(tmp_path / "work" / "results.csv")
+    server = _server("mlflow server", args, tmp_path / "server.log", f"{uri}/health", lambda r: r.ok)
+    server.__enter__()
+    try:
+        tracker = Tracker(TrackingConfig(uri=uri, experiment="faults"), results_uri=results)
+        with pytest.raises(ServiceError) as ei, tracker.evaluation("e", {"zoo": "z"}):
+            server.__exit__(None, None, None)  # the server dies mid-eval
+            server = None
+            t0 = time.monotonic()
+            try:
+                tracker.log_method("ta", {"method": "ta"}, {"avg": 0.5})
+            finally:
+                took = time.monotonic() - t0
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+    message = " ".join(str(ei.value).split())
+    assert took < 30, f"took {took:.1f} s"
+    assert uri in message and results in message and f"{HTTP_DEADLINE_S} s" in message, message
