@@ -70,6 +70,8 @@ def _check_endpoint_once(fs: fsspec.AbstractFileSystem, options: dict[str, Any])
     endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
     if not endpoint or getattr(fs, "_tswitch_endpoint_answered", False):
         return
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return  # behind a proxy a direct connect proves nothing; botocore's own retries bound the wait
     check_endpoint(str(endpoint))
     fs._tswitch_endpoint_answered = True
 
