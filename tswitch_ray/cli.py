@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tswitch_ray.errors import ConfigError, TSwitchError
+from tswitch_ray.errors import ConfigError
 
 app = typer.Typer(
     add_completion=False,
@@ -33,15 +33,18 @@ out = Console()
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user errors into one paragraph on stderr and exit code 2 (no traceback)."""
+    """Turn user errors into one paragraph on stderr and exit code 2 (no traceback).
+
+    User errors are ``TSwitchError``s, also when raised inside a Ray task (which wraps them), and the storage
+    faults that io/faults.py recognises (a full disk, an unreachable endpoint) wherever they escaped from.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tswitch_ray.io.faults import user_error_of
+
         try:
             return fn(*args, **kwargs)
-        except TSwitchError as exc:
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
         except ValidationError as exc:
             msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
                              for e in exc.errors())
@@ -51,6 +54,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             console.print("[yellow]interrupted:[/] nothing was committed; run the same command again to resume "
                           "(finished shards are reused).")
             raise typer.Exit(130) from None
+        except Exception as raised:  # noqa: BLE001 - user_error_of keeps bugs (None) with their traceback
+            exc = user_error_of(raised)
+            if exc is None:
+                raise
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper
 

@@ -29,3 +29,8 @@ class ConfigError(TSwitchError):
 
 class ServiceError(TSwitchError):
     """Ray, the object store or the tracking server cannot be reached."""
+
+
+class StorageError(TSwitchError):
+    """A file system or object store refused or failed a read or write: no space, denied, a symlink loop,
+    an unknown URI scheme (see tswitch_ray/io/faults.py, the one place that makes these)."""

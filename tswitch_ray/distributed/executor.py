@@ -175,9 +175,13 @@ class RayExecutor(LocalExecutor):
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, TSwitchError):
-                raise cause from None
+            # Imported here: io/ imports torch, which the executor module itself need not.
+            from tswitch_ray.io.faults import user_error_of
+
+            # A worker's user error or storage fault surfaces as itself, translated by io/faults.py.
+            user = user_error_of(exc)
+            if isinstance(user, TSwitchError):
+                raise user from None
             raise
 
     def close(self) -> None:

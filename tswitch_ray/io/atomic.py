@@ -19,7 +19,8 @@ from typing import Any
 import fsspec
 
 from tswitch_ray.errors import ZooError
-from tswitch_ray.io.fs import fs_is_local, open_fs
+from tswitch_ray.io.faults import storage_errors, translate
+from tswitch_ray.io.fs import fs_is_local, open_fs, uri_of
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,16 @@ def sha256_hex(data: bytes | bytearray | memoryview) -> str:
 
 
 def atomic_write_fs(fs: fsspec.AbstractFileSystem, path: str, data: bytes | bytearray | memoryview) -> None:
-    """Write ``data`` to ``path`` of ``fs`` so that readers see either nothing or all of it."""
+    """Write ``data`` to ``path`` of ``fs`` so that readers see either nothing or all of it.
+
+    A full disk, a denied or read-only destination is a ``StorageError`` naming the file (io/faults.py).
+    """
     path = fs._strip_protocol(path)
+    with storage_errors("cannot write", uri_of(fs, path), fs.storage_options, missing=True):
+        _write_whole(fs, path, data)
+
+
+def _write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes | bytearray | memoryview) -> None:
     if fs_is_local(fs):
         folder, name = os.path.split(path)
         os.makedirs(folder or ".", exist_ok=True)
@@ -69,7 +78,12 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
         return fs.cat_file(path)
     except FileNotFoundError as e:
         raise ZooError(f"{uri}: file not found ({e}).") from e
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        user = translate(e, uri, "cannot read", storage_options, error=ZooError)
+        if user is not None:
+            raise user from None
+        if isinstance(e, ValueError):
+            raise
         raise ZooError(f"{uri}: cannot be read ({type(e).__name__}: {e}).") from e
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from tswitch_ray.errors import ZooError
+from tswitch_ray.io.faults import check_endpoint, storage_errors, translate
 
 _LOCAL_PROTOCOLS = {"", "file", "local"}
 
@@ -52,10 +52,28 @@ def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
     Local paths are absolute and normalised (``os.path.normpath``), so the
     same location always gives the same path and prefixes can be cut off it.
     """
-    fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
+    options = options_for(uri, storage_options)
+    with storage_errors("storage location", uri, options):
+        fs, path = fsspec.core.url_to_fs(uri, **options)
+    _check_endpoint_once(fs, options)
     if isinstance(fs, LocalFileSystem):
         path = os.path.normpath(path)
     return fs, path.rstrip("/") or "/"
+
+
+def _check_endpoint_once(fs: fsspec.AbstractFileSystem, options: dict[str, Any]) -> None:
+    """Probe a configured object-store endpoint the first time its filesystem is made (see check_endpoint).
+
+    fsspec caches one filesystem per set of options, so the mark on the
+    instance means one probe per endpoint and process, not one per call.
+    """
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+    if not endpoint or getattr(fs, "_tswitch_endpoint_answered", False):
+        return
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return  # behind a proxy a direct connect proves nothing; botocore's own retries bound the wait
+    check_endpoint(str(endpoint))
+    fs._tswitch_endpoint_answered = True
 
 
 def fs_is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -136,16 +154,13 @@ def access_denied(what: str, uri: str, exc: PermissionError) -> ZooError:
     stores answer a denied read with 403, which s3fs turns into a bare
     ``PermissionError('Forbidden')`` that names no object.
     """
-    return ZooError(
-        f"{what} {uri}: access denied ({exc}). Check that the credentials (for s3: -S key=... -S secret=..., "
-        "AWS_* variables or the instance role) may read it, and the bucket policy."
-    )
+    user = translate(exc, uri, what, error=ZooError)
+    assert isinstance(user, ZooError)
+    return user
 
 
-@contextlib.contextmanager
-def access_checked(what: str, uri: str) -> Iterator[None]:
-    """Storage reads of ``uri`` inside the block: one that is refused raises :func:`access_denied`'s error."""
-    try:
-        yield
-    except PermissionError as exc:
-        raise access_denied(what, uri, exc) from None
+def access_checked(what: str, uri: str) -> contextlib.AbstractContextManager[None]:
+    """Storage reads of ``uri`` inside the block, with faults translated by io/faults.py's :func:`storage_errors`:
+    a refused read is a ``ZooError`` (the input cannot be used); a missing file passes through to the caller's
+    own message."""
+    return storage_errors(what, uri, error=ZooError)

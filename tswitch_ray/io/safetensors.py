@@ -48,6 +48,7 @@ from tswitch_ray.io.checkpoints import (
     known_dtypes,
     open_checkpoint,
 )
+from tswitch_ray.io.faults import storage_errors
 from tswitch_ray.io.fs import access_checked, access_denied, fs_is_local, join_uri, open_fs
 
 # safetensors itself refuses headers above 100 MB; anything larger is garbage.
@@ -94,12 +95,13 @@ def parse_header(first: bytes, size: int, uri: str, fetch: Callable[[int, int], 
     if len(raw) < n:
         raw = raw + fetch(len(first), 8 + n)
     try:
-        header = json.loads(bytes(raw).decode("utf-8"))
+        parsed = json.loads(bytes(raw).decode("utf-8"), object_pairs_hook=_Pairs)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ZooError(
             f"checkpoint file {uri} has a safetensors header that is not valid JSON ({e}); "
             "the file is corrupt or not a safetensors file."
         ) from None
+    header = _header_object(uri, parsed)
     if not isinstance(header, dict):
         raise ZooError(f"checkpoint file {uri} has a safetensors header that is not a JSON object.")
     meta = header.pop("__metadata__", None) or {}
@@ -107,8 +109,56 @@ def parse_header(first: bytes, size: int, uri: str, fetch: Callable[[int, int], 
     data_start = 8 + n
     entries = sorted((_parse_entry(uri, name, entry, data_start, size) for name, entry in header.items()),
                      key=lambda e: (e[0], e[1]))
+    _refuse_overlaps(uri, entries)
     return SafetensorsHeader({info.name: info for _, _, info in entries},
                              {info.name: (s, e) for s, e, info in entries}, metadata)
+
+
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs in file order: ``json`` would keep the last of two equal keys."""
+
+
+def _header_object(uri: str, parsed: Any) -> Any:
+    """The parsed header with its objects as dicts; a tensor name (top-level key) or an entry's field given
+    twice is refused, since such a header has no single right reading."""
+
+    def plain(value: Any, where: str) -> Any:
+        if isinstance(value, _Pairs):
+            out: dict[str, Any] = {}
+            for key, item in value:
+                if key in out:
+                    raise ZooError(f"checkpoint file {uri}: {where} gives the field {key!r} twice; the header is corrupt.")
+                out[key] = plain(item, where)
+            return out
+        return [plain(v, where) for v in value] if isinstance(value, list) else value
+
+    if not isinstance(parsed, _Pairs):
+        return parsed
+    header: dict[str, Any] = {}
+    for name, entry in parsed:
+        if name in header:
+            raise ZooError(
+                f"checkpoint file {uri} has a safetensors header with a duplicate tensor name {name!r}; "
+                "the file is corrupt or was written by a broken tool."
+            )
+        header[name] = plain(entry, f"the header entry of tensor {name!r}")
+    return header
+
+
+def _refuse_overlaps(uri: str, entries: Sequence[tuple[int, int, TensorInfo]]) -> None:
+    """``entries`` sorted by span: refuse two tensors whose bytes overlap (each must own its bytes)."""
+    reach, owner = 0, None  # the furthest end so far among non-empty tensors, and whose it is
+    for start, end, info in entries:
+        if end == start:
+            continue  # an empty tensor owns no bytes
+        if owner is not None and start < reach:
+            prev, prev_end = owner, reach
+            raise ZooError(
+                f"checkpoint file {uri}: tensors {prev.name!r} and {info.name!r} have overlapping data offsets "
+                f"(bytes {start}..{min(end, prev_end)} belong to both); the header is corrupt."
+            )
+        if end > reach:
+            reach, owner = end, info
 
 
 def _parse_entry(uri: str, name: str, entry: Any, data_start: int, size: int) -> tuple[int, int, TensorInfo]:
@@ -531,6 +581,20 @@ class SafetensorsStreamWriter:
         self._size = 0
         self._fs, self._path = open_fs(uri, storage_options)
         self._local = fs_is_local(self._fs)
+        with self._faults():
+            self._open()
+        self._closed = False
+        try:
+            self._emit(head)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _faults(self) -> contextlib.AbstractContextManager[None]:
+        """A full disk or a denied destination: a StorageError naming the file (io/faults.py)."""
+        return storage_errors("cannot write", self.uri, self._fs.storage_options, missing=True)
+
+    def _open(self) -> None:
         if self._local:
             parent = os.path.dirname(self._path) or "."
             os.makedirs(parent, exist_ok=True)
@@ -539,11 +603,10 @@ class SafetensorsStreamWriter:
         else:
             self._fs.makedirs(posixpath.dirname(self._path), exist_ok=True)
             self._f = self._fs.open(self._path, "wb")
-        self._emit(head)
-        self._closed = False
 
     def _emit(self, data: bytes) -> None:
-        self._f.write(data)
+        with self._faults():
+            self._f.write(data)
         if self._sha is not None:
             self._sha.update(data)
         self._size += len(data)
@@ -573,14 +636,22 @@ class SafetensorsStreamWriter:
             missing = self._layout[self._next].name
             self.abort()
             raise ZooError(f"cannot finish {self.uri}: tensor {missing!r} and later ones were never written.")
+        try:
+            with self._faults():
+                self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.uri
+
+    def _finish(self) -> None:
         if self._local:  # as atomic_write: the data is on disk before the name points at it
             self._f.flush()
             os.fsync(self._f.fileno())
         self._f.close()
         if self._local:
             os.replace(self._tmp, self._path)
-        self._closed = True
-        return self.uri
 
     def digest(self) -> FileDigest:
         """sha256 and size of the bytes written so far (the whole file once closed)."""
@@ -594,7 +665,8 @@ class SafetensorsStreamWriter:
             return
         self._closed = True
         if self._local:
-            self._f.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._f.close()
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
         elif hasattr(self._f, "discard"):
