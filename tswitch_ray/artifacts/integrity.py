@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tswitch_ray.artifacts.schema import ROW_DIGEST_COLUMNS, ROW_DIGEST_TAG
+from tswitch_ray.io.sink import json_digest
 
 MANIFEST_DIGEST_KEY = "manifest_sha256"
 
@@ -59,6 +60,6 @@ def rows_digest(row_digests: Iterable[str]) -> str:
 
 def manifest_digest(body: Mapping[str, Any]) -> str:
     """``manifest_sha256``: sha256 of the body without that key, as
-    ``json.dumps(body, sort_keys=True, separators=(",", ":"))`` writes it (ASCII, floats as ``repr``)."""
-    rest = {k: v for k, v in body.items() if k != MANIFEST_DIGEST_KEY}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    ``json.dumps(body, sort_keys=True, separators=(",", ":"))`` writes it (ASCII, floats as ``repr``);
+    the same canonical digest as commit markers' (:func:`tswitch_ray.io.sink.json_digest`)."""
+    return json_digest(body, MANIFEST_DIGEST_KEY)
