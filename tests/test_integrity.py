@@ -27,12 +27,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_build_reconstruct import assert_matches, make_state, reference, write_zoo
 from typer.testing import CliRunner
 
 from tswitch_ray.cli import app
 from tswitch_ray.errors import ArtifactError
-
-from test_build_reconstruct import assert_matches, make_state, reference, write_zoo
 
 ALPHAS = (0.5, 0.9)
 # docs/ARTIFACTS.md "Integrity": what row_sha256 covers, in this order.

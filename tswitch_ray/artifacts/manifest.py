@@ -18,7 +18,13 @@ from pydantic import ValidationError
 from tswitch_ray import __version__
 from tswitch_ray.artifacts.encoding import CODEC_NAME
 from tswitch_ray.artifacts.integrity import MANIFEST_DIGEST_KEY, manifest_digest
-from tswitch_ray.artifacts.schema import FORMAT, FORMAT_VERSION, MANIFEST_NAME, PARTS_DIR, Manifest
+from tswitch_ray.artifacts.schema import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    PARTS_DIR,
+    Manifest,
+)
 from tswitch_ray.errors import ArtifactError
 
 ALPHA_TOL = 1e-9
@@ -201,7 +207,7 @@ def load_manifest(raw: bytes, uri: str) -> tuple[dict[str, Any], Manifest]:
     if fmt != FORMAT:
         raise ArtifactError(f"{where}: field 'format' is {fmt!r}; this version of tswitch-ray reads only "
                             f"{FORMAT!r} artifact sets.")
-    if version == 1:
+    if version == 1 and not isinstance(version, bool):
         raise ArtifactError(
             f"{where}: field 'format_version' is 1: the set was written by an older tswitch-ray "
             f"(tool_version {body.get('tool_version')!r}), without the digests that bind its rows to this manifest, "

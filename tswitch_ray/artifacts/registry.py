@@ -30,7 +30,12 @@ import pyarrow.parquet as pq
 
 from tswitch_ray.artifacts.manifest import load_manifest
 from tswitch_ray.artifacts.reader import ArtifactReader, check_parts_present
-from tswitch_ray.artifacts.schema import MANIFEST_NAME, PARTS_DIR, RESULTS_NAME, RESULTS_SCHEMA
+from tswitch_ray.artifacts.schema import (
+    MANIFEST_NAME,
+    PARTS_DIR,
+    RESULTS_NAME,
+    RESULTS_SCHEMA,
+)
 from tswitch_ray.errors import ArtifactError, ConfigError
 from tswitch_ray.io.fs import normalize_uri, open_fs, uri_of
 
@@ -155,7 +160,7 @@ class Registry:
         self.verify_parts = verify_parts
         self.fs, self.root = open_fs(root_uri, self.storage_options)
         self.con = duckdb.connect()
-        # Manifests or result files that could not be read: (path, cause).
+        # Manifests or result files that could not be read, and sets that are invalid: (path, cause).
         self.problems: list[tuple[str, str]] = []
         self.refresh()
 
@@ -190,11 +195,13 @@ class Registry:
             try:
                 raw = self.fs.cat_file(path)
                 m = json.loads(raw)
-                if not isinstance(m, dict):
-                    raise ValueError(f"a JSON {type(m).__name__}, not an object")
             except (OSError, ValueError) as exc:
-                self.problems.append((uri + "/" + MANIFEST_NAME, str(exc)))
-                log.warning("registry: skipping unreadable manifest %s: %s", path, exc)
+                m, cause = None, str(exc)
+            else:
+                cause = f"a JSON {type(m).__name__}, not an object"
+            if not isinstance(m, dict):
+                self.problems.append((uri + "/" + MANIFEST_NAME, cause))
+                log.warning("registry: skipping unreadable manifest %s: %s", path, cause)
                 continue
             problem = self._problem(raw, folder, uri, listing)
             if problem is not None:

@@ -206,8 +206,9 @@ class ArtifactWriter(Sink):
         ``knobs`` (scope "model": ``[{"task", "alpha", "knob"}]``), optional
         ``name``, ``tensors`` (expected tensor names) and ``extra``. The writer
         adds ``parts``, ``switches``, ``totals``, ``run_key``, ``created_at``,
-        ``tool_version``, ``format``. ``shard_ids`` restricts (and requires)
-        the parts to commit; by default every verified staged part is used.
+        ``tool_version``, ``format``, ``format_version`` and, last,
+        ``manifest_sha256``. ``shard_ids`` restricts (and requires) the parts
+        to commit; by default every verified staged part is used.
         Returns the manifest written.
         """
         previous = self._current_manifest()
