@@ -372,3 +372,20 @@ def test_merge_output_is_verified_against_its_marker(pristine, tmp_path):
     (merged / "merge.json").write_text(json.dumps(old))
     with pytest.raises(ArtifactError, match="format_version"):
         verify_marker(str(merged), "merge.json")
+
+
+def test_part_without_the_digest_columns_is_refused(pristine, tmp_path):
+    """A part rewritten without some checked column (its row_sha256 column intact) is refused, not a crash."""
+    out = copy_set(pristine, "tensor", tmp_path / "set")
+    part = part_holding(out, "embed.weight")
+    table = pq.read_table(part).drop_columns(["sum_sq"])
+    pq.write_table(table, part)
+
+    from tswitch_ray.artifacts import ArtifactReader
+
+    m = manifest_of(out)
+    m["parts"] = [{**p, "bytes": part.stat().st_size} if (out / p["path"]) == part else p for p in m["parts"]]
+    write_manifest(out, m, redigest=True)  # sizes made to agree: only the part's content can refuse it
+    with pytest.raises(ArtifactError, match="lacks the columns \\['sum_sq'\\]"):
+        ArtifactReader(str(out)).switch("cars", 0.5, "embed.weight")
+    reconstruct_refused(out, tmp_path, "sum_sq")
