@@ -23,14 +23,6 @@ def match_alpha(alphas: list[float], alpha: float, uri: str) -> float:
     raise ArtifactError(f"{uri}: no switches for α={alpha}; this artifact set has α in {alphas}.")
 
 
-def task_knobs(manifest: dict[str, Any], task: str, alpha: float) -> float | None:
-    """Scope "model": the task-wide knob from the manifest; scope "tensor": None (per-row knobs)."""
-    for entry in manifest.get("knobs") or []:
-        if entry["task"] == task and math.isclose(entry["alpha"], alpha, abs_tol=1e-9):
-            return float(entry["knob"])
-    return None
-
-
 def check_built_from(reader: ArtifactReader, zoo: Zoo, zoo_fingerprint: str | None = None) -> None:
     """``ArtifactError`` unless the artifact set was built from ``zoo``'s base model.
 
@@ -62,19 +54,18 @@ def open_switches(artifacts_uri: str, zoo_uri: str | None = None, storage_option
 def iter_reconstructed(reader: ArtifactReader, zoo: Zoo, task: str, alpha: float) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, θ0 + λ·Mt⊙St) for every tensor of the base, in file order, one tensor at a time (paper 000 eq. 7).
 
-    Tensors without a switch (non-float, or excluded by the zoo's globs) are θ0 as stored.
+    Tensors without a switch (non-float, or excluded by the zoo's globs) are θ0 as stored. The knob
+    λ is the reader's (:meth:`ArtifactReader.switch`): the one place that decides it for either scope.
     """
     manifest = reader.manifest
     if task not in manifest["tasks"]:
         raise ArtifactError(f"{reader.uri}: no task {task!r}; tasks are {manifest['tasks']}.")
     alpha = match_alpha(list(manifest["alphas"]), alpha, reader.uri)
-    model_knob = task_knobs(manifest, task, alpha)
     switched = set(manifest["tensors"])
     for name in zoo.base.infos():
         base = zoo.base.read(name)
         if name in switched:
-            mask, positive, row_knob = reader.switch(task, alpha, name)
-            lam = model_knob if model_knob is not None else row_knob
+            mask, positive, lam = reader.switch(task, alpha, name)
             yield name, reconstruct(base, torch.from_numpy(mask), torch.from_numpy(positive), lam)
         else:
             yield name, base

@@ -2,7 +2,8 @@
 
 * ``encoding.py`` - the switch codec; ``schema.py`` - part schema and manifest model;
 * ``writer.py`` - :class:`ArtifactWriter`, the sink that stages parts and commits the manifest last;
-* ``reader.py`` - :class:`ArtifactReader`; ``manifest.py`` - :class:`PartInfo` and the manifest body;
+* ``reader.py`` - :class:`ArtifactReader`; ``manifest.py`` - :class:`PartInfo`, building and checking the manifest;
+* ``integrity.py`` - the digests binding rows, parts and the manifest to each other;
 * ``registry.py`` - :class:`Registry`, SQL over every committed set and results table under a root.
 
 Storage itself goes through :mod:`tswitch_ray.io`; ``open_fs``, ``normalize_uri``,

@@ -8,6 +8,7 @@ docs/ARTIFACTS.md has every field.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -16,12 +17,20 @@ from pydantic import ValidationError
 
 from tswitch_ray import __version__
 from tswitch_ray.artifacts.encoding import CODEC_NAME
-from tswitch_ray.artifacts.schema import FORMAT, FORMAT_VERSION, Manifest
+from tswitch_ray.artifacts.integrity import MANIFEST_DIGEST_KEY, manifest_digest
+from tswitch_ray.artifacts.schema import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    PARTS_DIR,
+    Manifest,
+)
 from tswitch_ray.errors import ArtifactError
 
 ALPHA_TOL = 1e-9
 # The small metadata columns of every part the manifest is computed from.
-MANIFEST_COLUMNS = ["task", "tensor", "alpha", "scope", "knob_mode", "numel", "kept", "knob", "payload_bytes"]
+MANIFEST_COLUMNS = ["task", "tensor", "alpha", "scope", "knob_mode", "numel", "kept", "knob", "payload_bytes",
+                    "row_sha256"]
 
 
 @dataclass
@@ -38,6 +47,9 @@ class PartInfo:
     tensors: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     alphas: list[float] = field(default_factory=list)
+    # sha256 over the part's row_sha256 values (integrity.rows_digest); "" in
+    # sidecars of format version 1, whose parts are never reused.
+    rows_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +127,8 @@ def build_manifest(uri: str, run_key: str, default_name: str, given: dict[str, A
         totals=totals,
         extra=dict(given.get("extra") or {}),
     )
+    body = json.loads(json.dumps(body))  # the digest is over the body as it reads back
+    body[MANIFEST_DIGEST_KEY] = manifest_digest(body)
     try:
         Manifest.model_validate(body)
     except ValidationError as exc:
@@ -171,3 +185,79 @@ def _knob_table(knobs: Any, alphas: list[float], grid: list[tuple[str, float]], 
     if lacking_k:
         raise bad(f"the knob table lacks {lacking_k[:5]}")
     return knob_table, knob_entries
+
+
+def load_manifest(raw: bytes, uri: str) -> tuple[dict[str, Any], Manifest]:
+    """Parse and check ``manifest.json`` of the set at ``uri``: the one gate every reader of a set goes through.
+
+    Refused (``ArtifactError`` naming the file and the field): not JSON, another
+    ``format``, a ``format_version`` other than :data:`FORMAT_VERSION` (version
+    1 has no digests to check), a body that does not match its
+    ``manifest_sha256``, a body the :class:`Manifest` model rejects, and the
+    inconsistencies of :func:`_check_consistent`.
+    """
+    where = f"{uri}/{MANIFEST_NAME}"
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise ArtifactError(f"{where}: not a valid artifact manifest (not JSON: {exc}).") from exc
+    if not isinstance(body, dict):
+        raise ArtifactError(f"{where}: not a valid artifact manifest (a JSON {type(body).__name__}, not an object).")
+    fmt, version = body.get("format"), body.get("format_version")
+    if fmt != FORMAT:
+        raise ArtifactError(f"{where}: field 'format' is {fmt!r}; this version of tswitch-ray reads only "
+                            f"{FORMAT!r} artifact sets.")
+    if version == 1 and not isinstance(version, bool):
+        raise ArtifactError(
+            f"{where}: field 'format_version' is 1: the set was written by an older tswitch-ray "
+            f"(tool_version {body.get('tool_version')!r}), without the digests that bind its rows to this manifest, "
+            "so it cannot be checked. Rebuild it from the same zoo with the same options to use it.")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise ArtifactError(
+            f"{where}: field 'format_version' is {version!r}, which this version of tswitch-ray does not know "
+            f"(it reads {FORMAT_VERSION}); read the set with the tool that wrote it "
+            f"(tool_version {body.get('tool_version')!r}) or rebuild it.")
+    stated = body.get(MANIFEST_DIGEST_KEY)
+    actual = manifest_digest(body)
+    if stated != actual:
+        cause = (f"field {MANIFEST_DIGEST_KEY!r} is missing" if not isinstance(stated, str)
+                 else f"field {MANIFEST_DIGEST_KEY!r} says {stated[:12]}…, the content hashes to {actual[:12]}…")
+        raise ArtifactError(
+            f"{where}: the manifest does not match its own digest ({cause}): it was edited or corrupted after "
+            "it was committed. Do not use this set: rebuild it, or restore manifest.json from a good copy.")
+    try:
+        m = Manifest.model_validate(body)
+    except ValidationError as exc:
+        raise ArtifactError(f"{where}: not a valid artifact manifest ({exc}).") from exc
+    _check_consistent(m, where)
+    return body, m
+
+
+def _check_consistent(m: Manifest, where: str) -> None:
+    """Refuse a manifest whose knob table contradicts its scope, or whose parts lie outside its run."""
+
+    def bad(cause: str) -> ArtifactError:
+        return ArtifactError(f"{where}: {cause}; the manifest is inconsistent, rebuild the set.")
+
+    if m.scope == "tensor" and m.knobs is not None:
+        raise bad("field 'knobs' is set, but scope is 'tensor', whose knobs are per tensor in the rows "
+                  "(a task-wide table would contradict them)")
+    if m.scope == "model":
+        if not m.knobs:
+            raise bad("scope 'model' needs the per-(task, alpha) knob table 'knobs', which is missing")
+        seen: set[tuple[str, float]] = set()
+        for e in m.knobs:
+            alpha = [a for a in m.alphas if abs(a - e.alpha) <= ALPHA_TOL]
+            if e.task not in m.tasks or not alpha:
+                raise bad(f"field 'knobs' has an entry for task {e.task!r}, alpha {e.alpha}, which the set "
+                          "does not list")
+            if (e.task, alpha[0]) in seen:
+                raise bad(f"field 'knobs' has two entries for task {e.task!r}, alpha {alpha[0]}")
+            seen.add((e.task, alpha[0]))
+        lacking = [(t, a) for t in m.tasks for a in m.alphas if (t, a) not in seen]
+        if lacking:
+            raise bad(f"field 'knobs' lacks {lacking[:5]}")
+    prefix = f"{PARTS_DIR}/{m.run_key}/"
+    for p in m.parts:
+        if not p.path.startswith(prefix) or ".." in p.path.split("/") or "\\" in p.path:
+            raise bad(f"field 'parts' lists {p.path!r}, which is not a part of run {m.run_key!r} ({prefix}...)")

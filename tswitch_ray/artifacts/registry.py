@@ -3,12 +3,17 @@
 ``Registry(root)`` scans ``root/**/manifest.json`` (committed switch sets) and
 ``root/**/results.parquet`` (evaluation tables) and exposes three views:
 
-* ``artifacts`` — one row per committed set,
-* ``switches`` — one row per (set, task, alpha),
+* ``artifacts`` — one row per committed set, with ``valid`` and ``problem``:
+  a set that :class:`~tswitch_ray.artifacts.reader.ArtifactReader` would refuse
+  at open (unknown format or version, a manifest that fails its digest or is
+  inconsistent, a part missing or of another size) is listed with
+  ``valid = false`` and the reader's message;
+* ``switches`` — one row per (valid set, task, alpha),
 * ``results`` — the union of every results table, with ``uri`` = its folder.
 
-Only the manifests and result tables are read, never the switch payloads.
-Columns are documented in docs/ARTIFACTS.md ("Registry").
+Only the manifests, the listing and the result tables are read, never the
+switch payloads, unless ``verify_parts`` (then every part of every set is
+hashed against its manifest). Columns are documented in docs/ARTIFACTS.md ("Registry").
 """
 
 from __future__ import annotations
@@ -23,8 +28,15 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tswitch_ray.artifacts.schema import MANIFEST_NAME, PARTS_DIR, RESULTS_NAME, RESULTS_SCHEMA
-from tswitch_ray.errors import ConfigError
+from tswitch_ray.artifacts.manifest import load_manifest
+from tswitch_ray.artifacts.reader import ArtifactReader, check_parts_present
+from tswitch_ray.artifacts.schema import (
+    MANIFEST_NAME,
+    PARTS_DIR,
+    RESULTS_NAME,
+    RESULTS_SCHEMA,
+)
+from tswitch_ray.errors import ArtifactError, ConfigError
 from tswitch_ray.io.fs import normalize_uri, open_fs, uri_of
 
 log = logging.getLogger(__name__)
@@ -48,6 +60,8 @@ ARTIFACTS_SCHEMA = pa.schema(
         ("ratio", pa.float64()),
         ("bits_per_element", pa.float64()),
         ("created_at", pa.timestamp("us", tz="UTC")),
+        ("valid", pa.bool_()),
+        ("problem", pa.string()),
     ]
 )
 
@@ -67,6 +81,67 @@ SWITCHES_SCHEMA = pa.schema(
 )
 
 
+def _artifact_row(m: dict[str, Any], uri: str, folder: str, problem: str | None) -> dict[str, Any]:
+    """The ``artifacts`` row of manifest ``m``; fields an invalid manifest lacks or mistypes are null."""
+
+    def get(convert: Any, value: Any) -> Any:
+        try:
+            return None if value is None else convert(value)
+        except (TypeError, ValueError):
+            return None
+
+    zoo = m.get("zoo") or {}
+    if isinstance(zoo, str):
+        zoo = {"name": zoo}
+    if not isinstance(zoo, dict):
+        zoo = {}
+    totals = m.get("totals") if isinstance(m.get("totals"), dict) else {}
+    tasks = get(lambda v: [str(t) for t in v], m.get("tasks")) if isinstance(m.get("tasks"), list) else None
+    alphas = get(lambda v: [float(a) for a in v], m.get("alphas")) if isinstance(m.get("alphas"), list) else None
+    tensors = m.get("tensors") if isinstance(m.get("tensors"), list) else []
+    return {
+        "uri": uri,
+        "name": get(str, m.get("name")) or folder.rsplit("/", 1)[-1],
+        "zoo": get(str, zoo.get("name")),
+        "fingerprint": get(str, zoo.get("fingerprint")),
+        "run_key": get(str, m.get("run_key")),
+        "tasks": tasks,
+        "n_tasks": len(tasks) if tasks is not None else None,
+        "alphas": alphas,
+        "scope": get(str, m.get("scope")),
+        "knob_mode": get(str, m.get("knob_mode")),
+        "codec": get(str, m.get("codec")),
+        "n_tensors": len(tensors),
+        "encoded_bytes": get(int, totals.get("encoded_bytes", 0)),
+        "fp32_bytes": get(int, totals.get("fp32_bytes", 0)),
+        "ratio": get(float, totals.get("ratio", 0.0)),
+        "bits_per_element": get(float, totals.get("bits_per_element", 0.0)),
+        "created_at": _timestamp(m.get("created_at")),
+        "valid": problem is None,
+        "problem": problem,
+    }
+
+
+def _switch_rows(m: dict[str, Any], uri: str) -> list[dict[str, Any]]:
+    """The ``switches`` rows of a valid manifest ``m`` (its ``switches`` summaries)."""
+    rows = []
+    for s in m.get("switches") or []:
+        numel = int(s["numel"])
+        rows.append({
+            "uri": uri,
+            "task": s["task"],
+            "alpha": float(s["alpha"]),
+            "tensors": int(s.get("tensors", 0)),
+            "numel": numel,
+            "kept": int(s["kept"]),
+            "kept_fraction": int(s["kept"]) / numel if numel else 0.0,
+            "encoded_bytes": int(s["encoded_bytes"]),
+            "bits_per_element": 8 * int(s["encoded_bytes"]) / numel if numel else 0.0,
+            "knob": s.get("knob"),
+        })
+    return rows
+
+
 def _timestamp(s: Any) -> _dt.datetime | None:
     try:
         t = _dt.datetime.fromisoformat(str(s))
@@ -78,12 +153,14 @@ def _timestamp(s: Any) -> _dt.datetime | None:
 class Registry:
     """duckdb views ``artifacts``, ``switches`` and ``results`` over everything under ``root_uri``."""
 
-    def __init__(self, root_uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, root_uri: str, storage_options: dict[str, Any] | None = None,
+                 verify_parts: bool = False) -> None:
         self.root_uri = root_uri
         self.storage_options = storage_options or {}
+        self.verify_parts = verify_parts
         self.fs, self.root = open_fs(root_uri, self.storage_options)
         self.con = duckdb.connect()
-        # Manifests or result files that could not be read: (path, cause).
+        # Manifests or result files that could not be read, and sets that are invalid: (path, cause).
         self.problems: list[tuple[str, str]] = []
         self.refresh()
 
@@ -92,14 +169,14 @@ class Registry:
         self.problems = []
         self.fs.invalidate_cache(self.root)
         try:
-            files = self.fs.find(self.root)
+            listing = {p.rstrip("/"): d.get("size") for p, d in self.fs.find(self.root, detail=True).items()}
         except FileNotFoundError:
-            files = []
+            listing = {}
         # Parts folders never hold manifests or results; skip them to keep the scan cheap to reason about.
-        files = [f for f in files if f"/{PARTS_DIR}/" not in f[len(self.root):]]
+        files = [f for f in listing if f"/{PARTS_DIR}/" not in f[len(self.root):]]
         manifests = sorted(f for f in files if f.rsplit("/", 1)[-1] == MANIFEST_NAME)
         results = sorted(f for f in files if f.rsplit("/", 1)[-1] == RESULTS_NAME)
-        art_rows, sw_rows = self._scan_manifests(manifests)
+        art_rows, sw_rows = self._scan_manifests(manifests, listing)
         self._register("artifacts", pa.Table.from_pylist(art_rows, schema=ARTIFACTS_SCHEMA))
         self._register("switches", pa.Table.from_pylist(sw_rows, schema=SWITCHES_SCHEMA))
         self._register("results", self._scan_results(results))
@@ -108,54 +185,42 @@ class Registry:
         # register() replaces an earlier registration of the same name.
         self.con.register(name, table)
 
-    def _scan_manifests(self, paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def _scan_manifests(self, paths: list[str], listing: dict[str, Any]
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """One artifacts row per manifest that is a JSON object (valid or not); switches of valid sets only."""
         arts, sws = [], []
         for path in paths:
             folder = path.rsplit("/", 1)[0]
             uri = uri_of(self.fs, folder)
             try:
-                m = json.loads(self.fs.cat_file(path))
-                zoo = m.get("zoo") or {}
-                if isinstance(zoo, str):
-                    zoo = {"name": zoo}
-                totals = m.get("totals") or {}
-                arts.append({
-                    "uri": uri,
-                    "name": m.get("name") or folder.rsplit("/", 1)[-1],
-                    "zoo": zoo.get("name"),
-                    "fingerprint": zoo.get("fingerprint"),
-                    "run_key": m["run_key"],
-                    "tasks": list(m["tasks"]),
-                    "n_tasks": len(m["tasks"]),
-                    "alphas": [float(a) for a in m["alphas"]],
-                    "scope": m.get("scope"),
-                    "knob_mode": m.get("knob_mode"),
-                    "codec": m.get("codec"),
-                    "n_tensors": len(m.get("tensors") or []),
-                    "encoded_bytes": int(totals.get("encoded_bytes", 0)),
-                    "fp32_bytes": int(totals.get("fp32_bytes", 0)),
-                    "ratio": float(totals.get("ratio", 0.0)),
-                    "bits_per_element": float(totals.get("bits_per_element", 0.0)),
-                    "created_at": _timestamp(m.get("created_at")),
-                })
-                for s in m.get("switches") or []:
-                    numel = int(s["numel"])
-                    sws.append({
-                        "uri": uri,
-                        "task": s["task"],
-                        "alpha": float(s["alpha"]),
-                        "tensors": int(s.get("tensors", 0)),
-                        "numel": numel,
-                        "kept": int(s["kept"]),
-                        "kept_fraction": int(s["kept"]) / numel if numel else 0.0,
-                        "encoded_bytes": int(s["encoded_bytes"]),
-                        "bits_per_element": 8 * int(s["encoded_bytes"]) / numel if numel else 0.0,
-                        "knob": s.get("knob"),
-                    })
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                self.problems.append((uri + "/" + MANIFEST_NAME, str(exc)))
-                log.warning("registry: skipping unreadable manifest %s: %s", path, exc)
+                raw = self.fs.cat_file(path)
+                m = json.loads(raw)
+            except (OSError, ValueError) as exc:
+                m, cause = None, str(exc)
+            else:
+                cause = f"a JSON {type(m).__name__}, not an object"
+            if not isinstance(m, dict):
+                self.problems.append((uri + "/" + MANIFEST_NAME, cause))
+                log.warning("registry: skipping unreadable manifest %s: %s", path, cause)
+                continue
+            problem = self._problem(raw, folder, uri, listing)
+            if problem is not None:
+                self.problems.append((uri + "/" + MANIFEST_NAME, problem))
+            arts.append(_artifact_row(m, uri, folder, problem))
+            if problem is None:
+                sws.extend(_switch_rows(m, uri))
         return arts, sws
+
+    def _problem(self, raw: bytes, folder: str, uri: str, listing: dict[str, Any]) -> str | None:
+        """Why the reader would refuse the set (its message), or None when it is valid."""
+        try:
+            _, m = load_manifest(raw, uri)
+            check_parts_present(self.fs, folder, uri, m, listing)
+            if self.verify_parts:
+                ArtifactReader(uri, self.storage_options, verify="full")
+        except ArtifactError as exc:
+            return str(exc)
+        return None
 
     def _scan_results(self, paths: list[str]) -> pa.Table:
         tables = []

@@ -8,7 +8,10 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT = "tswitch-ray/switches"
-FORMAT_VERSION = 1
+# 2: rows carry ``row_sha256`` (their key and content bound to their payload),
+# parts ``rows_sha256`` and the manifest ``manifest_sha256`` (docs/ARTIFACTS.md
+# "Integrity"). Version 1 sets have none of these and are refused: rebuild them.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
 RESULTS_NAME = "results.parquet"
@@ -45,8 +48,20 @@ PART_SCHEMA = pa.schema(
         pa.field("sign_bits", pa.large_binary(), nullable=False),
         pa.field("payload_bytes", pa.int64(), nullable=False),
         pa.field("payload_sha256", pa.string(), nullable=False),
+        # sha256 over ROW_DIGEST_COLUMNS (docs/ARTIFACTS.md "Integrity").
+        pa.field("row_sha256", pa.string(), nullable=False),
     ]
 )
+
+# What a row's ``row_sha256`` covers, in this order: every column but the codec
+# streams (covered through ``payload_sha256``) and the digest itself. Fixed for
+# format version 2; a column added later is not covered unless the version moves.
+ROW_DIGEST_COLUMNS = (
+    "task", "tensor", "alpha", "scope", "knob_mode", "shape", "dtype", "numel",
+    "n_pos", "n_neg", "d_pos", "d_neg", "t_pos", "t_neg", "kept", "sum_abs", "sum_sq", "knob",
+    "codec", "k", "inverted", "payload_bytes", "payload_sha256",
+)
+ROW_DIGEST_TAG = "tswitch-ray/switches/row/v2"
 
 METADATA_COLUMNS = tuple(name for name in PART_SCHEMA.names if name not in PAYLOAD_COLUMNS)
 
@@ -73,6 +88,7 @@ class PartEntry(BaseModel):
     shard_id: int
     path: str  # relative to the artifact set's root
     sha256: str
+    rows_sha256: str  # sha256 over the part's row_sha256 values in row order
     rows: int
     bytes: int
     payload_bytes: int = 0
@@ -129,3 +145,4 @@ class Manifest(BaseModel):
     switches: list[SwitchSummary]
     totals: dict[str, Any]
     extra: dict[str, Any] = Field(default_factory=dict)
+    manifest_sha256: str  # over the canonical body without this key (docs/ARTIFACTS.md "Integrity")

@@ -27,8 +27,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tswitch_ray.artifacts.encoding import EncodedSwitch, payload_sha256
+from tswitch_ray.artifacts.integrity import row_digest, rows_digest
 from tswitch_ray.artifacts.manifest import MANIFEST_COLUMNS, PartInfo, build_manifest
-from tswitch_ray.artifacts.schema import FORMAT, MANIFEST_NAME, PART_SCHEMA, PARTS_DIR, PAYLOAD_COLUMNS
+from tswitch_ray.artifacts.schema import (
+    FORMAT,
+    MANIFEST_NAME,
+    PART_SCHEMA,
+    PARTS_DIR,
+    PAYLOAD_COLUMNS,
+    ROW_DIGEST_COLUMNS,
+)
 from tswitch_ray.errors import ArtifactError
 from tswitch_ray.io.atomic import atomic_write_fs, exists_fs, sha256_hex
 from tswitch_ray.io.fs import open_fs
@@ -88,22 +96,25 @@ _PART_COMPRESSION = {f.name: ("none" if f.name in PAYLOAD_COLUMNS else "zstd") f
 _PART_SMALL_COLUMNS = [f.name for f in PART_SCHEMA if f.name not in PAYLOAD_COLUMNS]
 
 
-def _part_bytes(rows: list[dict[str, Any]], metadata: dict[str, str]) -> memoryview:
-    """Serialise rows to Parquet: zstd, page checksums, bounded row groups.
+def _part_bytes(rows: list[dict[str, Any]], metadata: dict[str, str]) -> tuple[memoryview, list[str]]:
+    """Serialise rows to Parquet: zstd, page checksums, bounded row groups; returns the bytes and the rows' row_sha256.
 
-    Memory: beyond the rows themselves, only one row group (<= 4 MiB of
-    payload plus one row) is converted to Arrow at a time, and the file is
-    returned as a view of the output buffer instead of a copy. Arrow
-    allocates from the system allocator here. Its default mimalloc pool
-    keeps freed pages resident, and the output buffer's repeated doublings
-    made the peak RSS of one write about 4.5x the part's size, against
-    about 2.8x now (measured on a 16 MiB part). A part's payload grows with
-    tasks x α x shard size, so this part of the build's peak memory grows
-    with the zoo (bench/results/build_memory.md).
+    Each ``row_sha256`` is computed from the row as converted to Arrow, i.e.
+    from exactly the values a reader gets back. Memory: beyond the rows
+    themselves, only one row group (<= 4 MiB of payload plus one row) is
+    converted to Arrow at a time, and the file is returned as a view of the
+    output buffer instead of a copy. Arrow allocates from the system
+    allocator here. Its default mimalloc pool keeps freed pages resident,
+    and the output buffer's repeated doublings made the peak RSS of one
+    write about 4.5x the part's size, against about 2.8x now (measured on a
+    16 MiB part). A part's payload grows with tasks x α x shard size, so
+    this part of the build's peak memory grows with the zoo
+    (bench/results/build_memory.md).
     """
     pool = pa.system_memory_pool()
     schema = PART_SCHEMA.with_metadata(metadata)
     sink = pa.BufferOutputStream(memory_pool=pool)
+    digests: list[str] = []
     with pq.ParquetWriter(sink, schema, compression=_PART_COMPRESSION, write_page_checksum=True,
                           use_dictionary=_PART_SMALL_COLUMNS, write_statistics=_PART_SMALL_COLUMNS,
                           memory_pool=pool) as w:
@@ -112,13 +123,17 @@ def _part_bytes(rows: list[dict[str, Any]], metadata: dict[str, str]) -> memoryv
             acc += r["payload_bytes"]
             if acc >= ROW_GROUP_PAYLOAD_BYTES or i == len(rows) - 1:
                 chunk = rows[start : i + 1]
-                group = pa.Table.from_arrays(
-                    [pa.array([row[f.name] for row in chunk], type=f.type, memory_pool=pool) for f in schema],
-                    schema=schema)
+                arrays = {f.name: pa.array([row[f.name] for row in chunk], type=f.type, memory_pool=pool)
+                          for f in schema if f.name != "row_sha256"}
+                keyed = pa.table({c: arrays[c] for c in ROW_DIGEST_COLUMNS}).to_pylist()
+                group_digests = [row_digest(k) for k in keyed]
+                arrays["row_sha256"] = pa.array(group_digests, pa.string(), memory_pool=pool)
+                digests.extend(group_digests)
+                group = pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
                 w.write_table(group, row_group_size=len(chunk))
-                del group, chunk
+                del group, chunk, arrays
                 start, acc = i + 1, 0
-    return memoryview(sink.getvalue())
+    return memoryview(sink.getvalue()), digests
 
 
 class ArtifactWriter(Sink):
@@ -164,7 +179,7 @@ class ArtifactWriter(Sink):
         if len(set(keys)) != len(keys):
             dup = next(k for i, k in enumerate(keys) if i and keys[i - 1] == k)
             raise ValueError(f"part {shard_id}: duplicate row for task/alpha/tensor {dup}")
-        data = _part_bytes(norm, {"format": FORMAT, "run_key": self.run_key, "shard_id": str(shard_id)})
+        data, digests = _part_bytes(norm, {"format": FORMAT, "run_key": self.run_key, "shard_id": str(shard_id)})
         path = self._part_path(shard_id)
         info = PartInfo(
             shard_id=shard_id,
@@ -177,6 +192,7 @@ class ArtifactWriter(Sink):
             tensors=sorted({r["tensor"] for r in norm}),
             tasks=sorted({r["task"] for r in norm}),
             alphas=sorted({r["alpha"] for r in norm}),
+            rows_sha256=rows_digest(digests),
         )
         atomic_write_fs(self.fs, path, data)
         atomic_write_fs(self.fs, path + ".sha256", json.dumps(info.to_dict(), indent=1).encode())
@@ -190,8 +206,9 @@ class ArtifactWriter(Sink):
         ``knobs`` (scope "model": ``[{"task", "alpha", "knob"}]``), optional
         ``name``, ``tensors`` (expected tensor names) and ``extra``. The writer
         adds ``parts``, ``switches``, ``totals``, ``run_key``, ``created_at``,
-        ``tool_version``, ``format``. ``shard_ids`` restricts (and requires)
-        the parts to commit; by default every verified staged part is used.
+        ``tool_version``, ``format``, ``format_version`` and, last,
+        ``manifest_sha256``. ``shard_ids`` restricts (and requires) the parts
+        to commit; by default every verified staged part is used.
         Returns the manifest written.
         """
         previous = self._current_manifest()
@@ -237,8 +254,8 @@ class ArtifactWriter(Sink):
     def _verified(self, shard_id: int) -> tuple[PartInfo, bytes] | None:
         """(sidecar, part bytes) when the part exists and matches its sidecar, else None."""
         info = self._sidecar(shard_id)
-        if info is None or info.run_key != self.run_key:
-            return None
+        if info is None or info.run_key != self.run_key or not info.rows_sha256:
+            return None  # no sidecar, another run's, or one of format version 1 (its part has no row digests)
         try:
             data = self.fs.cat_file(self._part_path(shard_id))
         except FileNotFoundError:
@@ -293,7 +310,11 @@ class ArtifactWriter(Sink):
                     "its sha256 sidecar; rerun the build to rewrite it before committing."
                 )
             info, data = v
-            return info, pq.read_table(io.BytesIO(data), columns=MANIFEST_COLUMNS)
+            meta = pq.read_table(io.BytesIO(data), columns=MANIFEST_COLUMNS)
+            if rows_digest(meta.column("row_sha256").to_pylist()) != info.rows_sha256:
+                raise ArtifactError(f"{self.uri}: part {self._part_path(sid)} of run {self.run_key!r} holds other rows "
+                                    "than its sidecar records; rerun the build to rewrite it before committing.")
+            return info, meta
 
         # Reading and hashing release the GIL: parts verify side by side (the
         # whole artifact set is read back once; serially that was ~2 s of the

@@ -63,6 +63,7 @@ from tswitch_ray.eval.reporting import (
 )
 from tswitch_ray.io.atomic import atomic_write_fs, exists, read_bytes
 from tswitch_ray.io.fs import open_fs
+from tswitch_ray.io.sink import verify_marker
 from tswitch_ray.io.sink import probe_writable
 from tswitch_ray.methods import get_method_info
 from tswitch_ray.tracking import Tracker
@@ -272,7 +273,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
     say = say or (lambda msg: None)
     t0 = time.perf_counter()
     plan = _prepare(cfg)
-    tracker = Tracker(cfg.tracking)  # fails fast on an unreachable server, before any work
+    tracker = Tracker(cfg.tracking, results_uri=plan.work_dir)  # fails fast on an unreachable server, before any work
     _open_work_dir(plan)
     executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus)
     try:
@@ -307,7 +308,7 @@ def _merge_stage(plan: EvalPlan, show_progress: bool, say: Callable[[str], None]
             continue
         out = f"{plan.work_root}/merges/{s.key()}"
         merge_dirs[s.key()] = out
-        if plan.fs.exists(f"{out}/{MERGE_MARKER}"):  # committed by an earlier run
+        if verify_marker(out, MERGE_MARKER, cfg.storage_options) is not None:  # committed earlier; outputs checked
             continue
         say(f"merging {s.display}")
         run_merge(MergeConfig(zoo=cfg.zoo, method=s.method, out=out, options=s.options,

@@ -8,7 +8,8 @@ A :class:`Sink` is driven as::
     sink.failed()         # on any error instead of complete: staging removed, nothing visible
 
 Readers trust only what a manifest or marker lists, so an output is visible
-all at once or not at all. :class:`FolderSink` is the generic one: output
+all at once or not at all; :func:`verify_marker` checks a committed folder's
+marker against its own digest and its outputs against the marker. :class:`FolderSink` is the generic one: output
 files in a folder and a JSON marker written last (merge outputs use it);
 ``tswitch_ray.artifacts.ArtifactWriter`` is the switch-artifact sink.
 """
@@ -31,6 +32,19 @@ from tswitch_ray.io.atomic import FileDigest, atomic_write_fs, exists_fs, remove
 from tswitch_ray.io.fs import fs_is_local, open_fs
 
 STAGING_DIR = ".staging"
+# 2: the marker carries ``marker_sha256``; markers of version 1 have none and are not verifiable.
+MARKER_FORMAT_VERSION = 2
+MARKER_DIGEST_KEY = "marker_sha256"
+
+
+def json_digest(body: Mapping[str, Any], without: str) -> str:
+    """sha256 of a JSON object without its own digest key ``without``, in one canonical spelling:
+    ``json.dumps(body, sort_keys=True, separators=(",", ":"))`` (ASCII, floats as Python's ``repr``).
+
+    The digest of artifact manifests and commit markers (docs/ARTIFACTS.md "Integrity").
+    """
+    rest = {k: v for k, v in body.items() if k != without}
+    return sha256_hex(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
 
 
 class Sink(ABC):
@@ -102,6 +116,72 @@ def verify_digests(fs: fsspec.AbstractFileSystem, files: Sequence[FileDigest], w
         list(pool.map(check, files))
 
 
+def verify_marker(uri: str, marker: str, storage_options: dict[str, Any] | None = None,
+                  fmt: str | None = None) -> dict[str, Any] | None:
+    """The marker of the output committed in folder ``uri``, checked; None when nothing is committed there.
+
+    Checked: the marker is a JSON object of format ``fmt`` (when given) and
+    version :data:`MARKER_FORMAT_VERSION`, matches its ``marker_sha256``, and
+    every output it lists exists inside the folder with its recorded size and
+    sha256. Anything else is an ``ArtifactError`` naming the file: the output
+    was changed after it was committed (or by an older version), and is not used.
+    """
+    base = uri.rstrip("/") or uri
+    fs, root = open_fs(base, storage_options)
+    where = f"{base}/{marker}"
+    path = f"{root}/{marker}"
+    fs.invalidate_cache(root)
+    if not exists_fs(fs, path):
+        return None
+    redo = f"Remove {base} (or commit it again with overwrite) to make it anew."
+    try:
+        body = json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ArtifactError(f"{where}: the commit marker is unreadable ({exc}). {redo}") from exc
+    if not isinstance(body, dict):
+        raise ArtifactError(f"{where}: the commit marker is not a JSON object. {redo}")
+    if fmt is not None and body.get("format") != fmt:
+        raise ArtifactError(f"{where}: field 'format' is {body.get('format')!r}, expected {fmt!r}. {redo}")
+    if body.get("format_version") != MARKER_FORMAT_VERSION:
+        raise ArtifactError(f"{where}: field 'format_version' is {body.get('format_version')!r}; this version "
+                            f"verifies only version {MARKER_FORMAT_VERSION} markers, which carry their own digest. "
+                            f"{redo}")
+    if body.get(MARKER_DIGEST_KEY) != json_digest(body, MARKER_DIGEST_KEY):
+        raise ArtifactError(f"{where}: the commit marker does not match its {MARKER_DIGEST_KEY!r}; it was edited "
+                            f"or corrupted after the commit. {redo}")
+    outputs = body.get("outputs")
+    if not isinstance(outputs, list):
+        raise ArtifactError(f"{where}: field 'outputs' is not a list. {redo}")
+    files = [_listed_output(o, base, where, redo) for o in outputs]
+
+    def check(f: FileDigest) -> None:
+        try:
+            data = fs.cat_file(f"{root}/{f.uri[len(base) + 1:]}")
+        except FileNotFoundError:
+            raise ArtifactError(f"{f.uri}: output listed in {marker} is missing. {redo}") from None
+        if len(data) != f.bytes or sha256_hex(data) != f.sha256:
+            raise ArtifactError(
+                f"{f.uri}: output does not match the checksum {marker} records ({len(data)} bytes, sha256 "
+                f"{sha256_hex(data)[:12]}…; committed {f.bytes} bytes, {f.sha256[:12]}…); it was changed or "
+                f"corrupted after the commit. {redo}")
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
+        list(pool.map(check, files))
+    return body
+
+
+def _listed_output(entry: Any, base: str, where: str, redo: str) -> FileDigest:
+    """One ``outputs`` entry of a marker as a digest, refusing paths that leave the folder."""
+    try:
+        rel, sha, size = entry["path"], entry["sha256"], int(entry["bytes"])
+    except (TypeError, KeyError, ValueError):
+        raise ArtifactError(f"{where}: an entry of 'outputs' lacks path, sha256 or bytes: {entry!r}. {redo}") from None
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or ".." in rel.split("/") \
+            or "://" in rel:
+        raise ArtifactError(f"{where}: output path {rel!r} is not a file inside the folder. {redo}")
+    return FileDigest(f"{base}/{rel}", str(sha), size)
+
+
 def _canonical(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists, keys strings)."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
@@ -116,7 +196,8 @@ class FolderSink(Sink):
     unless ``overwrite``, one with the same identity is replaced. The marker
     holds ``format``, ``format_version``, the identity, ``details``,
     ``outputs`` (path relative to the folder, sha256, bytes of each file),
-    ``created_at`` and ``tool_version``.
+    ``created_at``, ``tool_version`` and ``marker_sha256`` (its own digest,
+    :func:`json_digest`); :func:`verify_marker` checks all of it.
     """
 
     def __init__(self, uri: str, *, marker: str, fmt: str, identity: Mapping[str, Any], staging_key: str,
@@ -174,13 +255,14 @@ class FolderSink(Sink):
         outputs = publish()
         body = {
             "format": self.fmt,
-            "format_version": 1,
+            "format_version": MARKER_FORMAT_VERSION,
             **self.identity,
             **_canonical(dict(details or {})),
             "outputs": [{"path": self._relative(o.uri), "sha256": o.sha256, "bytes": o.bytes} for o in outputs],
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "tool_version": __version__,
         }
+        body[MARKER_DIGEST_KEY] = json_digest(body, MARKER_DIGEST_KEY)
         atomic_write_fs(self.fs, self._marker_path, json.dumps(body, indent=1).encode())
         remove_tree_fs(self.fs, self._staging)
         self._clean_staging_root()
