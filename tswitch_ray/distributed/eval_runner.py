@@ -40,6 +40,7 @@ from tswitch_ray.eval.config import EvalConfig, MethodSpec, TaskData
 from tswitch_ray.io.atomic import atomic_write_fs, exists, read_bytes
 from tswitch_ray.io.fs import open_fs
 from tswitch_ray.methods import get_method_info
+from tswitch_ray.options import RunOptions
 from tswitch_ray.tracking import Tracker
 
 ALL = "__all__"
@@ -50,8 +51,8 @@ class EvalContext:
     """What a scoring task needs; small and picklable (URIs, not tensors)."""
 
     zoo: str
-    storage_options_json: str
-    adapter_spec: str  # JSON
+    run: RunOptions
+    adapter_spec: Mapping[str, Any] = field(hash=False)
     adapter_base: str
     data: tuple[tuple[str, str, str], ...]  # (task, eval uri, unlabeled uri)
     tasks: tuple[str, ...]
@@ -62,7 +63,7 @@ class EvalContext:
 
     @property
     def storage_options(self) -> dict[str, Any]:
-        return json.loads(self.storage_options_json)
+        return self.run.storage_options
 
     def eval_uri(self, task: str) -> str:
         return next(e for t, e, _ in self.data if t == task)
@@ -94,7 +95,7 @@ class EvalResult:
 # ------------------------------------------------------------------ scoring (runs inside Ray tasks)
 
 
-def score_cell(ctx: EvalContext, spec_json: str, task: str, weights_uri: str | None) -> list[dict[str, Any]]:
+def score_cell(ctx: EvalContext, spec: MethodSpec, task: str, weights_uri: str | None) -> list[dict[str, Any]]:
     """Score one cell with the scorer its method's registry entry names; one row per task it covered."""
     import torch
 
@@ -102,8 +103,7 @@ def score_cell(ctx: EvalContext, spec_json: str, task: str, weights_uri: str | N
     from tswitch_ray.eval.scoring import CellJob, score
 
     torch.set_num_threads(max(1, ctx.torch_threads))
-    spec = MethodSpec.model_validate_json(spec_json)
-    adapter = adapter_from_spec(json.loads(ctx.adapter_spec), ctx.adapter_base, ctx.storage_options)
+    adapter = adapter_from_spec(dict(ctx.adapter_spec), ctx.adapter_base, ctx.storage_options)
     return score(CellJob(ctx, spec, task, weights_uri), adapter)
 
 
@@ -126,12 +126,12 @@ def _open_data(cfg: EvalConfig) -> tuple[dict[str, Any], str, dict[str, TaskData
     zoo_dir = cfg.zoo.rsplit("/", 1)[0] if "/" in cfg.zoo else "."
     if adapter is None or data is None:
         demo_uri = f"{zoo_dir}/demo.json"
-        if not exists(demo_uri, cfg.storage_options):
+        if not exists(demo_uri, cfg.run.storage_options):
             raise ConfigError(
                 f"the eval config gives no `adapter`/`data` and {demo_uri} does not exist to take them from; "
                 "add `adapter:` (an adapter spec) and `data:` (each task's eval split) to the config."
             )
-        info = json.loads(read_bytes(demo_uri, cfg.storage_options))
+        info = json.loads(read_bytes(demo_uri, cfg.run.storage_options))
         adapter = adapter if adapter is not None else info["adapter"]
         if data is None:
             data = {t: TaskData(eval=f"{zoo_dir}/{v['eval']}", unlabeled=f"{zoo_dir}/{v.get('train', v['eval'])}")
@@ -163,7 +163,7 @@ def _check(cfg: EvalConfig, specs: Sequence[MethodSpec], tasks: Sequence[str], z
         if not uri:
             raise ConfigError(f"method {s.display!r} needs switch artifacts: set `artifacts:` in the eval config "
                               "(the --out of `tswitch build`).")
-        reader, _ = open_switches(uri, cfg.zoo, cfg.storage_options)  # fingerprint check against this zoo
+        reader, _ = open_switches(uri, cfg.zoo, cfg.run.storage_options)  # fingerprint check against this zoo
         match_alpha(reader.alphas, s.alpha, uri)
         absent = [t for t in tasks if t not in reader.tasks]
         if absent:
@@ -190,17 +190,17 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
     specs = cfg.expanded_methods()
     if not specs:
         raise ConfigError(f"eval config {cfg.name!r} lists no methods.")
-    zoo = load_zoo(cfg.zoo, storage_options=cfg.storage_options)
+    zoo = load_zoo(cfg.zoo, storage_options=cfg.run.storage_options)
     tasks = list(cfg.tasks or zoo.task_names)
     adapter_spec, adapter_base, data = _open_data(cfg)
     _check(cfg, specs, tasks, zoo.task_names, data)
     tracker = Tracker(cfg.tracking)  # fails fast on an unreachable server, before any work
     work_dir = cfg.work_dir or str(Path("runs") / cfg.name)
-    fs, root = open_fs(work_dir, cfg.storage_options)
+    fs, root = open_fs(work_dir, cfg.run.storage_options)
     fs.makedirs(root, exist_ok=True)
     work_root = work_dir.rstrip("/")
 
-    executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus)
+    executor = make_executor(cfg.run)
     try:
         # Stage 2: merges, once per method, streamed and sharded.
         merge_dirs: dict[str, str] = {}
@@ -213,17 +213,14 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
                 continue
             say(f"merging {s.display}")
             run_merge(MergeConfig(zoo=cfg.zoo, method=s.method, out=out, options=s.options,
-                                  storage_options=cfg.storage_options, executor=cfg.executor,
-                                  ray_address=cfg.ray_address, num_workers=cfg.num_workers, num_gpus=cfg.num_gpus,
-                                  show_progress=show_progress))
+                                  run=cfg.run.model_copy(update={"show_progress": show_progress})))
 
         # Stage 3: one task per (method, task) not already cached.
         ctx = EvalContext(
-            zoo=cfg.zoo, storage_options_json=json.dumps(cfg.storage_options, sort_keys=True),
-            adapter_spec=json.dumps(adapter_spec), adapter_base=adapter_base,
+            zoo=cfg.zoo, run=cfg.run, adapter_spec=adapter_spec, adapter_base=adapter_base,
             data=tuple((t, data[t].eval, data[t].unlabeled or data[t].eval) for t in tasks),
             tasks=tuple(tasks), artifacts=cfg.artifacts, batch_size=cfg.batch_size, limit=cfg.limit,
-            torch_threads=1 if cfg.executor == "ray" else (os.cpu_count() or 1),
+            torch_threads=1 if cfg.run.executor == "ray" else (os.cpu_count() or 1),
         )
         cells: list[Cell] = []
         for s in specs:
@@ -232,7 +229,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
                     cells.append(Cell(s, task, merge_dirs.get(s.key())))
         n_all = sum(len(_cell_tasks(s, tasks)) for s in specs)
         say(f"scoring {len(cells)} of {n_all} (method, task) cells ({n_all - len(cells)} cached)")
-        items = [WorkItem(key=i, args=(ctx, c.spec.model_dump_json(), c.task, c.weights_uri),
+        items = [WorkItem(key=i, args=(ctx, c.spec, c.task, c.weights_uri),
                           memory_bytes=0) for i, c in enumerate(cells)]
         with _progress(len(items), show_progress) as advance:
             for i, rows in executor.map(score_cell, items, None):
@@ -243,7 +240,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
         executor.close()
 
     # Stage 4: gather every cell (fresh or cached) and report.
-    sm = storage_model(zoo, sorted({uri for s in specs if (uri := _artifact_uri(cfg, s))}), cfg.storage_options)
+    sm = storage_model(zoo, sorted({uri for s in specs if (uri := _artifact_uri(cfg, s))}), cfg.run.storage_options)
     rows: list[dict[str, Any]] = []
     for s in specs:
         for task in _cell_tasks(s, tasks):
@@ -261,7 +258,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], N
         atomic_write_fs(fs, f"{root}/{name}", files[name])
     result.files = {name: f"{work_root}/{name}" for name in files}
     with tracker.evaluation(cfg.name, {"zoo": cfg.zoo, "tasks": tasks, "artifacts": cfg.artifacts,
-                                       "n_methods": len(specs), "executor": cfg.executor}):
+                                       "n_methods": len(specs), "executor": cfg.run.executor}):
         for s, summ in zip(specs, summary):
             params = {"method": s.method, "options": s.options, "alpha": s.alpha, "label": s.display,
                       "zoo": cfg.zoo}
