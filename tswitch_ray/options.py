@@ -130,12 +130,14 @@ def lift_run_fields(data: Any) -> Any:
     rest = {k: v for k, v in data.items() if k not in flat}
     run = rest.get("run")
     if isinstance(run, RunOptions):
-        run = dict(run)  # every field with its real value (a dump would redact)
+        given, run = run.model_fields_set, dict(run)  # every field with its real value (a dump would redact)
     elif run is None:
-        run = {}
-    elif not isinstance(run, Mapping):
+        given, run = set(), {}
+    elif isinstance(run, Mapping):
+        given = set(run)
+    else:
         return data  # let validation name the bad `run`
-    both = sorted(set(flat) & set(run))
+    both = sorted(set(flat) & given)
     if both:
         raise ValueError(f"{', '.join(both)} given both at the top level and under `run`; give each once, "
                          "under `run`.")
