@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tswitch_ray.errors import ConfigError
+from tswitch_ray.options import RunOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -87,17 +89,83 @@ def _bytes(n: float) -> str:
     return str(n)
 
 
-StorageOpt = typer.Option(None, "--storage-option", "-S", help="fsspec storage option KEY=VALUE (repeatable), e.g. anon=false.")
-EndpointOpt = typer.Option(None, "--s3-endpoint", envvar="TSWITCH_S3_ENDPOINT", help="S3 endpoint URL for s3:// URIs (e.g. a SeaweedFS or MinIO server).")
-ExecOpt = typer.Option("ray", "--executor", help="'ray' (default: local Ray, or --ray-address) or 'local' (single process, no Ray).")
-AddrOpt = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Attach to an existing Ray cluster (`ray start --head`), e.g. 127.0.0.1:6379 or 'auto'.")
-WorkersOpt = typer.Option(None, "--workers", help="CPUs of the local Ray started when no --ray-address is given (default: all).")
-GpuOpt = typer.Option(0.0, "--num-gpus", help="GPUs per task (fractions allowed); tasks compute on CUDA when > 0.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+# --- run options: one option group for every verb that runs a job ------------------------------------------
+
+RUN_PANEL = "Run options"
+
+# Every default is "not given" (None, False): a flag that is left out sets nothing, so the defaults of
+# RunOptions (or an eval config's own `run:`) apply.
+_EXECUTION_FLAGS: dict[str, tuple[Any, Any]] = {
+    "executor": (Optional[str], typer.Option(
+        None, "--executor", rich_help_panel=RUN_PANEL,
+        help="'ray' (default: a local Ray, or the cluster at --ray-address) or 'local' (one process, no Ray).")),
+    "ray_address": (Optional[str], typer.Option(
+        None, "--ray-address", envvar="RAY_ADDRESS", rich_help_panel=RUN_PANEL,
+        help="Attach to an existing Ray cluster (`ray start --head`), e.g. 127.0.0.1:6379 or 'auto'.")),
+    "workers": (Optional[int], typer.Option(
+        None, "--workers", rich_help_panel=RUN_PANEL,
+        help="CPUs of the local Ray started when no --ray-address is given (default: all).")),
+    "num_gpus": (Optional[float], typer.Option(
+        None, "--num-gpus", rich_help_panel=RUN_PANEL,
+        help="GPUs per task (fractions allowed; default 0); tasks compute on CUDA when > 0.")),
+    "quiet": (bool, typer.Option(False, "--quiet", "-q", rich_help_panel=RUN_PANEL, help="No progress bar.")),
+}
+_STORAGE_FLAGS: dict[str, tuple[Any, Any]] = {
+    "storage_option": (Optional[list[str]], typer.Option(
+        None, "--storage-option", "-S", rich_help_panel=RUN_PANEL,
+        help="fsspec storage option KEY=VALUE (repeatable; VALUE is JSON where it parses), e.g. -S anon=false "
+             "or -S key=... -S secret=...; credentials are never written to any output, log or message.")),
+    "s3_endpoint": (Optional[str], typer.Option(
+        None, "--s3-endpoint", envvar="TSWITCH_S3_ENDPOINT", rich_help_panel=RUN_PANEL,
+        help="S3 endpoint URL for s3:// URIs (e.g. a SeaweedFS or MinIO server).")),
+}
 
 
-@app.command(epilog="Example: `tswitch build --zoo pipelines/zoos/demo.yaml --out out/switches --alpha 0.6 --alpha 0.8`")
+def run_options(executor: Optional[str] = None, ray_address: Optional[str] = None, workers: Optional[int] = None,
+                num_gpus: Optional[float] = None, quiet: bool = False, storage_option: Optional[list[str]] = None,
+                s3_endpoint: Optional[str] = None) -> RunOptions:
+    """The :class:`RunOptions` of the run-option flags. Only the flags given are set (``run.explicit()``), so an
+    eval config's own ``run:`` keeps what no flag overrides."""
+    given = {"executor": executor, "ray_address": ray_address, "num_workers": workers, "num_gpus": num_gpus}
+    fields: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if quiet:
+        fields["show_progress"] = False
+    if storage_option or s3_endpoint:
+        fields["storage_options"] = _storage_options(storage_option, s3_endpoint)
+    return RunOptions(**fields)
+
+
+def with_run_options(execution: bool = True, storage: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the run-option flags (shown under "Run options" in its help) and call it with them as
+    one ``run: RunOptions``. ``execution``: --executor, --ray-address, --workers, --num-gpus, --quiet;
+    ``storage``: --storage-option/-S, --s3-endpoint."""
+    flags = {**(_EXECUTION_FLAGS if execution else {}), **(_STORAGE_FLAGS if storage else {})}
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for name, p in inspect.signature(fn).parameters.items() if name != "run"]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+                 for name, (annotation, option) in flags.items()]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in flags}
+            return fn(*args, run=run_options(**given), **kwargs)
+
+        # typer reads the parameters from the signature and their types from the annotations.
+        command.__signature__ = inspect.signature(fn).replace(parameters=own + added)  # type: ignore[attr-defined]
+        command.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "run"},
+                                   **{name: annotation for name, (annotation, _) in flags.items()}}
+        return command
+
+    return decorate
+
+
+_DEMO_ZOO = ".tswitch/demo/zoo/zoo.yaml"  # what `tswitch zoo demo` (and `tswitch demo`) writes: the examples' zoo
+
+
+@app.command(epilog=f"Example: `tswitch build --zoo {_DEMO_ZOO} --out .tswitch/demo/switches --alpha 0.6 --alpha 0.8`")
 @user_errors
+@with_run_options()
 def build(
     zoo: str = typer.Option(..., "--zoo", "-z", help="Zoo manifest (YAML), local path or fsspec URL."),
     out_uri: str = typer.Option(..., "--out", "-o", help="Artifact URI (folder or s3://bucket/prefix)."),
@@ -106,13 +174,7 @@ def build(
     knob: str = typer.Option("rms", "--knob", help="Switch knob: 'rms' (authors' code) or 'mean' (least squares)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed artifact set built with other options."),
     shard_mb: int = typer.Option(8, "--shard-mb", help="Target shard size in MiB of one checkpoint."),
-    executor: str = ExecOpt,
-    ray_address: Optional[str] = AddrOpt,
-    workers: Optional[int] = WorkersOpt,
-    num_gpus: float = GpuOpt,
-    storage_option: Optional[list[str]] = StorageOpt,
-    s3_endpoint: Optional[str] = EndpointOpt,
-    quiet: bool = QuietOpt,
+    run: RunOptions = ...,
 ) -> None:
     """Build T-Switch artifacts (mask, sign, knob) for every task and α of a zoo.
 
@@ -123,9 +185,7 @@ def build(
     from tswitch_ray.distributed.build import BuildConfig, run_build
 
     cfg = BuildConfig(zoo=zoo, out=out_uri, alphas=alpha, scope=scope, knob=knob, overwrite=overwrite,
-                      shard_bytes=shard_mb * 2**20, executor=executor, ray_address=ray_address, num_workers=workers,
-                      num_gpus=num_gpus, storage_options=_storage_options(storage_option, s3_endpoint),
-                      show_progress=not quiet)
+                      shard_bytes=shard_mb * 2**20, run=run)
     s = run_build(cfg)
     t = Table(title=f"build committed: {s.out}", show_header=False)
     t.add_row("tasks x α", f"{s.tasks} x {s.alphas}")
@@ -139,22 +199,22 @@ def build(
     out.print(t)
 
 
-@app.command(epilog="Example: `tswitch reconstruct --artifacts out/switches --task digits --alpha 0.6 --out digits.safetensors`")
+@app.command(epilog="Example: `tswitch reconstruct --artifacts .tswitch/demo/switches --task digits --alpha 0.6 "
+                     "--out digits.safetensors`")
 @user_errors
+@with_run_options(execution=False)
 def reconstruct(
     artifacts: str = typer.Option(..., "--artifacts", help="Committed artifact URI."),
     task: str = typer.Option(..., "--task", "-t", help="Task name."),
     alpha: float = typer.Option(..., "--alpha", "-a", help="One of the artifact set's α."),
     out_file: str = typer.Option(..., "--out", "-o", help="Output .safetensors (local or URL)."),
     zoo: Optional[str] = typer.Option(None, "--zoo", help="Zoo manifest, if it moved since the build (θ0 is read from it)."),
-    storage_option: Optional[list[str]] = StorageOpt,
-    s3_endpoint: Optional[str] = EndpointOpt,
+    run: RunOptions = ...,
 ) -> None:
     """Write θ0 + λ·M⊙S for one task and α as a full state dict."""
     from tswitch_ray.reconstruct import reconstruct_task
 
-    path = reconstruct_task(artifacts, task, alpha, out_file, zoo_uri=zoo,
-                            storage_options=_storage_options(storage_option, s3_endpoint))
+    path = reconstruct_task(artifacts, task, alpha, out_file, zoo_uri=zoo, storage_options=run.storage_options)
     out.print(f"wrote {path}")
 
 
@@ -179,8 +239,8 @@ class _MergeCommand(typer.core.TyperCommand):
         super().format_help(ctx, formatter)
 
 
-_MERGE_EXAMPLES = ("Examples: `tswitch merge --zoo zoo.yaml --method ties --out merged/ -O k=20 -O scale=0.3`; "
-                   "`tswitch merge --zoo zoo.yaml --method emr --out emr/`")
+_MERGE_EXAMPLES = (f"Examples: `tswitch merge --zoo {_DEMO_ZOO} --method ties --out merged/ -O k=20 -O scale=0.3`; "
+                   f"`tswitch merge --zoo {_DEMO_ZOO} --method emr --out emr/`")
 
 
 def _method_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -193,6 +253,7 @@ def _method_options(pairs: list[str] | None) -> dict[str, Any]:
 
 @app.command(cls=_MergeCommand, epilog=_MERGE_EXAMPLES)
 @user_errors
+@with_run_options()
 def merge(
     zoo: str = typer.Option(..., "--zoo", "-z", help="Zoo manifest."),
     method: str = typer.Option(..., "--method", "-m", help="A merge method (listed below) or an alias."),
@@ -200,22 +261,13 @@ def merge(
     option: Optional[list[str]] = typer.Option(None, "--option", "-O",
                                                help="Method option KEY=VALUE (repeatable); see the methods below."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed merge of another method, options or zoo."),
-    executor: str = ExecOpt,
-    ray_address: Optional[str] = AddrOpt,
-    workers: Optional[int] = WorkersOpt,
-    num_gpus: float = GpuOpt,
-    storage_option: Optional[list[str]] = StorageOpt,
-    s3_endpoint: Optional[str] = EndpointOpt,
-    quiet: bool = QuietOpt,
+    run: RunOptions = ...,
 ) -> None:
     """Merge a zoo with one method, streamed and sharded over Ray."""
     from tswitch_ray.distributed.merge import MergeConfig, run_merge
 
     opts = _method_options(option)  # run_merge checks the method, its kind and options before any work
-    cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, overwrite=overwrite, executor=executor,
-                      ray_address=ray_address,
-                      num_workers=workers, num_gpus=num_gpus,
-                      storage_options=_storage_options(storage_option, s3_endpoint), show_progress=not quiet)
+    cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, overwrite=overwrite, run=run)
     s = run_merge(cfg)
     for p in s.outputs:
         out.print(f"wrote {p}")
@@ -254,19 +306,20 @@ def zoo_convert(
     out.print(f"wrote {dst}")
 
 
-@registry_app.command("query", epilog="Example: `tswitch registry query \"select uri, n_tasks, ratio from artifacts order by ratio\" --root out/`")
+@registry_app.command("query", epilog="Example: `tswitch registry query \"select uri, n_tasks, ratio from artifacts "
+                                      "order by ratio\" --root .tswitch/demo`")
 @user_errors
+@with_run_options(execution=False)
 def registry_query(
     sql: str = typer.Argument(..., help="SQL over the views artifacts, switches, results."),
     root: str = typer.Option(".tswitch", "--root", help="Root URI under which artifact sets and results live."),
     fmt: str = typer.Option("table", "--format", help="table, csv or json."),
-    storage_option: Optional[list[str]] = StorageOpt,
-    s3_endpoint: Optional[str] = EndpointOpt,
+    run: RunOptions = ...,
 ) -> None:
     """Run SQL over the artifact catalog (duckdb)."""
     from tswitch_ray.artifacts.registry import Registry
 
-    table = Registry(root, storage_options=_storage_options(storage_option, s3_endpoint)).query(sql)
+    table = Registry(root, storage_options=run.storage_options).query(sql)
     if fmt == "json":
         out.print_json(json.dumps(table.to_pylist(), default=str))
     elif fmt == "csv":
@@ -310,101 +363,73 @@ def _print_eval(result: Any) -> None:
               + (f"; MLflow run {result.run_id}" if result.run_id else ""))
 
 
-def _eval_overrides(executor: Optional[str], ray_address: Optional[str], workers: Optional[int],
-                    tracking_uri: Optional[str], no_tracking: bool, work_dir: Optional[str],
-                    limit: Optional[int]) -> dict[str, Any]:
-    ov: dict[str, Any] = {"executor": executor, "ray_address": ray_address, "num_workers": workers,
-                          "work_dir": work_dir, "limit": limit}
-    if tracking_uri or no_tracking:
-        ov["tracking"] = {"uri": tracking_uri, "enabled": not no_tracking}
-    return ov
-
-
 TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, ./mlruns).")
 NoTrackingOpt = typer.Option(False, "--no-tracking", help="Do not log to MLflow.")
-ExecutorOpt = typer.Option(None, "--executor", help="'ray' (default) or 'local'.")
-WorkDirOpt = typer.Option(None, "--work-dir", help="Where merges, cached cells and results go (default runs/<name>).")
-LimitOpt = typer.Option(None, "--limit", help="Score only the first N eval rows per task (smoke runs).")
 
 
-def _run_eval_command(config: str, overrides: dict[str, Any], storage_option: Optional[list[str]],
-                      s3_endpoint: Optional[str], quiet: bool, require_grid: bool) -> None:
-    """What `eval` and `sweep` share: load the config with the CLI's overrides, run it, print the table."""
-    from tswitch_ray.distributed.eval_runner import run_eval
-    from tswitch_ray.eval.config import load_eval_config
+def _evaluation_command(require_grid: bool, config_help: str) -> Callable[..., None]:
+    """`tswitch eval` and `tswitch sweep`: one command, except that a sweep's config must have a `grid:`."""
 
-    so = _storage_options(storage_option, s3_endpoint)
-    if so:
-        overrides["storage_options"] = so
-    cfg = load_eval_config(config, overrides)
-    if require_grid and not cfg.grid:
-        raise ConfigError(f"{config}: a sweep config needs a `grid:` list (e.g. - {{method: [dare], options.p: [0.1, 0.5]}}).")
-    _print_eval(run_eval(cfg, show_progress=not quiet, say=lambda m: console.print(m, highlight=False)))
+    def command(
+        config: str = typer.Argument(..., help=config_help),
+        tracking_uri: Optional[str] = TrackingOpt,
+        no_tracking: bool = NoTrackingOpt,
+        work_dir: Optional[str] = typer.Option(None, "--work-dir", help="Where merges, cached cells and results go "
+                                               "(default runs/NAME, NAME the config's `name`)."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N eval rows per task (smoke runs)."),
+        run: RunOptions = ...,
+    ) -> None:
+        from tswitch_ray.distributed.eval_runner import run_eval
+        from tswitch_ray.eval.config import load_eval_config
 
+        overrides: dict[str, Any] = {"run": run.explicit(), "work_dir": work_dir, "limit": limit}
+        if tracking_uri or no_tracking:
+            overrides["tracking"] = {"uri": tracking_uri, "enabled": not no_tracking}
+        cfg = load_eval_config(config, overrides, storage_options=run.storage_options or None)
+        if require_grid and not cfg.grid:
+            raise ConfigError(f"{config}: a sweep config needs a `grid:` list "
+                              "(e.g. - {method: [dare], options.p: [0.1, 0.5]}).")
+        _print_eval(run_eval(cfg, show_progress=cfg.run.show_progress, say=lambda m: console.print(m, highlight=False)))
 
-@app.command("eval", epilog="Example: `tswitch eval pipelines/evals/main_table.yaml --tracking-uri http://127.0.0.1:5000`")
-@user_errors
-def eval_cmd(
-    config: str = typer.Argument(..., help="Eval config (YAML): zoo, artifacts, methods; see pipelines/evals/."),
-    executor: Optional[str] = ExecutorOpt,
-    ray_address: Optional[str] = AddrOpt,
-    workers: Optional[int] = WorkersOpt,
-    tracking_uri: Optional[str] = TrackingOpt,
-    no_tracking: bool = NoTrackingOpt,
-    work_dir: Optional[str] = WorkDirOpt,
-    limit: Optional[int] = LimitOpt,
-    storage_option: Optional[list[str]] = StorageOpt,
-    s3_endpoint: Optional[str] = EndpointOpt,
-    quiet: bool = QuietOpt,
-) -> None:
-    """Evaluate merging methods on a zoo: Ray tasks per (method, task), one MLflow run, a results table.
-
-    Finished (method, task) cells are cached under the work dir, so rerunning
-    after an interruption recomputes only what is missing.
-    """
-    ov = _eval_overrides(executor, ray_address, workers, tracking_uri, no_tracking, work_dir, limit)
-    _run_eval_command(config, ov, storage_option, s3_endpoint, quiet, require_grid=False)
+    return command
 
 
-@app.command(epilog="Example: `tswitch sweep pipelines/sweeps/discard_ratio.yaml` (rerun the same command to resume)")
-@user_errors
-def sweep(
-    config: str = typer.Argument(..., help="Eval config with a `grid:` (methods × options); see pipelines/sweeps/."),
-    executor: Optional[str] = ExecutorOpt,
-    ray_address: Optional[str] = AddrOpt,
-    workers: Optional[int] = WorkersOpt,
-    tracking_uri: Optional[str] = TrackingOpt,
-    no_tracking: bool = NoTrackingOpt,
-    work_dir: Optional[str] = WorkDirOpt,
-    limit: Optional[int] = LimitOpt,
-    storage_option: Optional[list[str]] = StorageOpt,
-    s3_endpoint: Optional[str] = EndpointOpt,
-    quiet: bool = QuietOpt,
-) -> None:
-    """Run a grid of methods × options; resumable (every finished cell is cached)."""
-    ov = _eval_overrides(executor, ray_address, workers, tracking_uri, no_tracking, work_dir, limit)
-    _run_eval_command(config, ov, storage_option, s3_endpoint, quiet, require_grid=True)
+def _register_evaluation(name: str, require_grid: bool, config_help: str, help: str, epilog: str) -> None:
+    command = with_run_options()(_evaluation_command(require_grid, config_help))
+    app.command(name, help=help, epilog=epilog)(user_errors(command))
+
+
+_register_evaluation(
+    "eval", require_grid=False,
+    config_help="Eval config (YAML): zoo, artifacts, methods, optional `run:`; see pipelines/evals/.",
+    help="Evaluate merging methods on a zoo: Ray tasks per (method, task), one MLflow run, a results table.\n\n"
+         "Finished (method, task) cells are cached under the work dir, so rerunning after an interruption "
+         "recomputes only what is missing. Run options given here override the config's `run:`.",
+    epilog="Example: `tswitch eval pipelines/evals/main_table.yaml --tracking-uri http://127.0.0.1:5000`")
+_register_evaluation(
+    "sweep", require_grid=True,
+    config_help="Eval config with a `grid:` (methods × options); see pipelines/sweeps/.",
+    help="Run a grid of methods × options; resumable (every finished cell is cached).\n\n"
+         "Run options given here override the config's `run:`.",
+    epilog="Example: `tswitch sweep pipelines/sweeps/discard_ratio.yaml` (rerun the same command to resume)")
 
 
 @app.command(epilog="Example: `tswitch demo` (first run builds the demo zoo, ~5 min on 2 cores; later runs reuse it)")
 @user_errors
+@with_run_options(storage=False)
 def demo(
     root: str = typer.Option(".tswitch/demo", "--root", help="Where the demo zoo, switches, results and MLflow store go."),
     alpha: list[float] = typer.Option(list((0.6, 0.8, 0.9)), "--alpha", "-a", help="T-Switch discard ratios to build."),
     wemoe: bool = typer.Option(True, "--wemoe/--no-wemoe", help="Include WEMoE and E-WEMoE (test-time adaptation)."),
-    executor: str = ExecOpt,
-    ray_address: Optional[str] = AddrOpt,
-    workers: Optional[int] = WorkersOpt,
     tracking_uri: Optional[str] = TrackingOpt,
     no_tracking: bool = NoTrackingOpt,
-    quiet: bool = QuietOpt,
+    run: RunOptions = ...,
 ) -> None:
     """The whole pipeline on the embedded demo zoo: zoo → Ray build → Ray eval → MLflow → table + plot."""
     from tswitch_ray.demo import DemoOptions, run_demo
 
-    opts = DemoOptions(root=root, alphas=alpha, wemoe=wemoe, executor=executor, ray_address=ray_address,
-                       num_workers=workers, tracking_uri=tracking_uri, tracking=not no_tracking,
-                       show_progress=not quiet)
+    opts = DemoOptions(root=root, alphas=tuple(alpha), wemoe=wemoe, tracking_uri=tracking_uri,
+                       tracking=not no_tracking, run=run)
     _print_eval(run_demo(opts, say=lambda m: console.print(m, highlight=False)))
 
 

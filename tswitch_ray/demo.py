@@ -12,29 +12,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import ConfigDict
 
 from tswitch_ray.distributed.build import BuildConfig, run_build
 from tswitch_ray.distributed.eval_runner import EvalResult, run_eval
 from tswitch_ray.eval.config import EvalConfig, MethodSpec
 from tswitch_ray.eval.demo_zoo import build_demo_zoo
+from tswitch_ray.options import WithRunOptions
 from tswitch_ray.tracking import TrackingConfig
 
 DEFAULT_ALPHAS = (0.6, 0.8, 0.9)
 
 
-@dataclass
-class DemoOptions:
+class DemoOptions(WithRunOptions):
+    """What `tswitch demo` runs: where, which α, whether WEMoE; how it runs is ``run`` (flat fields accepted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     root: str = ".tswitch/demo"
-    alphas: Sequence[float] = DEFAULT_ALPHAS
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
     wemoe: bool = True
-    executor: str = "ray"
-    ray_address: str | None = None
-    num_workers: int | None = None
     tracking_uri: str | None = None
     tracking: bool = True
-    show_progress: bool = True
     seed: int = 0
 
 
@@ -60,10 +61,10 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> EvalResul
     import ray
 
     owns_ray = False
-    if opts.executor == "ray" and not ray.is_initialized():
+    if opts.run.executor == "ray" and not ray.is_initialized():
         from tswitch_ray.distributed.executor import RayExecutor
 
-        RayExecutor(address=opts.ray_address, num_cpus=opts.num_workers)  # connects (or starts) with clear errors
+        RayExecutor(address=opts.run.ray_address, num_cpus=opts.run.num_workers)  # connects (or starts) with clear errors
         owns_ray = True
     try:
         return _run_demo(opts, say)
@@ -79,19 +80,16 @@ def _run_demo(opts: DemoOptions, say: Callable[[str], None]) -> EvalResult:
     zoo_yaml = build_demo_zoo(zoo_dir, seed=opts.seed, progress=lambda m: say(f"      {m}"))
     switches = root / "switches"
     say(f"[2/4] T-Switch artifacts for α ∈ {list(opts.alphas)} → {switches}")
-    summary = run_build(BuildConfig(zoo=str(zoo_yaml), out=str(switches), alphas=list(opts.alphas),
-                                    executor=opts.executor, ray_address=opts.ray_address,
-                                    num_workers=opts.num_workers, show_progress=opts.show_progress))
+    summary = run_build(BuildConfig(zoo=str(zoo_yaml), out=str(switches), alphas=list(opts.alphas), run=opts.run))
     say(f"      {summary.shards} shards ({summary.shards_reused} reused) in {summary.seconds:.1f} s")
     cfg = EvalConfig(
         name="demo", zoo=str(zoo_yaml), artifacts=str(switches), methods=demo_methods(opts.alphas, opts.wemoe),
-        work_dir=str(root / "eval"), executor=opts.executor, ray_address=opts.ray_address,
-        num_workers=opts.num_workers,
+        work_dir=str(root / "eval"), run=opts.run,
         tracking=TrackingConfig(enabled=opts.tracking, uri=opts.tracking_uri or str(root / "mlruns"),
                                 experiment="tswitch-demo"),
     )
     say("[3/4] evaluating methods on Ray (one task per method × task)")
-    result = run_eval(cfg, show_progress=opts.show_progress, say=lambda m: say(f"      {m}"))
+    result = run_eval(cfg, show_progress=opts.run.show_progress, say=lambda m: say(f"      {m}"))
     say(f"[4/4] results in {result.work_dir} (results.md, results.csv, accuracy_vs_storage.png); "
         f"MLflow store {cfg.tracking.resolved_uri()}")
     return result

@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_serializer
 
 from tswitch_ray.errors import ServiceError
+from tswitch_ray.options import redact_uri
 
 DEFAULT_EXPERIMENT = "tswitch"
 
@@ -35,6 +36,11 @@ class TrackingConfig(BaseModel):
     uri: str | None = None
     experiment: str = DEFAULT_EXPERIMENT
     connect_timeout_s: float = 10.0
+
+    @field_serializer("uri")
+    def _redact_uri(self, value: str | None) -> str | None:
+        # A server URI may carry basic-auth credentials (https://user:password@host); dumps (config.json) never do.
+        return None if value is None else redact_uri(value)
 
     def local_dir(self) -> Path | None:
         """The folder of a local store (a plain path), else None."""
@@ -66,9 +72,9 @@ def check_tracking(cfg: TrackingConfig) -> str:
         resp.raise_for_status()
     except requests.RequestException as exc:
         raise ServiceError(
-            f"The MLflow tracking server at {uri} does not answer ({type(exc).__name__}: {exc}). Nothing was "
-            "evaluated. Start it, fix the tracking URI (config `tracking.uri`, --tracking-uri or "
-            "MLFLOW_TRACKING_URI), or pass --no-tracking to run without logging."
+            f"The MLflow tracking server at {redact_uri(uri)} does not answer ({type(exc).__name__}: "
+            f"{redact_uri(str(exc))}). Nothing was evaluated. Start it, fix the tracking URI (the config's "
+            "`tracking.uri`, or MLFLOW_TRACKING_URI), or turn tracking off (`tracking.enabled: false`)."
         ) from exc
     return uri
 
@@ -122,7 +128,8 @@ class Tracker:
                 with _bounded_http():
                     self._open_experiment(local)
             except Exception as exc:  # noqa: BLE001 - mlflow raises many types; all mean "cannot track here"
-                raise ServiceError(f"Cannot use the MLflow tracking store {self.uri}: {exc}") from exc
+                raise ServiceError(f"Cannot use the MLflow tracking store {redact_uri(self.uri)}: "
+                                   f"{redact_uri(str(exc))}") from exc
 
     def _open_experiment(self, local: Path | None) -> None:
         mlflow, cfg = self._mlflow, self.cfg

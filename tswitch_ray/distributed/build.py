@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from tswitch_ray import __version__
 from tswitch_ray.artifacts import ArtifactWriter
@@ -51,6 +51,7 @@ from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ZooError
 from tswitch_ray.io.checkpoints import CheckpointReader, dtype_to_torch
 from tswitch_ray.io.tables import read_table
+from tswitch_ray.options import RunOptions, WithRunOptions
 from tswitch_ray.switch import (
     KeptStats,
     knob,
@@ -76,8 +77,13 @@ SAMPLE_WHOLE_NUMEL = 1 << 16
 CODEC = "rice-v1"
 
 
-class BuildConfig(BaseModel):
-    """Everything `tswitch build` needs; the CLI and the Python API both fill it."""
+class BuildConfig(WithRunOptions):
+    """Everything `tswitch build` needs; the CLI and the Python API both fill it.
+
+    How it runs (executor, Ray, workers, GPUs, storage options, progress) is
+    ``run``; the flat ``executor=``, ``storage_options=``, ... of earlier
+    versions are still accepted and moved there.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -86,26 +92,20 @@ class BuildConfig(BaseModel):
     alphas: list[float] = Field(default_factory=lambda: [0.6])
     scope: Literal["tensor", "model"] = "tensor"
     knob: Literal["rms", "mean"] = "rms"
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    executor: Literal["ray", "local"] = "ray"
-    ray_address: str | None = None
-    num_workers: int | None = None
-    num_gpus: float = 0.0
     # 8 MiB ≈ half a ViT-B transformer block in fp16 (38 shards for ViT-B/16).
     # A worker holds one shard's encoded rows and Parquet bytes, which grow
     # with tasks x α: on the 30-task ViT-B/16 zoo, 3 α, the whole job peaked
     # at 3.44 GiB PSS with 16 MiB shards and 2.87 GiB with 8 MiB, in the same
     # time (bench/bench_build.py); 64 MiB gave 3 shards and idle workers.
     shard_bytes: int = 8 * 2**20
-    max_in_flight: int | None = None
+    # Replace a committed artifact set built with other options in ``out``.
     overwrite: bool = False
-    show_progress: bool = True
 
     @field_validator("alphas")
     @classmethod
     def _alphas_in_range(cls, v: list[float]) -> list[float]:
         if not v:
-            raise ValueError("at least one --alpha is needed")
+            raise ValueError("at least one discard ratio α is needed")
         bad = [a for a in v if not (0.0 <= a < 1.0)]
         if bad:
             raise ValueError(f"discard ratio α must lie in [0, 1); got {bad}")
@@ -143,24 +143,27 @@ class ShardContext:
     """What a shard task needs to open the zoo and the output, without holding tensors."""
 
     zoo_uri: str
-    storage_options_json: str
     out: str
     run_key: str
     alphas: tuple[float, ...]
     scope: str
     knob_mode: str
-    use_cuda: bool
+    run: RunOptions
 
     @property
     def storage_options(self) -> dict[str, Any]:
-        return json.loads(self.storage_options_json)
+        return self.run.storage_options
+
+    @property
+    def use_cuda(self) -> bool:
+        return self.run.uses_gpu
 
 
 @functools.lru_cache(maxsize=4)
-def _open_zoo(zoo_uri: str, storage_options_json: str, run_key: str) -> Zoo:
+def _open_zoo(zoo_uri: str, run: RunOptions, run_key: str) -> Zoo:
     # One zoo object per worker process and run: headers are parsed once, not per shard. The run key hashes the
     # files' sizes and stamps, so a checkpoint rewritten in place is never read at a stale header's offsets.
-    return load_zoo(zoo_uri, storage_options=json.loads(storage_options_json))
+    return load_zoo(zoo_uri, storage_options=run.storage_options)
 
 
 class _TauBuffer:
@@ -229,7 +232,7 @@ def _read_sample(reader: CheckpointReader, name: str, spans: list[tuple[int, int
 
 def shard_sample(ctx: ShardContext, shard: Shard) -> dict[str, Any]:
     """Phase 0 of scope "model": per task, coarse histograms of a ~1/32 sample of this shard."""
-    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.run_key)
+    zoo = _open_zoo(ctx.zoo_uri, ctx.run, ctx.run_key)
     device = _device(ctx)
     passes = {task: WindowPass(RefineRequest()) for task in zoo.task_names}
     for name in shard.tensors:
@@ -248,7 +251,7 @@ def _sample_base(zoo: Zoo, name: str, spans: list[tuple[int, int]], device: Any)
 
 def shard_histograms(ctx: ShardContext, shard: Shard, windows: dict[str, RefineRequest]) -> dict[str, Any]:
     """Pass 1 of scope "model": per task, coarse histograms and the in-window bit patterns of this shard."""
-    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.run_key)
+    zoo = _open_zoo(ctx.zoo_uri, ctx.run, ctx.run_key)
     device = _device(ctx)
     passes = {task: WindowPass(windows[task]) for task in zoo.task_names}
     buf = _TauBuffer(device)
@@ -261,7 +264,7 @@ def shard_histograms(ctx: ShardContext, shard: Shard, windows: dict[str, RefineR
 
 def shard_fine_histograms(ctx: ShardContext, shard: Shard, requests: dict[str, Any]) -> dict[str, Any]:
     """Pass 2 of scope "model", only for the tasks in ``requests``: fine histograms of the boundary buckets."""
-    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.run_key)
+    zoo = _open_zoo(ctx.zoo_uri, ctx.run, ctx.run_key)
     device = _device(ctx)
     out: dict[str, Any] = {}
     buf = _TauBuffer(device)
@@ -280,7 +283,7 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
     scope-"model" knobs without reading anything back.
     """
     writer = ArtifactWriter(ctx.out, ctx.run_key, storage_options=ctx.storage_options)
-    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.run_key)
+    zoo = _open_zoo(ctx.zoo_uri, ctx.run, ctx.run_key)
     device = _device(ctx)
     _fault_injection_delay()
     totals: dict[tuple[str, float], KeptStats] = {}
@@ -380,58 +383,17 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     t0 = time.perf_counter()
     timer = PhaseTimer()
     timer.start("plan")
-    zoo = load_zoo(cfg.zoo, storage_options=cfg.storage_options)
-    zoo.validate()
-    infos = zoo.tensor_infos()
-    shards = plan_shards(infos, cfg.shard_bytes)
-    if not shards:
-        raise ZooError(f"{cfg.zoo}: no floating-point tensors selected by include/exclude; nothing to build.")
-    run_key = run_key_for(zoo, cfg, shards)
-    writer = ArtifactWriter(cfg.out, run_key, storage_options=cfg.storage_options, overwrite=cfg.overwrite)
+    zoo, shards, run_key = _plan(cfg)
+    writer = ArtifactWriter(cfg.out, run_key, storage_options=cfg.run.storage_options, overwrite=cfg.overwrite)
     writer.start()  # before any work: the output is writable and holds no other run's committed set
     existing = set(writer.existing_parts())
     todo = [s for s in shards if s.shard_id not in existing]
-
-    ctx = ShardContext(
-        zoo_uri=cfg.zoo,
-        storage_options_json=json.dumps(cfg.storage_options, sort_keys=True),
-        out=cfg.out,
-        run_key=run_key,
-        alphas=tuple(cfg.alphas),
-        scope=cfg.scope,
-        knob_mode=cfg.knob,
-        use_cuda=cfg.num_gpus > 0,
-    )
-    n_models = len(zoo.task_names) + 1
+    ctx = ShardContext(zoo_uri=cfg.zoo, out=cfg.out, run_key=run_key, alphas=tuple(cfg.alphas), scope=cfg.scope,
+                       knob_mode=cfg.knob, run=cfg.run)
     timer.start("start-up")
-    executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus, cfg.max_in_flight)
+    executor = make_executor(cfg.run)
     try:
-        thresholds: dict[str, list[Thresholds]] | None = None
-        passes = 2 + SAMPLE_FRACTION if (cfg.scope == "model" and todo) else 1
-        with ShardProgress(total_bytes=int(passes * n_models * sum(s.nbytes for s in todo)),
-                           enabled=cfg.show_progress, timer=timer) as progress:
-            if cfg.scope == "model" and todo:
-                thresholds = _model_thresholds(executor, ctx, shards, zoo.task_names, cfg.alphas, n_models, progress)
-            totals: dict[tuple[str, float], KeptStats] = {}
-            progress.set_phase("encode")
-            # Scope "model" encodes in the reverse order of its histogram
-            # pass: the shards read last are the likeliest to be still in
-            # the page cache when the zoo is larger than what the machine
-            # keeps cached (LRU), so fewer bytes come from disk twice.
-            order = todo[::-1] if thresholds is not None else todo
-            items = [WorkItem(s.shard_id, (ctx, s, thresholds), n_models * s.nbytes, build_memory_bytes(s)) for s in order]
-            per_shard = dict(executor.map(shard_encode, items, progress.advance))
-            reused = [s.shard_id for s in shards if s.shard_id not in per_shard]
-            if cfg.scope == "model" and reused:
-                # Reused parts of an interrupted run count towards the task knobs too.
-                staged = writer.existing_parts()
-                for shard_id in reused:
-                    per_shard[shard_id] = _staged_totals(writer, staged[shard_id])
-            # Float sums in shard order, not in completion order: the knobs
-            # are then the same bits whatever the scheduling.
-            for shard_id in sorted(per_shard):
-                for key, st in per_shard[shard_id].items():
-                    totals[key] = st if key not in totals else totals[key] + st
+        totals = _encode_shards(cfg, executor, ctx, zoo, shards, todo, writer, timer)
         timer.start("commit")
         manifest = _manifest(cfg, zoo, run_key, shards, writer, totals)
         writer.complete(manifest)
@@ -455,6 +417,49 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         peak_rss_by_worker=stats.peak_rss_by_worker,
         phase_seconds=dict(timer.seconds),
     )
+
+
+def _plan(cfg: BuildConfig) -> tuple[Zoo, list[Shard], str]:
+    """The zoo (validated), its shards and the run's resume key."""
+    zoo = load_zoo(cfg.zoo, storage_options=cfg.run.storage_options)
+    zoo.validate()
+    shards = plan_shards(zoo.tensor_infos(), cfg.shard_bytes)
+    if not shards:
+        raise ZooError(f"{cfg.zoo}: no floating-point tensors selected by include/exclude; nothing to build.")
+    return zoo, shards, run_key_for(zoo, cfg, shards)
+
+
+def _encode_shards(cfg: BuildConfig, executor: LocalExecutor, ctx: ShardContext, zoo: Zoo, shards: list[Shard],
+                   todo: list[Shard], writer: ArtifactWriter, timer: PhaseTimer) -> dict[tuple[str, float], KeptStats]:
+    """The threshold passes (scope "model") and the encode pass over ``todo``; the kept statistics per (task, α)."""
+    n_models = len(zoo.task_names) + 1
+    thresholds: dict[str, list[Thresholds]] | None = None
+    passes = 2 + SAMPLE_FRACTION if (cfg.scope == "model" and todo) else 1
+    with ShardProgress(total_bytes=int(passes * n_models * sum(s.nbytes for s in todo)),
+                       enabled=cfg.run.show_progress, timer=timer) as progress:
+        if cfg.scope == "model" and todo:
+            thresholds = _model_thresholds(executor, ctx, shards, zoo.task_names, cfg.alphas, n_models, progress)
+        progress.set_phase("encode")
+        # Scope "model" encodes in the reverse order of its histogram
+        # pass: the shards read last are the likeliest to be still in
+        # the page cache when the zoo is larger than what the machine
+        # keeps cached (LRU), so fewer bytes come from disk twice.
+        order = todo[::-1] if thresholds is not None else todo
+        items = [WorkItem(s.shard_id, (ctx, s, thresholds), n_models * s.nbytes, build_memory_bytes(s)) for s in order]
+        per_shard = dict(executor.map(shard_encode, items, progress.advance))
+    reused = [s.shard_id for s in shards if s.shard_id not in per_shard]
+    if cfg.scope == "model" and reused:
+        # Reused parts of an interrupted run count towards the task knobs too.
+        staged = writer.existing_parts()
+        for shard_id in reused:
+            per_shard[shard_id] = _staged_totals(writer, staged[shard_id])
+    # Float sums in shard order, not in completion order: the knobs
+    # are then the same bits whatever the scheduling.
+    totals: dict[tuple[str, float], KeptStats] = {}
+    for shard_id in sorted(per_shard):
+        for key, st in per_shard[shard_id].items():
+            totals[key] = st if key not in totals else totals[key] + st
+    return totals
 
 
 def _model_thresholds(executor: LocalExecutor, ctx: ShardContext, shards: Sequence[Shard], tasks: Sequence[str],

@@ -63,9 +63,9 @@ from tswitch_ray.eval.reporting import (
 )
 from tswitch_ray.io.atomic import atomic_write_fs, exists, read_bytes
 from tswitch_ray.io.fs import open_fs
-from tswitch_ray.io.sink import verify_marker
-from tswitch_ray.io.sink import probe_writable
+from tswitch_ray.io.sink import probe_writable, verify_marker
 from tswitch_ray.methods import get_method_info
+from tswitch_ray.options import RunOptions
 from tswitch_ray.tracking import Tracker
 from tswitch_ray.zoo import Zoo
 
@@ -78,8 +78,8 @@ class EvalContext:
 
     zoo: str
     zoo_fingerprint: str | None  # computed once on the driver where a method is scored from switches
-    storage_options_json: str
-    adapter_spec: str  # JSON
+    run: RunOptions
+    adapter_spec: Mapping[str, Any] = field(hash=False)
     adapter_base: str
     data: tuple[tuple[str, str, str], ...]  # (task, eval uri, unlabeled uri)
     tasks: tuple[str, ...]
@@ -90,7 +90,7 @@ class EvalContext:
 
     @property
     def storage_options(self) -> dict[str, Any]:
-        return json.loads(self.storage_options_json)
+        return self.run.storage_options
 
     def eval_uri(self, task: str) -> str:
         return next(e for t, e, _ in self.data if t == task)
@@ -122,7 +122,7 @@ class EvalResult:
 # ------------------------------------------------------------------ scoring (runs inside Ray tasks)
 
 
-def score_cell(ctx: EvalContext, spec_json: str, task: str, weights_uri: str | None) -> list[dict[str, Any]]:
+def score_cell(ctx: EvalContext, spec: MethodSpec, task: str, weights_uri: str | None) -> list[dict[str, Any]]:
     """Score one cell with the scorer its method's registry entry names; one row per task it covered."""
     import torch
 
@@ -130,8 +130,7 @@ def score_cell(ctx: EvalContext, spec_json: str, task: str, weights_uri: str | N
     from tswitch_ray.eval.scoring import CellJob, score
 
     torch.set_num_threads(max(1, ctx.torch_threads))
-    spec = MethodSpec.model_validate_json(spec_json)
-    adapter = adapter_from_spec(json.loads(ctx.adapter_spec), ctx.adapter_base, ctx.storage_options)
+    adapter = adapter_from_spec(dict(ctx.adapter_spec), ctx.adapter_base, ctx.storage_options)
     return score(CellJob(ctx, spec, task, weights_uri), adapter)
 
 
@@ -182,13 +181,13 @@ def _prepare(cfg: EvalConfig) -> EvalPlan:
     specs = cfg.expanded_methods()
     if not specs:
         raise ConfigError(f"eval config {cfg.name!r} lists no methods.")
-    zoo = load_zoo(cfg.zoo, storage_options=cfg.storage_options)
+    zoo = load_zoo(cfg.zoo, storage_options=cfg.run.storage_options)
     tasks = list(cfg.tasks or zoo.task_names)
     adapter_spec, adapter_base, data = _open_data(cfg)
     _check(cfg, specs, tasks, zoo.task_names, data)
     fingerprint = _check_artifacts(cfg, specs, tasks, zoo)
     work_dir = cfg.work_dir or str(Path("runs") / cfg.name)
-    fs, root = open_fs(work_dir, cfg.storage_options)
+    fs, root = open_fs(work_dir, cfg.run.storage_options)
     return EvalPlan(cfg, specs, tasks, zoo, fingerprint, adapter_spec, adapter_base, data, work_dir, fs, root)
 
 
@@ -198,12 +197,12 @@ def _open_data(cfg: EvalConfig) -> tuple[dict[str, Any], str, dict[str, TaskData
     zoo_dir = cfg.zoo.rsplit("/", 1)[0] if "/" in cfg.zoo else "."
     if adapter is None or data is None:
         demo_uri = f"{zoo_dir}/demo.json"
-        if not exists(demo_uri, cfg.storage_options):
+        if not exists(demo_uri, cfg.run.storage_options):
             raise ConfigError(
                 f"the eval config gives no `adapter`/`data` and {demo_uri} does not exist to take them from; "
                 "add `adapter:` (an adapter spec) and `data:` (each task's eval split) to the config."
             )
-        info = json.loads(read_bytes(demo_uri, cfg.storage_options))
+        info = json.loads(read_bytes(demo_uri, cfg.run.storage_options))
         adapter = adapter if adapter is not None else info["adapter"]
         if data is None:
             data = {t: TaskData(eval=f"{zoo_dir}/{v['eval']}", unlabeled=f"{zoo_dir}/{v.get('train', v['eval'])}")
@@ -248,7 +247,7 @@ def _check_artifacts(cfg: EvalConfig, specs: Sequence[MethodSpec], tasks: Sequen
                               "(where `tswitch build` wrote them).")
         if uri not in readers:
             fingerprint = fingerprint or zoo.fingerprint()
-            reader = readers[uri] = ArtifactReader(uri, storage_options=cfg.storage_options)
+            reader = readers[uri] = ArtifactReader(uri, storage_options=cfg.run.storage_options)
             check_built_from(reader, zoo, fingerprint)
             absent = [t for t in tasks if t not in reader.tasks]
             if absent:
@@ -266,22 +265,26 @@ def _open_work_dir(plan: EvalPlan) -> None:
 # ------------------------------------------------------------------ driver
 
 
-def run_eval(cfg: EvalConfig, show_progress: bool = True, say: Callable[[str], None] | None = None) -> EvalResult:
-    """Run the evaluation ``cfg`` end to end; see the module docstring for the stages."""
+def run_eval(cfg: EvalConfig, show_progress: bool | None = None, say: Callable[[str], None] | None = None
+             ) -> EvalResult:
+    """Run the evaluation ``cfg`` end to end; see the module docstring for the stages.
+
+    ``show_progress`` defaults to ``cfg.run.show_progress``."""
     from tswitch_ray.eval.weights import storage_model
 
     say = say or (lambda msg: None)
+    show_progress = cfg.run.show_progress if show_progress is None else show_progress
     t0 = time.perf_counter()
     plan = _prepare(cfg)
     tracker = Tracker(cfg.tracking, results_uri=plan.work_dir)  # fails fast on an unreachable server, before any work
     _open_work_dir(plan)
-    executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus)
+    executor = make_executor(cfg.run)
     try:
         merge_dirs = _merge_stage(plan, show_progress, say)
         _score_stage(plan, executor, merge_dirs, show_progress, say)
     finally:
         executor.close()
-    sizes = storage_model(plan.zoo, plan.artifact_uris(), cfg.storage_options)
+    sizes = storage_model(plan.zoo, plan.artifact_uris(), cfg.run.storage_options)
     rows = _gather(plan)
     summary = summarise(plan.specs, rows, sizes)
     result = EvalResult(cfg.name, plan.work_dir, rows, summary, time.perf_counter() - t0)
@@ -308,13 +311,11 @@ def _merge_stage(plan: EvalPlan, show_progress: bool, say: Callable[[str], None]
             continue
         out = f"{plan.work_root}/merges/{s.key()}"
         merge_dirs[s.key()] = out
-        if verify_marker(out, MERGE_MARKER, cfg.storage_options) is not None:  # committed earlier; outputs checked
+        if verify_marker(out, MERGE_MARKER, cfg.run.storage_options) is not None:  # committed earlier; outputs checked
             continue
         say(f"merging {s.display}")
         run_merge(MergeConfig(zoo=cfg.zoo, method=s.method, out=out, options=s.options,
-                              storage_options=cfg.storage_options, executor=cfg.executor,
-                              ray_address=cfg.ray_address, num_workers=cfg.num_workers, num_gpus=cfg.num_gpus,
-                              show_progress=show_progress), zoo=plan.zoo)
+                              run=cfg.run.model_copy(update={"show_progress": show_progress})), zoo=plan.zoo)
     return merge_dirs
 
 
@@ -326,11 +327,10 @@ def _context(plan: EvalPlan) -> EvalContext:
     cfg, data, tasks = plan.cfg, plan.data, plan.tasks
     return EvalContext(
         zoo=cfg.zoo, zoo_fingerprint=plan.zoo_fingerprint,
-        storage_options_json=json.dumps(cfg.storage_options, sort_keys=True),
-        adapter_spec=json.dumps(plan.adapter_spec), adapter_base=plan.adapter_base,
+        run=cfg.run, adapter_spec=plan.adapter_spec, adapter_base=plan.adapter_base,
         data=tuple((t, data[t].eval, data[t].unlabeled or data[t].eval) for t in tasks),
         tasks=tuple(tasks), artifacts=cfg.artifacts, batch_size=cfg.batch_size, limit=cfg.limit,
-        torch_threads=1 if cfg.executor == "ray" else (os.cpu_count() or 1),
+        torch_threads=1 if cfg.run.executor == "ray" else (os.cpu_count() or 1),
     )
 
 
@@ -353,7 +353,7 @@ def _score_stage(plan: EvalPlan, executor: LocalExecutor, merge_dirs: Mapping[st
     n_all = sum(len(_cell_tasks(s, plan.tasks)) for s in plan.specs)
     say(f"scoring {len(cells)} of {n_all} (method, task) cells ({n_all - len(cells)} cached)")
     ctx = _context(plan)
-    items = [WorkItem(key=i, args=(ctx, c.spec.model_dump_json(), c.task, c.weights_uri), memory_bytes=0)
+    items = [WorkItem(key=i, args=(ctx, c.spec, c.task, c.weights_uri), memory_bytes=0)
              for i, c in enumerate(cells)]
     with CellProgress(len(items), show_progress) as advance:
         for i, rows in executor.map(score_cell, items, None):
@@ -386,7 +386,7 @@ def _track(plan: EvalPlan, tracker: Tracker, result: EvalResult, files: Mapping[
     attached to the parent; the parent's run id."""
     cfg, tasks = plan.cfg, plan.tasks
     with tracker.evaluation(cfg.name, {"zoo": cfg.zoo, "tasks": tasks, "artifacts": cfg.artifacts,
-                                       "n_methods": len(plan.specs), "executor": cfg.executor}):
+                                       "n_methods": len(plan.specs), "executor": cfg.run.executor}):
         for s, summ in zip(plan.specs, result.summary):
             tracker.log_method(s.display, _method_params(s, cfg.zoo), _method_metrics(summ, tasks))
         tracker.log_summary({"wall_seconds": result.seconds}, files)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tswitch_ray.errors import ServiceError, TSwitchError
+from tswitch_ray.options import RunOptions, redact_uri
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -129,10 +130,11 @@ class RayExecutor(LocalExecutor):
                 else:
                     ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = redact_uri(address) if address else "a new local instance"
                 raise ServiceError(
-                    f"Cannot connect to the Ray cluster at {address or 'a new local instance'}: {exc}. "
+                    f"Cannot connect to the Ray cluster at {where}: {exc}. "
                     "Check that `ray start --head` is running there and that the address (host:port of the GCS, "
-                    "or 'auto') is right, or leave --ray-address out to start a local Ray."
+                    "or 'auto') is right, or leave the Ray address unset to start a local Ray."
                 ) from exc
             self._owns_ray = True
         self.num_gpus_per_task = num_gpus_per_task
@@ -189,11 +191,10 @@ class RayExecutor(LocalExecutor):
             self._ray.shutdown()
 
 
-def make_executor(kind: str, address: str | None = None, num_workers: int | None = None, num_gpus: float = 0.0,
-                  max_in_flight: int | None = None) -> LocalExecutor:
-    """``kind`` is "ray" (default in the CLI) or "local" (single process, no Ray)."""
-    if kind == "local":
+def make_executor(run: RunOptions) -> LocalExecutor:
+    """The executor ``run`` asks for: "local" (single process, no Ray) or "ray" (``run.ray_address``, else a
+    local Ray of ``run.num_workers`` CPUs; ``run.num_gpus`` per task, at most ``run.max_in_flight`` at once)."""
+    if run.executor == "local":
         return LocalExecutor()
-    if kind == "ray":
-        return RayExecutor(address=address, num_cpus=num_workers, num_gpus_per_task=num_gpus, max_in_flight=max_in_flight)
-    raise ValueError(f"unknown executor {kind!r}")
+    return RayExecutor(address=run.ray_address, num_cpus=run.num_workers, num_gpus_per_task=run.num_gpus,
+                       max_in_flight=run.max_in_flight)

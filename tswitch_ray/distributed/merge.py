@@ -24,11 +24,12 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from tswitch_ray.distributed.executor import WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, merge_memory_bytes, plan_digest, plan_shards
@@ -38,6 +39,7 @@ from tswitch_ray.io.atomic import FileDigest
 from tswitch_ray.io.safetensors import SafetensorsStreamWriter, all_or_none, concat_safetensors, safetensors_bytes
 from tswitch_ray.io.sink import FolderSink
 from tswitch_ray.methods import get_method
+from tswitch_ray.options import RunOptions, WithRunOptions
 from tswitch_ray.switch import task_vector
 from tswitch_ray.zoo import Zoo, check_finite, load_zoo
 
@@ -46,8 +48,8 @@ MERGE_MARKER = "merge.json"
 MERGE_FORMAT = "tswitch-ray/merge"
 
 
-class MergeConfig(BaseModel):
-    """Everything `tswitch merge` needs."""
+class MergeConfig(WithRunOptions):
+    """Everything `tswitch merge` needs; how it runs is ``run`` (flat ``executor=``, ... are moved there)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -55,16 +57,9 @@ class MergeConfig(BaseModel):
     method: str
     out: str
     options: dict[str, Any] = Field(default_factory=dict)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    executor: Literal["ray", "local"] = "ray"
-    ray_address: str | None = None
-    num_workers: int | None = None
-    num_gpus: float = 0.0
     shard_bytes: int = 32 * 2**20
-    max_in_flight: int | None = None
     # Replace a committed merge of another method, options or zoo in ``out``.
     overwrite: bool = False
-    show_progress: bool = True
 
 
 @dataclass
@@ -81,29 +76,38 @@ class MergeSummary:
 
 
 @functools.lru_cache(maxsize=4)
-def _open_zoo(zoo_uri: str, storage_options_json: str, files_identity: str) -> Zoo:
+def _open_zoo(zoo_uri: str, run: RunOptions, files_identity: str) -> Zoo:
     # files_identity is part of the cache key: a checkpoint rewritten in place gets fresh headers.
-    return load_zoo(zoo_uri, storage_options=json.loads(storage_options_json))
+    return load_zoo(zoo_uri, storage_options=run.storage_options)
 
 
 @dataclass(frozen=True)
 class MergeContext:
+    """What a merge shard task needs: where the zoo and the staging are, the method and how the job runs."""
+
     zoo_uri: str
-    storage_options_json: str
     method: str
-    options_json: str
+    options: Mapping[str, Any] = field(hash=False)  # as given; validated by the registry in method_obj()
     staging: str
-    use_cuda: bool
+    run: RunOptions
     files_identity: str = ""
 
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return self.run.storage_options
+
+    @property
+    def use_cuda(self) -> bool:
+        return self.run.uses_gpu
+
     def method_obj(self) -> Any:
-        return get_method(self.method, **json.loads(self.options_json))
+        return get_method(self.method, **self.options)
 
 
 def _load(ctx: MergeContext, name: str, check: bool = True) -> tuple[Zoo, torch.Tensor, list[torch.Tensor]]:
     """θ0 and every τt of one tensor. ``check``: reject non-finite τ (done on the first
     pass over the data only: later passes read the very same bytes)."""
-    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.files_identity)
+    zoo = _open_zoo(ctx.zoo_uri, ctx.run, ctx.files_identity)
     device = torch.device("cuda" if ctx.use_cuda and torch.cuda.is_available() else "cpu")
     base = zoo.base.read(name).to(device)
     taus = []
@@ -134,13 +138,12 @@ def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True
     tasks held 30 × the shard before (4.87 GiB Σ PSS measured on ViT-B/16).
     """
     method = ctx.method_obj()
-    zoo = _open_zoo(ctx.zoo_uri, ctx.storage_options_json, ctx.files_identity)
+    zoo = _open_zoo(ctx.zoo_uri, ctx.run, ctx.files_identity)
     models = list(zoo.task_names) if method.per_task else ["merged"]
     infos = zoo.tensor_infos()
     layout = [infos[name] for name in shard.tensors]
-    opts = json.loads(ctx.storage_options_json)
     paths = [f"{ctx.staging}/{model}/part-{shard.shard_id:05d}.safetensors" for model in models]
-    with all_or_none(SafetensorsStreamWriter(path, layout, storage_options=opts, hashed=True)
+    with all_or_none(SafetensorsStreamWriter(path, layout, storage_options=ctx.storage_options, hashed=True)
                      for path in paths) as writers:
         for name in shard.tensors:
             _, base, taus = _load(ctx, name, check=check)
@@ -164,7 +167,7 @@ def run_merge(cfg: MergeConfig, zoo: Zoo | None = None) -> MergeSummary:
         method = get_method(cfg.method, **cfg.options)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"Invalid merge method or option: {exc}") from exc
-    zoo = zoo if zoo is not None else load_zoo(cfg.zoo, storage_options=cfg.storage_options)
+    zoo = zoo if zoo is not None else load_zoo(cfg.zoo, storage_options=cfg.run.storage_options)
     zoo.validate()
     infos = zoo.tensor_infos()
     shards = plan_shards(infos, cfg.shard_bytes)
@@ -175,9 +178,8 @@ def run_merge(cfg: MergeConfig, zoo: Zoo | None = None) -> MergeSummary:
     sink = merge_sink(cfg, zoo, f"{cfg.method}-{key}")
     sink.start()  # before any work: the folder is writable and holds no other committed merge
     try:
-        ctx = MergeContext(cfg.zoo, json.dumps(cfg.storage_options, sort_keys=True), cfg.method,
-                           json.dumps(cfg.options, sort_keys=True), sink.staging_uri, cfg.num_gpus > 0,
-                           zoo.files_identity())
+        ctx = MergeContext(zoo_uri=cfg.zoo, method=cfg.method, options=dict(cfg.options), staging=sink.staging_uri,
+                           run=cfg.run, files_identity=zoo.files_identity())
         parts, stats = _merge_parts(cfg, ctx, method, zoo, shards, timer)
         timer.start("write")
         models = list(zoo.task_names) if method.per_task else ["merged"]
@@ -196,7 +198,7 @@ def merge_sink(cfg: MergeConfig, zoo: Zoo, staging_key: str) -> FolderSink:
     identity = {"method": cfg.method, "options": cfg.options, "zoo_fingerprint": zoo.fingerprint(),
                 "tasks": list(zoo.task_names)}
     return FolderSink(cfg.out, marker=MERGE_MARKER, fmt=MERGE_FORMAT, identity=identity, staging_key=staging_key,
-                      what="merge outputs", storage_options=cfg.storage_options, overwrite=cfg.overwrite)
+                      what="merge outputs", storage_options=cfg.run.storage_options, overwrite=cfg.overwrite)
 
 
 def _merge_parts(cfg: MergeConfig, ctx: MergeContext, method: Any, zoo: Zoo, shards: list[Shard],
@@ -204,12 +206,12 @@ def _merge_parts(cfg: MergeConfig, ctx: MergeContext, method: Any, zoo: Zoo, sha
     """The statistics rounds and the merge pass; returns the staged parts and the executor's stats."""
     n = len(zoo.task_names)
     timer.start("start-up")
-    executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_workers, cfg.num_gpus, cfg.max_in_flight)
+    executor = make_executor(cfg.run)
     order = [nm for s in shards for nm in s.tensors]
     try:
         rounds = method.stat_rounds
         total = (rounds + 1) * (n + 1) * sum(s.nbytes for s in shards)
-        with ShardProgress(total, enabled=cfg.show_progress, description=f"merge {cfg.method}",
+        with ShardProgress(total, enabled=cfg.run.show_progress, description=f"merge {cfg.method}",
                            timer=timer) as progress:
             params: Any = None
             for rnd in range(rounds):
@@ -246,7 +248,7 @@ def _commit(sink: FolderSink, cfg: MergeConfig, zoo: Zoo, models: list[str], par
         for model in models:
             model_parts = sorted(p.uri for p in parts if f"/{model}/part-" in p.uri)
             outputs.append(concat_safetensors(model_parts, f"{sink.uri}/{model}.safetensors", order=list(infos),
-                                              metadata=meta, storage_options=cfg.storage_options))
+                                              metadata=meta, storage_options=cfg.run.storage_options))
         return outputs
 
     marker = sink.complete(parts, publish, details={"zoo": {"name": zoo.name, "uri": _absolute(cfg.zoo)}})

@@ -17,6 +17,7 @@ methods:
 grid:                                  # sweeps only: the product of these is added to methods
   - {method: [dare], options.p: [0.1, 0.5, 0.9]}   # pdiscard's ratio is options.alpha
 tracking: {uri: http://127.0.0.1:5000, experiment: tswitch}
+run: {executor: ray, num_workers: 4}   # optional, how it runs (RunOptions); CLI flags override it
 ```
 """
 
@@ -26,7 +27,7 @@ import hashlib
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -35,6 +36,7 @@ from tswitch_ray.errors import ConfigError
 from tswitch_ray.io.atomic import exists, read_bytes
 from tswitch_ray.io.fs import resolve_uri as io_resolve_uri
 from tswitch_ray.methods import MethodOptions, get_method_info, validate_options
+from tswitch_ray.options import WithRunOptions, lift_run_fields
 from tswitch_ray.tracking import TrackingConfig
 
 
@@ -92,7 +94,13 @@ class MethodSpec(BaseModel):
         return f"{self.method}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(WithRunOptions):
+    """An evaluation: the zoo, how to score it, the methods; how it runs is ``run`` (:class:`RunOptions`).
+
+    A YAML may give the run options under ``run:`` or, as before, flat
+    (``executor:``, ``storage_options:``, ...); both land in ``run``.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = "eval"
@@ -104,11 +112,6 @@ class EvalConfig(BaseModel):
     methods: list[MethodSpec] = Field(default_factory=list)
     grid: list[dict[str, list[Any]]] = Field(default_factory=list)
     work_dir: str | None = None
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    executor: Literal["ray", "local"] = "ray"
-    ray_address: str | None = None
-    num_workers: int | None = None
-    num_gpus: float = 0.0
     batch_size: int = 256
     limit: int | None = None
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -143,6 +146,29 @@ def resolve_uri(base_dir: str, uri: str) -> str:
     return io_resolve_uri(base_dir, uri, tidy_local=True)
 
 
+# Sections an override merges into, key by key, instead of replacing them.
+_MERGED_SECTIONS = ("run", "tracking")
+
+
+def _with_overrides(uri: str, raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with ``overrides`` applied (``None`` values skipped): the ``run`` and ``tracking`` sections are
+    merged key by key, so an override names only what it changes. Flat run fields (``executor``, ...) in either
+    are moved under ``run`` first."""
+    try:
+        raw, overrides = dict(lift_run_fields(raw)), dict(lift_run_fields(overrides))
+    except ValueError as exc:
+        raise ConfigError(f"{uri}: {exc}") from None
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k in _MERGED_SECTIONS and isinstance(v, dict):
+            base = raw[k] if isinstance(raw.get(k), dict) else {}
+            raw[k] = {**base, **{kk: vv for kk, vv in v.items() if vv is not None}}
+        else:
+            raw[k] = v
+    return raw
+
+
 def load_eval_config(uri: str, overrides: dict[str, Any] | None = None,
                      storage_options: dict[str, Any] | None = None) -> EvalConfig:
     """Read and validate a YAML eval config; relative paths resolve from its folder."""
@@ -154,13 +180,7 @@ def load_eval_config(uri: str, overrides: dict[str, Any] | None = None,
         raise ConfigError(f"{uri}: not valid YAML ({exc}).") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{uri}: an eval config must be a YAML mapping.")
-    for k, v in (overrides or {}).items():
-        if v is None:
-            continue
-        if k == "tracking" and isinstance(raw.get("tracking"), dict):
-            raw["tracking"] = {**raw["tracking"], **{kk: vv for kk, vv in v.items() if vv is not None}}
-        else:
-            raw[k] = v
+    raw = _with_overrides(uri, raw, overrides or {})
     base_dir = uri.rsplit("/", 1)[0] if "/" in uri else "."
     if "://" not in uri:
         base_dir = str(Path(uri).resolve().parent)
