@@ -108,7 +108,8 @@ def test_ranged_reads_agree_across_reader_types(tmp_path):
     import fsspec
     import torch
 
-    from tswitch_ray.io.checkpoints import CheckpointReader, open_checkpoint
+    from tswitch_ray.io.checkpoints import CheckpointReader
+    from tswitch_ray.io.readers import open_checkpoint
     from tswitch_ray.io.safetensors import save_safetensors, save_sharded
 
     g = torch.Generator().manual_seed(0)

@@ -7,9 +7,13 @@
   whole-file reads, existence checks, tree removal.
 * :mod:`~tswitch_ray.io.checkpoints` - the checkpoint reader protocol
   (``infos``, ``read``, ``read_range``, ``read_ranges``), tensor infos and
-  dtypes, ``.pt`` state dicts (weights only), :func:`open_checkpoint`.
+  dtypes, ``.pt`` state dicts (weights only).
 * :mod:`~tswitch_ray.io.safetensors` - the safetensors header parser, lazy
   readers, atomic and streaming writers, concatenation of parts.
+* :mod:`~tswitch_ray.io.readers` - :func:`~tswitch_ray.io.readers.open_checkpoint`,
+  the reader for a URI (file, sharded folder or state dict).
+* :mod:`~tswitch_ray.io.faults` - storage, network and Ray faults translated
+  into one-paragraph user errors naming the URI.
 * :mod:`~tswitch_ray.io.tables` - whole Parquet files, written atomically.
 * :mod:`~tswitch_ray.io.sink` - the commit lifecycle (start, write, complete,
   failed) and :class:`~tswitch_ray.io.sink.FolderSink`.

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from tswitch_ray.errors import ZooError
-from tswitch_ray.io.fs import access_checked, fs_is_local, join_uri, open_fs
+from tswitch_ray.io.fs import access_checked, fs_is_local, open_fs
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 _ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -275,51 +275,3 @@ def _state_dict_of(obj: Any, uri: str) -> dict[str, torch.Tensor]:
     if not sd:
         raise ZooError(f"checkpoint file {uri} contains no tensors.")
     return sd
-
-
-def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> CheckpointReader:
-    """The right reader for ``uri``.
-
-    * ``*.safetensors`` -> :class:`~tswitch_ray.io.safetensors.SafetensorsReader`
-    * ``*.pt|.pth|.bin|.ckpt`` -> :class:`TorchStateDictReader` (weights only)
-    * a folder with ``model.safetensors.index.json`` or ``model.safetensors``
-      (or the index file itself) -> :class:`~tswitch_ray.io.safetensors.ShardedSafetensorsReader`
-    * a folder with ``pytorch_model.bin`` -> :class:`TorchStateDictReader`
-
-    File URIs are dispatched on their extension without touching storage
-    (a missing file is reported on first use); folders are probed.
-    """
-    # Imported here: the safetensors readers build on this module's TensorInfo and dtypes.
-    from tswitch_ray.io.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsReader, ShardedSafetensorsReader
-
-    uri = uri.rstrip("/") if uri.rstrip("/") else uri
-    low = uri.lower()
-    if low.endswith(INDEX_FILE):
-        return ShardedSafetensorsReader(uri[: -len(INDEX_FILE)].rstrip("/"), storage_options)
-    if low.endswith(".safetensors"):
-        return SafetensorsReader(uri, storage_options)
-    if low.endswith(TORCH_EXTENSIONS):
-        return TorchStateDictReader(uri, storage_options)
-    fs, path = open_fs(uri, storage_options)
-    with access_checked("checkpoint", uri):  # the probes below read the store
-        try:
-            is_dir = fs.isdir(path)
-            exists = is_dir or fs.exists(path)
-        except FileNotFoundError:
-            is_dir = exists = False
-        if is_dir:
-            if fs.exists(posixpath.join(path, INDEX_FILE)) or fs.exists(posixpath.join(path, SINGLE_FILE)):
-                return ShardedSafetensorsReader(uri, storage_options)
-            if fs.exists(posixpath.join(path, "pytorch_model.bin")):
-                return TorchStateDictReader(join_uri(uri, "pytorch_model.bin"), storage_options)
-    if is_dir:
-        raise ZooError(
-            f"checkpoint folder {uri} has no {INDEX_FILE}, {SINGLE_FILE} or pytorch_model.bin; "
-            "cannot tell which checkpoint to read."
-        )
-    if not exists:
-        raise ZooError(f"checkpoint {uri} does not exist (or is not readable).")
-    raise ZooError(
-        f"checkpoint {uri} has an unknown format: expected a .safetensors file, a .pt/.pth/.bin state dict, "
-        "or an HF checkpoint folder."
-    )

@@ -46,7 +46,6 @@ from tswitch_ray.io.checkpoints import (
     dtype_name,
     is_known_dtype,
     known_dtypes,
-    open_checkpoint,
 )
 from tswitch_ray.io.faults import storage_errors
 from tswitch_ray.io.fs import access_checked, access_denied, fs_is_local, join_uri, open_fs
@@ -709,11 +708,11 @@ def concat_safetensors(parts: Sequence[str], uri: str, order: Sequence[str] | No
                        storage_options: dict[str, Any] | None = None) -> FileDigest:
     """Write every tensor of ``parts`` to ``uri`` in ``order`` (default: parts' order), one tensor in memory at a time.
 
-    Returns the written file's digest.
+    Returns the written file's digest. Every part is a safetensors file (a staged merge part).
     """
     owner: dict[str, CheckpointReader] = {}
     for part in parts:
-        reader = open_checkpoint(part, storage_options)
+        reader = SafetensorsReader(part, storage_options)
         for name in reader.infos():
             owner[name] = reader
     names = list(order) if order is not None else list(owner)

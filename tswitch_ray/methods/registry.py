@@ -24,7 +24,7 @@ included.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -34,7 +34,6 @@ from tswitch_ray.errors import ConfigError
 
 if TYPE_CHECKING:
     from tswitch_ray.methods.base import MergeMethod
-    from tswitch_ray.methods.storage import StorageModel
 
 
 class MethodKind(str, Enum):
@@ -210,3 +209,22 @@ def get_method(name: str, **options: Any) -> MergeMethod:
         raise ConfigError(f"method {info.name!r} is not a state-dict merge ({info.kind.value}): an eval config "
                           f"scores it, nothing merges it into weights; the merge methods are: {merges}.")
     return info.factory(**validate_options(info.name, options).model_dump())
+
+
+@dataclass
+class StorageModel:
+    """Sizes, from headers and manifests only, that every method's storage is counted from."""
+
+    n_tasks: int
+    model_bytes: int  # one checkpoint as stored (base dtype)
+    float_numel: int  # elements of the tensors that carry task vectors
+    mlp_numel: int  # of which in transformer MLPs (WEMoE's experts)
+    dtype_bytes: float  # mean bytes per element of the float tensors
+    switch_bytes: dict[float, int] = field(default_factory=dict)  # encoded switches, all tasks, per α
+
+    def bytes_for(self, method: str, alpha: float | None = None, options: Mapping[str, Any] | None = None,
+                  query_bytes: int = 0) -> int:
+        """Bytes to store what serves all tasks (base included where a method needs it); -1: unknown."""
+        info = get_method_info(method)
+        opts = validate_options(info.name, options or {}, for_eval=True)
+        return info.storage(self, alpha, opts, query_bytes)

@@ -1,36 +1,16 @@
-"""What storing a method's weights costs: the sizes it is counted from, and the shared formulas.
+"""The storage formulas several methods share (one checkpoint; θ0 plus switches).
 
-:class:`StorageModel` is pure data (read from headers and manifests by
-``eval.weights.storage_model``); each method's formula is the ``storage`` of its
-registry entry, and :meth:`StorageModel.bytes_for` looks it up by name.
+The sizes they are computed from are :class:`~tswitch_ray.methods.registry.StorageModel`
+(pure data, read from headers and manifests by ``eval.weights.storage_model``),
+re-exported here; each method's own formula is the ``storage`` of its registry
+entry, and :meth:`StorageModel.bytes_for` looks it up by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from tswitch_ray.methods.registry import MethodOptions, StorageModel
 
-from tswitch_ray.methods.registry import MethodOptions, get_method_info, validate_options
-
-
-@dataclass
-class StorageModel:
-    """Sizes, from headers and manifests only, that every method's storage is counted from."""
-
-    n_tasks: int
-    model_bytes: int  # one checkpoint as stored (base dtype)
-    float_numel: int  # elements of the tensors that carry task vectors
-    mlp_numel: int  # of which in transformer MLPs (WEMoE's experts)
-    dtype_bytes: float  # mean bytes per element of the float tensors
-    switch_bytes: dict[float, int] = field(default_factory=dict)  # encoded switches, all tasks, per α
-
-    def bytes_for(self, method: str, alpha: float | None = None, options: Mapping[str, Any] | None = None,
-                  query_bytes: int = 0) -> int:
-        """Bytes to store what serves all tasks (base included where a method needs it); -1: unknown."""
-        info = get_method_info(method)
-        opts = validate_options(info.name, options or {}, for_eval=True)
-        return info.storage(self, alpha, opts, query_bytes)
+__all__ = ["StorageModel", "one_model_bytes", "switches_bytes"]
 
 
 def one_model_bytes(sizes: StorageModel, alpha: float | None, options: MethodOptions, query_bytes: int) -> int:

@@ -17,8 +17,8 @@ from tswitch_ray.io.checkpoints import (
     TorchStateDictReader,
     dtype_name,
     dtype_to_torch,
-    open_checkpoint,
 )
+from tswitch_ray.io.readers import open_checkpoint
 from tswitch_ray.io.safetensors import (
     SafetensorsReader,
     SafetensorsStreamWriter,

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from tswitch_ray.errors import ZooError
-from tswitch_ray.io.checkpoints import CheckpointReader, TensorInfo, open_checkpoint
+from tswitch_ray.io.checkpoints import CheckpointReader, TensorInfo
+from tswitch_ray.io.readers import open_checkpoint
 from tswitch_ray.io.fs import open_fs
 from tswitch_ray.zoo.manifest import ZooManifest, read_manifest, resolve_uri
 
