@@ -48,16 +48,13 @@ def _config(zoo, switches, work, **kw) -> EvalConfig:
                       batch_size=16, **kw)
 
 
-def test_all_methods_on_ray_logged_to_mlflow_server(tiny_demo_zoo, switches, mlflow_server, tmp_path):
+def test_all_methods_on_ray_logged_to_mlflow_server(tiny_demo_zoo, switches, mlflow_server, tmp_path, ray_local):
     from mlflow.tracking import MlflowClient
 
     cfg = _config(tiny_demo_zoo, switches, tmp_path / "work", executor="ray", num_workers=2,
                   tracking=TrackingConfig(uri=mlflow_server, experiment="e2e"))
-    ray.shutdown()
-    try:
-        result = run_eval(cfg, show_progress=False)
-    finally:
-        ray.shutdown()
+    result = run_eval(cfg, show_progress=False)
+    assert ray.is_initialized()  # the eval attached to the session's Ray and left it running
     tasks = ["digits", "glyphs", "signs"]
     assert {(r["method"], r["task"]) for r in result.rows} == {(s.method, t) for s in ALL_METHODS for t in tasks}
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 24 for r in result.rows)
