@@ -67,13 +67,15 @@ def _free_ports(n: int) -> list[int]:
 
 @contextlib.contextmanager
 def _server(name: str, n_ports: int, args_of: Callable[[list[int], Path], list[str]], url_of: Callable[[list[int]], str],
-            is_up: Callable[[Any], bool], root: Path, timeout_s: float = 180.0,
+            is_up: Callable[[Any], bool], root: Path, grace_s: float, timeout_s: float = 180.0,
             attempts: int = 5) -> Iterator[list[int]]:
     """Run the server ``args_of(ports, folder)`` for the block; yields its ports once ``is_up(GET url_of(ports))``.
 
     A probed port can be taken by anyone before the server binds it: when the
     server exits saying "address already in use", it is started again on fresh
-    ports in a fresh folder (``attempts`` times in all).
+    ports in a fresh folder (``attempts`` times in all). The server runs in a
+    process group of its own; at the end the group gets SIGTERM, and SIGKILL
+    after ``grace_s``.
     """
     for attempt in range(attempts):
         ports = _free_ports(n_ports)
@@ -81,13 +83,14 @@ def _server(name: str, n_ports: int, args_of: Callable[[list[int], Path], list[s
         folder.mkdir(parents=True)
         log_path = folder / "server.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(args_of(ports, folder), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(args_of(ports, folder), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
             try:
                 if _wait_up(name, proc, url_of(ports), is_up, timeout_s, log_path):
                     yield ports
                     return
             finally:
-                _stop(proc)
+                _stop(proc, grace_s)
         if ADDRESS_IN_USE not in log_path.read_text(errors="replace").lower():
             raise RuntimeError(f"{name} exited: {log_path.read_text(errors='replace')[-2000:]}")
     raise RuntimeError(f"{name}: every one of {attempts} port sets was taken before it bound them (see {root})")
@@ -115,13 +118,19 @@ def _wait_up(name: str, proc: subprocess.Popen, url: str, is_up: Callable[[Any],
     return proc.poll() is None
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+    import signal
+
+    def signal_group(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+    if grace_s > 0:
+        signal_group(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
+    signal_group(signal.SIGKILL)  # what is left of the group, children included
+    proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -208,9 +217,10 @@ def seaweed_s3(tmp_path_factory):
     def endpoint_of(ports: list[int]) -> str:
         return f"http://127.0.0.1:{ports[flags.index('s3.port')]}"
 
-    # The S3 gateway answers (403 without credentials) once it is up.
+    # The S3 gateway answers (403 without credentials) once it is up. Its data is thrown away at the end:
+    # no grace (a graceful weed shutdown takes ~25 s).
     with _server("weed server", len(flags), args_of, endpoint_of, lambda r: r.status_code in (200, 403),
-                 root / "runs") as ports:
+                 root / "runs", grace_s=0) as ports:
         endpoint = endpoint_of(ports)
 
         def storage_options_of(identity: str) -> dict:
@@ -232,7 +242,8 @@ def mlflow_server(tmp_path_factory):
     def uri_of(ports: list[int]) -> str:
         return f"http://127.0.0.1:{ports[0]}"
 
-    with _server("mlflow server", 1, args_of, lambda ports: f"{uri_of(ports)}/health", lambda r: r.ok, root) as ports:
+    with _server("mlflow server", 1, args_of, lambda ports: f"{uri_of(ports)}/health", lambda r: r.ok, root,
+                 grace_s=10) as ports:
         yield uri_of(ports)
 
 
