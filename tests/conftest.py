@@ -67,15 +67,16 @@ def _free_ports(n: int) -> list[int]:
 
 @contextlib.contextmanager
 def _server(name: str, n_ports: int, args_of: Callable[[list[int], Path], list[str]], url_of: Callable[[list[int]], str],
-            is_up: Callable[[Any], bool], root: Path, grace_s: float, timeout_s: float = 180.0,
+            is_up: Callable[[Any], bool], root: Path, timeout_s: float = 180.0,
             attempts: int = 5) -> Iterator[list[int]]:
     """Run the server ``args_of(ports, folder)`` for the block; yields its ports once ``is_up(GET url_of(ports))``.
 
     A probed port can be taken by anyone before the server binds it: when the
     server exits saying "address already in use", it is started again on fresh
     ports in a fresh folder (``attempts`` times in all). The server runs in a
-    process group of its own; at the end the group gets SIGTERM, and SIGKILL
-    after ``grace_s``.
+    process group of its own, killed at the end, children included: its data
+    is thrown away, so nothing is lost, and a graceful exit would cost seconds
+    (~25 s for weed).
     """
     for attempt in range(attempts):
         ports = _free_ports(n_ports)
@@ -90,7 +91,7 @@ def _server(name: str, n_ports: int, args_of: Callable[[list[int], Path], list[s
                     yield ports
                     return
             finally:
-                _stop(proc, grace_s)
+                _kill_group(proc)
         if ADDRESS_IN_USE not in log_path.read_text(errors="replace").lower():
             raise RuntimeError(f"{name} exited: {log_path.read_text(errors='replace')[-2000:]}")
     raise RuntimeError(f"{name}: every one of {attempts} port sets was taken before it bound them (see {root})")
@@ -98,12 +99,20 @@ def _server(name: str, n_ports: int, args_of: Callable[[list[int], Path], list[s
 
 def _wait_up(name: str, proc: subprocess.Popen, url: str, is_up: Callable[[Any], bool], timeout_s: float,
              log_path: Path) -> bool:
-    """True once the server answers, False if it exited first; raises past ``timeout_s``."""
+    """True once the server answers, False if it exited first; raises past ``timeout_s``.
+
+    The answer counts only once the server's own process group listens on the
+    URL's port: whoever took a port first could answer on it too.
+    """
+    from urllib.parse import urlsplit
+
     import requests
+
+    port = urlsplit(url).port
 
     def answered() -> bool:
         try:
-            return bool(is_up(requests.get(url, timeout=1)))
+            return bool(is_up(requests.get(url, timeout=1))) and _listens(proc, port)
         except requests.RequestException:
             return False
 
@@ -118,18 +127,28 @@ def _wait_up(name: str, proc: subprocess.Popen, url: str, is_up: Callable[[Any],
     return proc.poll() is None
 
 
-def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+def _listens(proc: subprocess.Popen, port: int) -> bool:
+    """Whether ``proc`` or one of its descendants listens on TCP ``port``."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for p in family:
+        connections = getattr(p, "net_connections", None) or p.connections  # psutil < 6 has only the old name
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections("tcp")):
+                return True
+    return False
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
     import signal
 
-    def signal_group(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-
-    if grace_s > 0:
-        signal_group(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace_s)
-    signal_group(signal.SIGKILL)  # what is left of the group, children included
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -217,10 +236,9 @@ def seaweed_s3(tmp_path_factory):
     def endpoint_of(ports: list[int]) -> str:
         return f"http://127.0.0.1:{ports[flags.index('s3.port')]}"
 
-    # The S3 gateway answers (403 without credentials) once it is up. Its data is thrown away at the end:
-    # no grace (a graceful weed shutdown takes ~25 s).
+    # The S3 gateway answers (403 without credentials) once it is up.
     with _server("weed server", len(flags), args_of, endpoint_of, lambda r: r.status_code in (200, 403),
-                 root / "runs", grace_s=0) as ports:
+                 root / "runs") as ports:
         endpoint = endpoint_of(ports)
 
         def storage_options_of(identity: str) -> dict:
@@ -242,8 +260,8 @@ def mlflow_server(tmp_path_factory):
     def uri_of(ports: list[int]) -> str:
         return f"http://127.0.0.1:{ports[0]}"
 
-    with _server("mlflow server", 1, args_of, lambda ports: f"{uri_of(ports)}/health", lambda r: r.ok, root,
-                 grace_s=10) as ports:
+    with _server("mlflow server", 1, args_of, lambda ports: f"{uri_of(ports)}/health", lambda r: r.ok,
+                 root) as ports:
         yield uri_of(ports)
 
 
