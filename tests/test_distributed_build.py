@@ -84,7 +84,8 @@ def test_plan_keeps_layers_together_and_balances(small_zoo):
 
 
 @pytest.mark.parametrize("max_in_flight", [1, None], ids=["one-at-a-time", "parallel"])
-@pytest.mark.parametrize("scope", ["tensor", "model"])
+# Scope "model" on Ray stays in the fast lane; scope "tensor" (same executor path, costlier shards) is slow.
+@pytest.mark.parametrize("scope", [pytest.param("tensor", marks=pytest.mark.slow), "model"])
 def test_ray_build_equals_local_byte_for_byte(small_zoo, tmp_path, ray_local, scope, max_in_flight):
     local = str(tmp_path / "local" / "switches")
     _build(small_zoo, local, scope=scope, executor="local")
@@ -130,6 +131,7 @@ def test_resume_recomputes_only_missing_shards(small_zoo, tmp_path):
     assert _parts(out) == reference
 
 
+@pytest.mark.slow
 def test_interrupted_process_resumes(small_zoo, tmp_path):
     out = str(tmp_path / "b")
     gate = ShardGate(tmp_path / "gate", free=1)
@@ -166,6 +168,7 @@ def test_interrupted_process_resumes(small_zoo, tmp_path):
     assert _parts(out) == _parts(clean)
 
 
+@pytest.mark.slow
 def test_worker_node_killed_mid_build(small_zoo, tmp_path, ray_cluster, monkeypatch):
     """A node dies while it runs a shard: the executor re-runs that shard elsewhere, counts the retry, and the
     artifact is byte-identical to the local build's."""
@@ -217,6 +220,7 @@ def test_worker_node_killed_mid_build(small_zoo, tmp_path, ray_cluster, monkeypa
     assert executors[0].stats.retries >= len(killed)
 
 
+@pytest.mark.slow
 def test_driver_killed_on_an_attached_cluster_resumes(small_zoo, tmp_path, ray_cluster):
     """`tswitch build --ray-address` on a running cluster; the driver is SIGKILLed mid-build (a driver crash:
     no cleanup runs) and the same command, rerun, reuses the parts committed before and recomputes the rest."""
@@ -260,6 +264,7 @@ def test_driver_killed_on_an_attached_cluster_resumes(small_zoo, tmp_path, ray_c
     assert _parts(out) == _parts(clean)
 
 
+@pytest.mark.slow
 def test_s3_in_and_out(small_zoo, s3_bucket, tmp_path, ray_local):
     bucket, opts = s3_bucket
     fs = fsspec.filesystem("s3", **opts)
@@ -317,6 +322,7 @@ def test_checkpoint_disappearing_mid_run_commits_nothing(small_zoo, tmp_path, mo
     assert not (out / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_model_scope_window_miss_falls_back_to_the_exact_pass(small_zoo, tmp_path, monkeypatch):
     """A sampled window that misses its rank costs a pass, never exactness: same bytes as a hit."""
     import tswitch_ray.distributed.build as build_mod
@@ -340,6 +346,7 @@ def test_model_scope_window_miss_falls_back_to_the_exact_pass(small_zoo, tmp_pat
     assert _manifest(hit) == _manifest(miss)
 
 
+@pytest.mark.slow
 def test_model_scope_resume_reuses_parts_and_gets_the_same_knobs(small_zoo, tmp_path):
     """Scope "model" knobs sum every shard's kept statistics, the reused (staged) parts' too."""
     clean = str(tmp_path / "clean" / "switches")

@@ -48,6 +48,7 @@ def _config(zoo, switches, work, **kw) -> EvalConfig:
                       batch_size=16, **kw)
 
 
+@pytest.mark.slow
 def test_all_methods_on_ray_logged_to_mlflow_server(tiny_demo_zoo, switches, mlflow_server, tmp_path, ray_local):
     from mlflow.tracking import MlflowClient
 
@@ -159,6 +160,7 @@ def test_config_file_resolves_relative_paths_and_grid(tiny_demo_zoo, switches, t
         ("dare", {"scale": 0.3}), ("dare", {"scale": 0.5}), ("pdiscard", {"scale": 0.3}), ("pdiscard", {"scale": 0.5})]
 
 
+@pytest.mark.slow
 def test_sweep_cli_runs_a_grid_and_refuses_a_config_without_one(tiny_demo_zoo, switches, tmp_path):
     import json
 
