@@ -285,7 +285,10 @@ def _new_cluster(head_cpus: int) -> Any:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False})
     # Cluster records itself as the machine's current Ray, which a plain `ray.init()` then joins. A CLI
     # child started without --ray-address must start a Ray of its own, as it would for a user.
-    from ray._common.utils import reset_ray_address
+    try:
+        from ray._common.utils import reset_ray_address
+    except ImportError:  # Ray before 2.50 kept it here
+        from ray._private.utils import reset_ray_address
 
     reset_ray_address()
     return cluster

@@ -121,7 +121,7 @@ class RayExecutor(LocalExecutor):
     Ray's own ``max_retries`` would re-run a dead task invisibly to the
     driver (Ray exposes no attempt number to count). So tasks are submitted
     with Ray ``max_retries=0`` and this executor resubmits an item whose
-    ``ray.get`` reports a system failure (:data:`_SYSTEM_FAILURES`). With
+    ``ray.get`` reports a system failure (:func:`_system_failures`). With
     zero Ray retries Ray also cannot rebuild a lost return object by
     lineage; none is needed, as each result is fetched as soon as it is
     ready and shard functions are idempotent (a re-run writes the same part).
