@@ -211,7 +211,6 @@ def seaweed_s3(tmp_path_factory):
     :data:`SEAWEED_IDENTITIES` (the secret is the identity's name + "-secret").
     """
     import json
-    import shutil
 
     # The venv's bin folder first (not the resolved interpreter's: the venv's python is a symlink).
     weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
@@ -307,7 +306,7 @@ def _ray_head():
 
 @pytest.fixture
 def ray_local(_ray_head) -> str:
-    """This process connected, as a Ray driver, to the session's local Ray (2 CPUs); yields its address.
+    """This process connected, as a Ray driver, to the session's local Ray (2 CPUs); returns its address.
 
     Library code finds Ray initialized and attaches to it (a RayExecutor that
     did not start Ray does not shut it down). A test that disconnected (to
