@@ -1,11 +1,12 @@
 # The two commands of the README:
 #   make demo   installs everything and runs the main job (tswitch demo)
 #   make test   installs everything and runs the test suite (what .ci/run calls)
+# and, for development, make test-fast: the suite without the tests marked slow (minutes, not tens).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -21,6 +22,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 bench: install
 	$(PY) bench/bench_encoding.py

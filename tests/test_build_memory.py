@@ -33,6 +33,7 @@ def _bench():
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
 def test_local_build_peak_rss_within_streaming_bound(tmp_path):
     bench = _bench()

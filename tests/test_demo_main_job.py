@@ -17,6 +17,8 @@ import pytest
 
 TSWITCH = Path(sys.executable).parent / "tswitch"
 
+pytestmark = pytest.mark.slow
+
 # "Clearly above the base model" (issue 5), for every task of the default recipe:
 # at least this many accuracy points from fine-tuning. The recipe's measured gains
 # are 9-45 points (docs/RESULTS.md section 4).

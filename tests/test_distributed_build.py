@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import fsspec
@@ -18,7 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from events import ShardGate, pid_alive, wait_until
 
+import tswitch_ray.distributed.build as build_mod
 from tswitch_ray.artifacts import ArtifactReader
 from tswitch_ray.distributed.build import BuildConfig, run_build
 from tswitch_ray.distributed.planner import layer_of, plan_shards
@@ -28,6 +29,20 @@ from tswitch_ray.zoo import load_zoo
 from tswitch_ray.zoo.synth import synth_zoo
 
 SMALL_SHARD = 256 * 1024  # many shards even on a 2-layer zoo
+GATED_CLI = [sys.executable, str(Path(__file__).with_name("gated_cli.py"))]
+# Bounds of waits for events (a part committed, a task started): generous, since a loaded machine
+# takes long to start a CLI or a Ray worker; a wait ends as soon as its event happens.
+EVENT_S = 300
+
+
+def _wait_for(proc: subprocess.Popen, condition, what: str) -> None:
+    """Wait until ``condition()`` or until ``proc`` exits; past the bound, fail with its output."""
+    try:
+        wait_until(lambda: condition() or proc.poll() is not None, EVENT_S, what)
+    except TimeoutError:
+        proc.kill()
+        outs, err = proc.communicate(timeout=60)
+        raise AssertionError(f"waited {EVENT_S} s for {what}:\n{outs.decode()[-2000:]}\n{err.decode()[-2000:]}") from None
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +84,14 @@ def test_plan_keeps_layers_together_and_balances(small_zoo):
     assert layer_of("visual.transformer.resblocks.11.mlp.c_fc.weight") == "visual.transformer.resblocks.11"
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("scope", ["tensor", "model"])
-def test_ray_build_equals_local_byte_for_byte(small_zoo, tmp_path, scope, workers):
+@pytest.mark.parametrize("max_in_flight", [1, None], ids=["one-at-a-time", "parallel"])
+# Scope "model" on Ray stays in the fast lane; scope "tensor" (same executor path, costlier shards) is slow.
+@pytest.mark.parametrize("scope", [pytest.param("tensor", marks=pytest.mark.slow), "model"])
+def test_ray_build_equals_local_byte_for_byte(small_zoo, tmp_path, ray_local, scope, max_in_flight):
     local = str(tmp_path / "local" / "switches")
     _build(small_zoo, local, scope=scope, executor="local")
-    ray.shutdown()
-    try:
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        distributed = str(tmp_path / "ray" / "switches")
-        summary = _build(small_zoo, distributed, scope=scope, executor="ray")
-    finally:
-        ray.shutdown()
+    distributed = str(tmp_path / "ray" / "switches")
+    summary = _build(small_zoo, distributed, scope=scope, executor="ray", max_in_flight=max_in_flight)
     assert summary.shards > 4
     assert _parts(local) == _parts(distributed)
     assert _manifest(local) == _manifest(distributed)
@@ -121,13 +132,13 @@ def test_resume_recomputes_only_missing_shards(small_zoo, tmp_path):
     assert _parts(out) == reference
 
 
+@pytest.mark.slow
 def test_interrupted_process_resumes(small_zoo, tmp_path):
     out = str(tmp_path / "b")
-    cmd = [sys.executable, "-m", "tswitch_ray.cli", "build", "--zoo", small_zoo, "--out", out, "--alpha", "0.5",
+    gate = ShardGate(tmp_path / "gate", free=1)
+    # The first shard runs; the next one is held at the gate (never opened), so SIGINT lands mid-build.
+    cmd = [*GATED_CLI, gate.root, "1", "build", "--zoo", small_zoo, "--out", out, "--alpha", "0.5",
            "--alpha", "0.9", "--executor", "local", "--shard-mb", "1", "--quiet"]
-    # Seconds per shard, not tenths: on a loaded CI machine this test process may be
-    # scheduled late, and the last shards must still be running when SIGINT lands.
-    env = dict(os.environ, TSWITCH_TEST_SLOW_SHARD_S="3")
     # A child inherits an ignored or blocked SIGINT (then Python never raises KeyboardInterrupt
     # and the build runs to its commit, as seen in CI): whatever earlier tests left in this
     # process's handlers or signal mask, the build gets the defaults a terminal gives it.
@@ -135,17 +146,20 @@ def test_interrupted_process_resumes(small_zoo, tmp_path):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
-    deadline = time.time() + 120
-    # A part counts once its sha256 sidecar is written (the SIGINT may land between the two writes).
-    while time.time() < deadline and not list(Path(out).rglob("part-*.parquet.sha256")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    outs, err = proc.communicate(timeout=60)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    try:
+        # A part counts once its sha256 sidecar is written; the held shard has started after it.
+        _wait_for(proc, lambda: list(Path(out).rglob("part-*.parquet.sha256")), "the first committed part")
+        _wait_for(proc, lambda: len(gate.started()) > 1, "the next shard to start")
+        proc.send_signal(signal.SIGINT)
+        outs, err = proc.communicate(timeout=60)
+    finally:
+        gate.abort()
+        proc.kill()
     assert proc.returncode != 0, (outs.decode()[-2000:], err.decode()[-2000:])
     assert not (Path(out) / "manifest.json").exists()
     done_before = len(list(Path(out).rglob("part-*.parquet.sha256")))
-    assert done_before >= 1
+    assert done_before == 1
     summary = run_build(BuildConfig(zoo=small_zoo, out=out, alphas=[0.5, 0.9], executor="local", show_progress=False,
                                     shard_bytes=2**20))
     assert summary.shards_reused == done_before
@@ -155,109 +169,111 @@ def test_interrupted_process_resumes(small_zoo, tmp_path):
     assert _parts(out) == _parts(clean)
 
 
-def test_worker_node_killed_mid_build(small_zoo, tmp_path):
-    from ray.cluster_utils import Cluster
-
+@pytest.mark.slow
+def test_worker_node_killed_mid_build(small_zoo, tmp_path, ray_cluster, monkeypatch):
+    """A node dies while it runs a shard: the executor re-runs that shard elsewhere, counts the retry, and the
+    artifact is byte-identical to the local build's."""
     local = str(tmp_path / "local" / "switches")
     _build(small_zoo, local, executor="local")
-    ray.shutdown()
-    os.environ["TSWITCH_TEST_SLOW_SHARD_S"] = "0.3"  # set before the nodes start: their workers inherit it
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = ray_cluster(head_cpus=1)
     victim = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    gate = ShardGate(tmp_path / "gate")  # every shard is held until the victim is gone
+    monkeypatch.setattr(build_mod, "shard_encode", gate.wrap(build_mod.shard_encode))
+    executors: list = []
+    real_make_executor = build_mod.make_executor
+
+    def recording_make_executor(*args, **kwargs):
+        executors.append(real_make_executor(*args, **kwargs))
+        return executors[-1]
+
+    monkeypatch.setattr(build_mod, "make_executor", recording_make_executor)
+    out = str(tmp_path / "cluster" / "switches")
+    result: dict = {}
+
+    def go() -> None:
+        try:
+            result["summary"] = _build(small_zoo, out, executor="ray")
+        except BaseException as exc:  # surfaced below
+            result["error"] = exc
+
+    t = threading.Thread(target=go)
+    t.start()
     try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        out = str(tmp_path / "cluster" / "switches")
-        result: dict = {}
-
-        def go() -> None:
-            try:
-                result["summary"] = _build(small_zoo, out, executor="ray")
-            except BaseException as exc:  # surfaced below
-                result["error"] = exc
-
-        t = threading.Thread(target=go)
-        t.start()
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list(Path(out).rglob("part-*.parquet"))) < 2:
-            time.sleep(0.05)
+        on_victim = wait_until(lambda: [r for r in gate.started() if r["node"] == victim.node_id], EVENT_S,
+                               "a shard to start on the worker node")
         cluster.remove_node(victim, allow_graceful=False)
-        t.join(timeout=300)
-        assert "error" not in result, result.get("error")
-        assert result["summary"].shards > 4
-        assert _parts(local) == _parts(out)
+        # Its worker processes must be gone too before the gate opens, or one could still finish its shard.
+        for record in on_victim:
+            wait_until(lambda: not pid_alive(record["pid"]), EVENT_S, f"the victim's worker {record['pid']} to exit")
     finally:
-        os.environ.pop("TSWITCH_TEST_SLOW_SHARD_S", None)
-        ray.shutdown()
-        cluster.shutdown()
+        gate.open()  # the rest of the build runs (after a failed wait too: the thread must end)
+        t.join(timeout=300)
+    assert not t.is_alive()
+    assert "error" not in result, result.get("error")
+    assert result["summary"].shards > 4
+    assert _parts(local) == _parts(out)
+    # The shards in flight on the victim were never finished there, so each was re-run (on the head) and counted.
+    killed = {r["shard"] for r in on_victim}
+    reran = {r["shard"] for r in gate.started() if r["node"] == cluster.head_node.node_id}
+    assert killed and killed <= reran
+    assert executors[0].stats.retries >= len(killed)
 
 
-def test_driver_killed_on_an_attached_cluster_resumes(small_zoo, tmp_path):
+@pytest.mark.slow
+def test_driver_killed_on_an_attached_cluster_resumes(small_zoo, tmp_path, ray_cluster):
     """`tswitch build --ray-address` on a running cluster; the driver is SIGKILLed mid-build (a driver crash:
     no cleanup runs) and the same command, rerun, reuses the parts committed before and recomputes the rest."""
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
     out = str(tmp_path / "attached" / "switches")
-    cmd = [sys.executable, "-m", "tswitch_ray.cli", "build", "--zoo", small_zoo, "--out", out, "--alpha", "0.5",
-           "--alpha", "0.9", "--shard-mb", "1", "--quiet"]
-    os.environ["TSWITCH_TEST_SLOW_SHARD_S"] = "1"  # before the nodes start: their workers inherit it
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cmd = ["build", "--zoo", small_zoo, "--out", out, "--alpha", "0.5", "--alpha", "0.9", "--shard-mb", "1", "--quiet"]
+    cluster = ray_cluster(head_cpus=2)
     cluster.wait_for_nodes()
+    attach = ["--ray-address", cluster.address]
+    # The first shard to start runs; every other is held at the gate, so the kill lands with shards in flight.
+    gate = ShardGate(tmp_path / "gate", free=1)
+    proc = subprocess.Popen([*GATED_CLI, gate.root, "1", *cmd, *attach], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     try:
-        attach = ["--ray-address", cluster.address]
-        proc = subprocess.Popen(cmd + attach, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while time.time() < deadline and not list(Path(out).rglob("part-*.parquet.sha256")):
-            time.sleep(0.05)
+        _wait_for(proc, lambda: list(Path(out).rglob("part-*.parquet.sha256")), "the first committed part")
+        _wait_for(proc, lambda: len(gate.started()) > 1, "a held shard to start")
         proc.kill()
         outs, err = proc.communicate(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, (outs.decode()[-2000:], err.decode()[-2000:])
-        # Ray ends a dead driver's tasks; one already past its sidecar write leaves its part committed.
-        # Count once the number has stopped changing (the cluster noticed the driver's death).
-        done_before, stable_since = -1, time.time()
-        while time.time() - stable_since < 3 and time.time() < deadline:
-            n = len(list(Path(out).rglob("part-*.parquet.sha256")))
-            if n != done_before:
-                done_before, stable_since = n, time.time()
-            time.sleep(0.1)
-        assert not (Path(out) / "manifest.json").exists()
-        assert done_before >= 1
-        # The same command again, with its run summary (no --quiet): "shards (reused)  N (M)".
-        rerun = subprocess.run([c for c in cmd if c != "--quiet"] + attach, capture_output=True, text=True,
-                               timeout=300, env=dict(os.environ, COLUMNS="200"))
-        assert rerun.returncode == 0, rerun.stderr[-2000:]
-        found = re.search(r"shards \(reused\)\D+(\d+) \((\d+)\)", rerun.stdout + rerun.stderr)
-        assert found, rerun.stdout[-2000:]
-        shards, reused = int(found.group(1)), int(found.group(2))
-        assert reused == done_before < shards  # the kill landed mid-build, and only the rest was recomputed
-        assert (Path(out) / "manifest.json").exists()
-        # The attached cluster was not shut down by either driver.
-        ray.init(address=cluster.address, log_to_driver=False)
-        assert ray.cluster_resources().get("CPU") == 2
     finally:
-        os.environ.pop("TSWITCH_TEST_SLOW_SHARD_S", None)
-        ray.shutdown()
-        cluster.shutdown()
+        # Held tasks of the dead driver end without writing anything, even if Ray has not ended them yet.
+        gate.abort()
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, (outs.decode()[-2000:], err.decode()[-2000:])
+    assert not (Path(out) / "manifest.json").exists()
+    done_before = len(list(Path(out).rglob("part-*.parquet.sha256")))
+    assert done_before == 1
+    # The same command again, ungated, with its run summary (no --quiet): "shards (reused)  N (M)".
+    rerun = subprocess.run([sys.executable, "-m", "tswitch_ray.cli", *[c for c in cmd if c != "--quiet"], *attach],
+                           capture_output=True, text=True, timeout=300, env=dict(os.environ, COLUMNS="200"))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    found = re.search(r"shards \(reused\)\D+(\d+) \((\d+)\)", rerun.stdout + rerun.stderr)
+    assert found, rerun.stdout[-2000:]
+    shards, reused = int(found.group(1)), int(found.group(2))
+    assert reused == done_before < shards  # the kill landed mid-build, and only the rest was recomputed
+    assert (Path(out) / "manifest.json").exists()
+    # The attached cluster was not shut down by either driver.
+    ray.init(address=cluster.address, log_to_driver=False)
+    assert ray.cluster_resources().get("CPU") == 2
     clean = str(tmp_path / "clean" / "switches")
     run_build(BuildConfig(zoo=small_zoo, out=clean, alphas=[0.5, 0.9], executor="local", show_progress=False,
                           shard_bytes=2**20))
     assert _parts(out) == _parts(clean)
 
 
-def test_s3_in_and_out(small_zoo, s3_bucket, tmp_path):
+@pytest.mark.slow
+def test_s3_in_and_out(small_zoo, s3_bucket, tmp_path, ray_local):
     bucket, opts = s3_bucket
     fs = fsspec.filesystem("s3", **opts)
     zoo_dir = Path(small_zoo).parent
     fs.put(str(zoo_dir) + "/", f"{bucket}/zoo/", recursive=True)
     local = str(tmp_path / "local" / "switches")
     _build(small_zoo, local, executor="local")
-    ray.shutdown()
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        _build(f"{bucket}/zoo/zoo.yaml", f"{bucket}/switches", executor="ray", storage_options=opts)
-    finally:
-        ray.shutdown()
+    _build(f"{bucket}/zoo/zoo.yaml", f"{bucket}/switches", executor="ray", storage_options=opts)
     reader = ArtifactReader(f"{bucket}/switches", storage_options=opts)
     assert reader.tasks == load_zoo(small_zoo).task_names
     # The run key hashes the zoo's URIs (which differ between local and s3) and is stamped into each part's
@@ -284,25 +300,30 @@ def test_missing_bucket_is_a_clear_error(small_zoo, s3_server):
         _build(small_zoo, "s3://no-such-bucket/switches", executor="local", storage_options=opts)
 
 
-def test_checkpoint_disappearing_mid_run_commits_nothing(small_zoo, tmp_path):
+def test_checkpoint_disappearing_mid_run_commits_nothing(small_zoo, tmp_path, monkeypatch):
     import shutil
 
     zoo_dir = tmp_path / "zoo"
     shutil.copytree(Path(small_zoo).parent, zoo_dir)
     victim = sorted(zoo_dir.glob("task_*.safetensors"))[-1]
     out = tmp_path / "out"
-    os.environ["TSWITCH_TEST_SLOW_SHARD_S"] = "0.2"
-    try:
-        t = threading.Timer(0.5, victim.unlink)
-        t.start()
-        with pytest.raises(TSwitchError, match=victim.name):
-            _build(str(zoo_dir / "zoo.yaml"), str(out), executor="local")
-        t.join()
-    finally:
-        os.environ.pop("TSWITCH_TEST_SLOW_SHARD_S", None)
+    real = build_mod.shard_encode
+    encoded: list[int] = []
+
+    def vanishing_after_first_shard(ctx, shard, *rest):
+        if encoded:  # the first shard is committed: the checkpoint goes now, mid-run
+            victim.unlink(missing_ok=True)
+        encoded.append(shard.shard_id)
+        return real(ctx, shard, *rest)
+
+    monkeypatch.setattr(build_mod, "shard_encode", vanishing_after_first_shard)
+    with pytest.raises(TSwitchError, match=victim.name):
+        _build(str(zoo_dir / "zoo.yaml"), str(out), executor="local")
+    assert len(encoded) >= 2 and not victim.exists()
     assert not (out / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_model_scope_window_miss_falls_back_to_the_exact_pass(small_zoo, tmp_path, monkeypatch):
     """A sampled window that misses its rank costs a pass, never exactness: same bytes as a hit."""
     import tswitch_ray.distributed.build as build_mod
@@ -326,6 +347,7 @@ def test_model_scope_window_miss_falls_back_to_the_exact_pass(small_zoo, tmp_pat
     assert _manifest(hit) == _manifest(miss)
 
 
+@pytest.mark.slow
 def test_model_scope_resume_reuses_parts_and_gets_the_same_knobs(small_zoo, tmp_path):
     """Scope "model" knobs sum every shard's kept statistics, the reused (staged) parts' too."""
     clean = str(tmp_path / "clean" / "switches")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -15,7 +14,6 @@ from tswitch_ray.cli import app
 from tswitch_ray.distributed.merge import MergeConfig, run_merge
 from tswitch_ray.methods import get_method, merge_in_memory
 from tswitch_ray.zoo import load_zoo
-from tswitch_ray.zoo.synth import synth_zoo
 
 SMALL_SHARD = 256 * 1024  # many shards on a 2-layer zoo
 
@@ -31,9 +29,38 @@ CASES = [
 _IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in CASES]
 
 
+def _vit_like_zoo(root: Path, width: int = 96, blocks: int = 6, n_tasks: int = 3, seed: int = 3) -> str:
+    """A zoo with open_clip's vision-tower names and shapes at a small width: fp16, one fp32 tensor, 4-D conv, 1-D.
+
+    Each residual block (~200 KB) is one shard of SMALL_SHARD, so a merge runs
+    over many shards; the model has as few tensors as a 2-layer ViT-B/32 (the
+    per-tensor costs) but 1/50 of its values, so each merge takes a second.
+    """
+    g = torch.Generator().manual_seed(seed)
+    w = width
+    shapes = {"visual.conv1.weight": (w, 3, 8, 8), "visual.class_embedding": (w,),
+              "visual.positional_embedding": (17, w)}
+    for i in range(blocks):
+        b = f"visual.transformer.resblocks.{i}"
+        shapes |= {f"{b}.ln_1.weight": (w,), f"{b}.attn.in_proj_weight": (3 * w, w), f"{b}.attn.in_proj_bias": (3 * w,),
+                   f"{b}.mlp.c_fc.weight": (4 * w, w), f"{b}.mlp.c_proj.weight": (w, 4 * w)}
+    shapes["visual.proj"] = (w, 32)
+    fp32 = {"visual.proj"}
+    base = {n: (torch.randn(s, generator=g) * w**-0.5).to(torch.float32 if n in fp32 else torch.float16)
+            for n, s in shapes.items()}
+    save_file(base, str(root / "base.safetensors"))
+    tasks = []
+    for t in range(n_tasks):
+        sd = {n: (v.float() + 0.02 * torch.randn(v.shape, generator=g)).to(v.dtype) for n, v in base.items()}
+        save_file(sd, str(root / f"task_{t + 1:02d}.safetensors"))
+        tasks.append({"name": f"task_{t + 1:02d}", "uri": f"task_{t + 1:02d}.safetensors"})
+    (root / "zoo.yaml").write_text(yaml.safe_dump({"name": "vit-like", "base": "base.safetensors", "tasks": tasks}))
+    return str(root / "zoo.yaml")
+
+
 @pytest.fixture(scope="module")
 def small_zoo(tmp_path_factory) -> str:
-    return synth_zoo("vit-b-32", 3, "fp16", str(tmp_path_factory.mktemp("zoo")), seed=3, layers=2)
+    return _vit_like_zoo(tmp_path_factory.mktemp("zoo"))
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +85,21 @@ def zoo_with_buffer(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def references():
+    """``references(zoo_uri, method, options)``: :func:`_reference`, computed once per case for the whole module.
+
+    The local, Ray and CLI merges of a case are all compared with the same
+    in-memory result; nothing mutates it.
+    """
+    cache: dict[tuple, list[dict[str, torch.Tensor]]] = {}
+
+    def get(zoo_uri: str, method: str, options: dict) -> list[dict[str, torch.Tensor]]:
+        key = (zoo_uri, method, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = _reference(zoo_uri, method, options)
+        return cache[key]
+
+    return get
 
 
 def _reference(zoo_uri: str, method: str, options: dict) -> list[dict[str, torch.Tensor]]:
@@ -87,9 +124,9 @@ def _expected_files(zoo_uri: str, method: str, out: Path) -> list[Path]:
     return [out / "merged.safetensors"]
 
 
-def _assert_equal(zoo_uri: str, method: str, options: dict, out: Path) -> None:
+def _assert_equal(references, zoo_uri: str, method: str, options: dict, out: Path) -> None:
     files = _expected_files(zoo_uri, method, out)
-    ref = _reference(zoo_uri, method, options)
+    ref = references(zoo_uri, method, options)
     assert len(files) == len(ref)
     order = list(load_zoo(zoo_uri).tensor_infos())
     for path, expected in zip(files, ref):
@@ -103,19 +140,19 @@ def _assert_equal(zoo_uri: str, method: str, options: dict, out: Path) -> None:
 
 
 @pytest.mark.parametrize("method,options", CASES, ids=_IDS)
-def test_local_merge_equals_in_memory(small_zoo, tmp_path, method, options):
+def test_local_merge_equals_in_memory(small_zoo, tmp_path, references, method, options):
     summary = run_merge(MergeConfig(zoo=small_zoo, method=method, out=str(tmp_path / "out"), options=options,
                                     executor="local", shard_bytes=SMALL_SHARD, show_progress=False))
     assert summary.shards > 4
-    _assert_equal(small_zoo, method, options, tmp_path / "out")
+    _assert_equal(references, small_zoo, method, options, tmp_path / "out")
 
 
 @pytest.mark.parametrize("method,options", CASES, ids=_IDS)
-def test_ray_merge_equals_in_memory(small_zoo, tmp_path, ray_session, method, options):
+def test_ray_merge_equals_in_memory(small_zoo, tmp_path, references, ray_local, method, options):
     summary = run_merge(MergeConfig(zoo=small_zoo, method=method, out=str(tmp_path / "out"), options=options,
                                     executor="ray", shard_bytes=SMALL_SHARD, show_progress=False))
     assert summary.shards > 4
-    _assert_equal(small_zoo, method, options, tmp_path / "out")
+    _assert_equal(references, small_zoo, method, options, tmp_path / "out")
     rounds = get_method(method, **options).stat_rounds
     stat_phases = [f"statistics {r + 1}/{rounds}" for r in range(rounds)]
     assert list(summary.phase_seconds) == ["plan", "start-up", *stat_phases, "merge", "shutdown", "write"]
@@ -124,10 +161,10 @@ def test_ray_merge_equals_in_memory(small_zoo, tmp_path, ray_session, method, op
 
 @pytest.mark.parametrize("executor", ["local", "ray"])
 @pytest.mark.parametrize("method", ["ta", "emr"])
-def test_merge_copies_non_float_tensors(zoo_with_buffer, tmp_path, ray_session, executor, method):
+def test_merge_copies_non_float_tensors(zoo_with_buffer, tmp_path, references, ray_local, executor, method):
     run_merge(MergeConfig(zoo=zoo_with_buffer, method=method, out=str(tmp_path / "o"), executor=executor,
                           shard_bytes=4096, show_progress=False))
-    _assert_equal(zoo_with_buffer, method, {}, tmp_path / "o")
+    _assert_equal(references, zoo_with_buffer, method, {}, tmp_path / "o")
 
 
 @pytest.mark.parametrize("method,cli_opts,options", [
@@ -135,12 +172,12 @@ def test_merge_copies_non_float_tensors(zoo_with_buffer, tmp_path, ray_session, 
     ("ties", ["-O", "k=25"], {"k": 25}),
     ("tswitch", ["-O", "alpha=0.8", "-O", "scope=model"], {"alpha": 0.8, "scope": "model"}),
 ])
-def test_cli_merge_through_ray(small_zoo, tmp_path, ray_session, method, cli_opts, options):
+def test_cli_merge_through_ray(small_zoo, tmp_path, references, ray_local, method, cli_opts, options):
     out = tmp_path / "cli"
     res = CliRunner().invoke(app, ["merge", "--zoo", small_zoo, "--method", method, "--out", str(out), "--quiet",
                                    *cli_opts])
     assert res.exit_code == 0, res.output
-    _assert_equal(small_zoo, method, options, out)
+    _assert_equal(references, small_zoo, method, options, out)
 
 
 def test_merge_rerun_overwrites_and_is_identical(small_zoo, tmp_path):

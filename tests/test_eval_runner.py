@@ -48,16 +48,14 @@ def _config(zoo, switches, work, **kw) -> EvalConfig:
                       batch_size=16, **kw)
 
 
-def test_all_methods_on_ray_logged_to_mlflow_server(tiny_demo_zoo, switches, mlflow_server, tmp_path):
+@pytest.mark.slow
+def test_all_methods_on_ray_logged_to_mlflow_server(tiny_demo_zoo, switches, mlflow_server, tmp_path, ray_local):
     from mlflow.tracking import MlflowClient
 
     cfg = _config(tiny_demo_zoo, switches, tmp_path / "work", executor="ray", num_workers=2,
                   tracking=TrackingConfig(uri=mlflow_server, experiment="e2e"))
-    ray.shutdown()
-    try:
-        result = run_eval(cfg, show_progress=False)
-    finally:
-        ray.shutdown()
+    result = run_eval(cfg, show_progress=False)
+    assert ray.is_initialized()  # the eval attached to the session's Ray and left it running
     tasks = ["digits", "glyphs", "signs"]
     assert {(r["method"], r["task"]) for r in result.rows} == {(s.method, t) for s in ALL_METHODS for t in tasks}
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 24 for r in result.rows)
@@ -162,6 +160,7 @@ def test_config_file_resolves_relative_paths_and_grid(tiny_demo_zoo, switches, t
         ("dare", {"scale": 0.3}), ("dare", {"scale": 0.5}), ("pdiscard", {"scale": 0.3}), ("pdiscard", {"scale": 0.5})]
 
 
+@pytest.mark.slow
 def test_sweep_cli_runs_a_grid_and_refuses_a_config_without_one(tiny_demo_zoo, switches, tmp_path):
     import json
 

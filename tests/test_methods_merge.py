@@ -72,6 +72,29 @@ def zoo():
     return make_zoo()
 
 
+@pytest.fixture(scope="module")
+def once(zoo):
+    """``once(fn, *args)`` = ``fn(base_sd, task_sds, *args)``, computed once per module and shared by its tests.
+
+    For the numpy references and the in-memory merges several tests compare
+    against: both are pure functions of the zoo and their arguments, and no
+    test mutates a result.
+    """
+    cache: dict[tuple, object] = {}
+
+    def get(fn, *args):
+        if (fn, args) not in cache:
+            cache[fn, args] = fn(*zoo, *args)
+        return cache[fn, args]
+
+    return get
+
+
+def in_memory(base_sd, task_sds, name, opts=()):
+    """merge_in_memory of method ``name`` with options ``opts`` (hashable: a tuple of (key, value) pairs)."""
+    return merge_in_memory(get_method(name, **dict(opts)), base_sd, task_sds)
+
+
 def np_inputs(base_sd, task_sds):
     names = list(base_sd)
     b = {n: base_sd[n].to(torch.float32).numpy() for n in names}
@@ -164,18 +187,18 @@ def np_ties(base_sd, task_sds, k=20.0, trim_scope="model", merge="mean", scale=0
 
 @pytest.mark.parametrize("trim_scope", ["model", "tensor"])
 @pytest.mark.parametrize("merge", ["mean", "sum"])
-def test_ties_matches_reference(zoo, trim_scope, merge):
+def test_ties_matches_reference(zoo, once, trim_scope, merge):
     base_sd, task_sds = zoo
-    ref, trimmed, ties_at_cut = np_ties(base_sd, task_sds, 20.0, trim_scope, merge)
+    ref, trimmed, ties_at_cut = once(np_ties, 20.0, trim_scope, merge)
     assert ties_at_cut, "the zoo should put tied magnitudes at the trim cut"
     method = get_method("ties", trim_scope=trim_scope, merge=merge)
     assert method.stat_rounds == (3 if trim_scope == "model" else 1)
-    assert_close_sd(merge_in_memory(method, base_sd, task_sds), ref, base_sd)
+    assert_close_sd(once(in_memory, "ties", (("trim_scope", trim_scope), ("merge", merge))), ref, base_sd)
 
 
-def test_ties_sign_ties_resolved_by_majority(zoo):
+def test_ties_sign_ties_resolved_by_majority(zoo, once):
     base_sd, task_sds = zoo
-    _, trimmed, _ = np_ties(base_sd, task_sds)
+    _, trimmed, _ = once(np_ties, 20.0, "model", "mean")
     tied = (trimmed.sum(axis=0) == 0) & (np.abs(trimmed).sum(axis=0) > 0)
     assert tied.sum() > 10, "the zoo should contain cancelling trimmed entries"
     params = compute_params(get_method("ties"), base_sd, task_sds)
@@ -184,9 +207,9 @@ def test_ties_sign_ties_resolved_by_majority(zoo):
 
 
 @pytest.mark.parametrize("k", [100.0, 0.0, 50.0])
-def test_ties_extreme_k(zoo, k):
+def test_ties_extreme_k(zoo, once, k):
     base_sd, task_sds = zoo
-    ref, _, _ = np_ties(base_sd, task_sds, k, "model", "mean")
+    ref, _, _ = once(np_ties, k, "model", "mean")
     assert_close_sd(merge_in_memory(get_method("ties", k=k), base_sd, task_sds), ref, base_sd)
 
 
@@ -278,6 +301,11 @@ def np_thresholds(values: np.ndarray, alpha: float) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def np_masks_of(base_sd, task_sds, alpha, scope):
+    names, _, taus = np_inputs(base_sd, task_sds)
+    return np_masks(names, taus, alpha, scope)
+
+
 def np_masks(names, taus, alpha, scope):
     """Per task, per tensor: kept mask under scope tensor|model."""
     masks = {n: [] for n in names}
@@ -294,11 +322,11 @@ def np_masks(names, taus, alpha, scope):
 
 @pytest.mark.parametrize("scope", ["tensor", "model"])
 @pytest.mark.parametrize("norm_scope", ["model", "tensor"])
-def test_pdiscard_matches_reference(zoo, scope, norm_scope):
+def test_pdiscard_matches_reference(zoo, once, scope, norm_scope):
     base_sd, task_sds = zoo
     alpha, s = 0.6, 0.3
     names, b, taus = np_inputs(base_sd, task_sds)
-    masks = np_masks(names, taus, alpha, scope)
+    masks = once(np_masks_of, alpha, scope)
     psum = {n: np_seq_sum([np.where(masks[n][t], taus[n][t], 0) for t in range(N_TASKS)]) for n in names}
     full = {n: np_seq_sum(taus[n]) for n in names}
     ref = {}
@@ -387,11 +415,11 @@ def test_emr_modes_differ_and_zero_sign_maps_to_negative():
 
 @pytest.mark.parametrize("scope", ["tensor", "model"])
 @pytest.mark.parametrize("knob", ["rms", "mean"])
-def test_tswitch_reconstruction(zoo, scope, knob):
+def test_tswitch_reconstruction(zoo, once, scope, knob):
     base_sd, task_sds = zoo
     alpha = 0.6
     names, b, taus = np_inputs(base_sd, task_sds)
-    masks = np_masks(names, taus, alpha, scope)
+    masks = once(np_masks_of, alpha, scope)
 
     def np_knob(vals):
         if vals.size == 0:
@@ -458,10 +486,10 @@ def _sharded_merge(method, base_sd, task_sds, shards, combine_order):
 
 
 @pytest.mark.parametrize("name,opts", CONFIGS, ids=[f"{n}-{'-'.join(map(str, o.values())) or 'default'}" for n, o in CONFIGS])
-def test_sharded_equals_in_memory_bytes(zoo, name, opts):
+def test_sharded_equals_in_memory_bytes(zoo, once, name, opts):
     base_sd, task_sds = zoo
     method = get_method(name, **opts)
-    whole = merge_in_memory(method, base_sd, task_sds)
+    whole = once(in_memory, name, tuple(sorted(opts.items())))
     names = list(base_sd)
     shards = [names[:2], names[2:]]
     for order in (names, list(reversed(names))):

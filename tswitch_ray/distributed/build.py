@@ -285,7 +285,6 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
     writer = ArtifactWriter(ctx.out, ctx.run_key, storage_options=ctx.storage_options)
     zoo = _open_zoo(ctx.zoo_uri, ctx.run, ctx.run_key)
     device = _device(ctx)
-    _fault_injection_delay()
     totals: dict[tuple[str, float], KeptStats] = {}
     rows: list[dict[str, Any]] = []
     scratch = SwitchScratch()
@@ -326,13 +325,6 @@ def _staged_totals(writer: ArtifactWriter, part: Any) -> dict[tuple[str, float],
         st = KeptStats(int(row["kept"]), float(row["sum_abs"]), float(row["sum_sq"]))
         totals[key] = st if key not in totals else totals[key] + st
     return totals
-
-
-def _fault_injection_delay() -> None:
-    """Tests slow shards down (TSWITCH_TEST_SLOW_SHARD_S) to kill nodes or interrupt runs mid-build."""
-    delay = float(os.environ.get("TSWITCH_TEST_SLOW_SHARD_S") or 0)
-    if delay > 0:
-        time.sleep(delay)
 
 
 def _row(task: str, name: str, info: Any, th: Thresholds, stats: KeptStats, enc: Any, ctx: ShardContext) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class ExecutorStats:
     bytes_read: int = 0
     seconds: float = 0.0
     peak_rss_by_worker: dict[str, int] = field(default_factory=dict)
+    # Items re-run after their worker or node died (RayExecutor); 0 locally.
     retries: int = 0
 
 
@@ -61,6 +62,18 @@ def peak_rss_bytes() -> int:
 
 def worker_id() -> str:
     return f"{os.uname().nodename}:{os.getpid()}"
+
+
+def _system_failures(ray: Any) -> tuple[type[BaseException], ...]:
+    """What ``ray.get`` raises when a task's worker, raylet or node died, or its result was lost with the node.
+
+    Out-of-memory kills are among them: Ray's memory monitor kills a worker to
+    save its node, and with Ray retries off (see :class:`RayExecutor`) the
+    item is re-run here like any other dead worker's.
+    """
+    exc = ray.exceptions
+    return (exc.WorkerCrashedError, exc.NodeDiedError, exc.LocalRayletDiedError, exc.ObjectLostError,
+            exc.OutOfMemoryError)
 
 
 def _call(fn: Callable, args: tuple) -> tuple[Any, str, int]:
@@ -102,9 +115,17 @@ class RayExecutor(LocalExecutor):
       more tasks on a node than its memory allows;
     * at most ``max_in_flight`` tasks are submitted at once, so the object
       store never fills with pending results;
-    * ``max_retries`` re-runs a task whose worker or node died (Ray retries
-      system failures; user errors are not retried and surface as
-      ``TSwitchError``).
+    * ``max_retries`` re-runs a task whose worker or node died, at most that
+      many times per item; each re-run is counted in ``stats.retries``.
+      User errors are not retried and surface as ``TSwitchError``.
+
+    Ray's own ``max_retries`` would re-run a dead task invisibly to the
+    driver (Ray exposes no attempt number to count). So tasks are submitted
+    with Ray ``max_retries=0`` and this executor resubmits an item whose
+    ``ray.get`` reports a system failure (:func:`_system_failures`). With
+    zero Ray retries Ray also cannot rebuild a lost return object by
+    lineage; none is needed, as each result is fetched as soon as it is
+    ready and shard functions are idempotent (a re-run writes the same part).
     """
 
     name = "ray"
@@ -147,30 +168,40 @@ class RayExecutor(LocalExecutor):
         ray = self._ray
         t0 = time.perf_counter()
         fn_ref = ray.put(fn)
-        pending: dict[Any, WorkItem] = {}
-        queue = list(items)
-        queue.reverse()
+        failures = _system_failures(ray)
+        pending: dict[Any, tuple[WorkItem, int]] = {}  # ref -> (item, retries so far)
+        queue = [(item, 0) for item in reversed(items)]  # pop() takes the next item
         try:
             while queue or pending:
                 while queue and len(pending) < self.max_in_flight:
-                    item = queue.pop()
-                    opts: dict[str, Any] = {"max_retries": self.max_retries, "num_cpus": 1}
-                    if item.memory_bytes:
-                        opts["memory"] = int(item.memory_bytes)
-                    if self.num_gpus_per_task:
-                        opts["num_gpus"] = self.num_gpus_per_task
-                    ref = self._remote.options(**opts).remote(fn_ref, item.args)
-                    pending[ref] = item
+                    item, retried = queue.pop()
+                    pending[self._submit(fn_ref, item)] = (item, retried)
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    item = pending.pop(ref)
-                    result, wid, rss = self._get(ref)
+                    item, retried = pending.pop(ref)
+                    try:
+                        result, wid, rss = self._get(ref)
+                    except failures:
+                        if retried >= self.max_retries:
+                            raise
+                        self.stats.retries += 1
+                        queue.append((item, retried + 1))  # first in line, before items never tried
+                        continue
                     self._account(item, wid, rss, progress)
                     yield item.key, result
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
             self.stats.seconds += time.perf_counter() - t0
+
+    def _submit(self, fn_ref: Any, item: WorkItem) -> Any:
+        # Ray's retries off: map() retries and counts (see the class docstring).
+        opts: dict[str, Any] = {"max_retries": 0, "num_cpus": 1}
+        if item.memory_bytes:
+            opts["memory"] = int(item.memory_bytes)
+        if self.num_gpus_per_task:
+            opts["num_gpus"] = self.num_gpus_per_task
+        return self._remote.options(**opts).remote(fn_ref, item.args)
 
     def _get(self, ref: Any) -> Any:
         ray = self._ray
