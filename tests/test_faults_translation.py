@@ -155,16 +155,12 @@ def test_header_with_adjacent_and_empty_tensors_is_accepted(tmp_path):
 
 # --- the Ray boundary ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_session():
+@pytest.fixture
+def ray_session(ray_local):
+    """The session's shared local Ray (tests/conftest.py), which this driver is connected to."""
     import ray
 
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if owned:
-        ray.shutdown()
+    return ray
 
 
 def _run_on_ray(ray_session, fn):
@@ -216,18 +212,19 @@ def test_tracking_server_dying_mid_eval_fails_fast_naming_the_results(tmp_path):
     (MLflow's own defaults retried for ~260 s) that says where the results are."""
     import sys
 
-    from conftest import _free_port, _server
+    from conftest import _server
 
     from tswitch_ray.tracking import HTTP_DEADLINE_S, Tracker, TrackingConfig
 
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--default-artifact-root",
-            str(tmp_path / "artifacts"), "--workers", "1"]
+    def args_of(ports: list[int], folder: Path) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(ports[0]),
+                "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--default-artifact-root",
+                str(folder / "artifacts"), "--workers", "1"]
+
     results = str(tmp_path / "work" / "results.csv")
-    server = _server("mlflow server", args, tmp_path / "server.log", f"{uri}/health", lambda r: r.ok)
-    server.__enter__()
+    server = _server("mlflow server", 1, args_of, lambda ports: f"http://127.0.0.1:{ports[0]}/health",
+                     lambda r: r.ok, tmp_path / "mlflow")
+    uri = f"http://127.0.0.1:{server.__enter__()[0]}"
     try:
         tracker = Tracker(TrackingConfig(uri=uri, experiment="faults"), results_uri=results)
         with pytest.raises(ServiceError) as ei, tracker.evaluation("e", {"zoo": "z"}):
