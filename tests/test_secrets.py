@@ -147,8 +147,8 @@ def test_no_secret_is_written_anywhere(tiny_demo_zoo, s3_server, mlflow_server, 
         assert any(k.endswith("switches/manifest.json") for k in keys)
         assert any(k.endswith("merged/merge.json") for k in keys)
         assert any(k.endswith("sweep/results.parquet") for k in keys)
-        mlflow_roots = sorted({p.resolve() for p in tmp_path_factory.getbasetemp().glob("mlflow*")
-                               if (p / "mlflow.db").exists()})
+        # The server fixture keeps its store in <mlflow*>/attempt-<n>/ (one folder per start attempt).
+        mlflow_roots = sorted({db.parent.resolve() for db in tmp_path_factory.getbasetemp().glob("mlflow*/**/mlflow.db")})
         assert mlflow_roots, "the MLflow server's store was not found"
         sessions = list(ray_tmp.glob("ray/session_*/logs"))
         assert sessions and any(_files(s) for s in sessions), f"no Ray session logs under {ray_tmp}"

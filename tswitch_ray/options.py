@@ -156,3 +156,21 @@ class WithRunOptions(BaseModel):
     @classmethod
     def _lift_run_fields(cls, data: Any) -> Any:
         return lift_run_fields(data)
+
+
+class RunContext:
+    """Mixin of the frozen task contexts sent to Ray (build shards, merge shards, eval cells): how they run.
+
+    A context carries ``run: RunOptions`` as a field of its own dataclass;
+    the storage options and the device choice are read from it, never copied.
+    """
+
+    run: RunOptions
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return self.run.storage_options
+
+    @property
+    def use_cuda(self) -> bool:
+        return self.run.uses_gpu

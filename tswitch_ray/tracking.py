@@ -154,7 +154,7 @@ class Tracker:
             raise ServiceError(
                 f"The MLflow tracking store {self.uri} failed ({type(exc).__name__}: {_first_line(exc)}); "
                 f"gave up after {HTTP_MAX_RETRIES} retries (deadline about {HTTP_DEADLINE_S} s per request). "
-                f"{where} Restart the server and rerun (finished cells are reused), or pass --no-tracking."
+                f"{where} Restart the server and rerun (finished cells are reused), or turn tracking off (`tracking.enabled: false`; `--no-tracking` on the command line)."
             ) from None
 
     @contextmanager

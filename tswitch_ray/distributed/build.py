@@ -51,7 +51,7 @@ from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ZooError
 from tswitch_ray.io.checkpoints import CheckpointReader, dtype_to_torch
 from tswitch_ray.io.tables import read_table
-from tswitch_ray.options import RunOptions, WithRunOptions
+from tswitch_ray.options import RunContext, RunOptions, WithRunOptions
 from tswitch_ray.switch import (
     KeptStats,
     knob,
@@ -139,7 +139,7 @@ class BuildSummary:
 
 
 @dataclass(frozen=True)
-class ShardContext:
+class ShardContext(RunContext):
     """What a shard task needs to open the zoo and the output, without holding tensors."""
 
     zoo_uri: str
@@ -149,14 +149,6 @@ class ShardContext:
     scope: str
     knob_mode: str
     run: RunOptions
-
-    @property
-    def storage_options(self) -> dict[str, Any]:
-        return self.run.storage_options
-
-    @property
-    def use_cuda(self) -> bool:
-        return self.run.uses_gpu
 
 
 @functools.lru_cache(maxsize=4)

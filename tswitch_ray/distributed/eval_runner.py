@@ -65,7 +65,7 @@ from tswitch_ray.io.atomic import atomic_write_fs, exists, read_bytes
 from tswitch_ray.io.fs import open_fs
 from tswitch_ray.io.sink import probe_writable, verify_marker
 from tswitch_ray.methods import get_method_info
-from tswitch_ray.options import RunOptions
+from tswitch_ray.options import RunContext, RunOptions
 from tswitch_ray.tracking import Tracker
 from tswitch_ray.zoo import Zoo
 
@@ -73,7 +73,7 @@ ALL = "__all__"
 
 
 @dataclass(frozen=True)
-class EvalContext:
+class EvalContext(RunContext):
     """What a scoring task needs; small and picklable (URIs, not tensors)."""
 
     zoo: str
@@ -87,10 +87,6 @@ class EvalContext:
     batch_size: int
     limit: int | None
     torch_threads: int
-
-    @property
-    def storage_options(self) -> dict[str, Any]:
-        return self.run.storage_options
 
     def eval_uri(self, task: str) -> str:
         return next(e for t, e, _ in self.data if t == task)

@@ -39,7 +39,7 @@ from tswitch_ray.io.atomic import FileDigest
 from tswitch_ray.io.safetensors import SafetensorsStreamWriter, all_or_none, concat_safetensors, safetensors_bytes
 from tswitch_ray.io.sink import FolderSink
 from tswitch_ray.methods import get_method
-from tswitch_ray.options import RunOptions, WithRunOptions
+from tswitch_ray.options import RunContext, RunOptions, WithRunOptions
 from tswitch_ray.switch import task_vector
 from tswitch_ray.zoo import Zoo, check_finite, load_zoo
 
@@ -82,7 +82,7 @@ def _open_zoo(zoo_uri: str, run: RunOptions, files_identity: str) -> Zoo:
 
 
 @dataclass(frozen=True)
-class MergeContext:
+class MergeContext(RunContext):
     """What a merge shard task needs: where the zoo and the staging are, the method and how the job runs."""
 
     zoo_uri: str
@@ -91,14 +91,6 @@ class MergeContext:
     staging: str
     run: RunOptions
     files_identity: str = ""
-
-    @property
-    def storage_options(self) -> dict[str, Any]:
-        return self.run.storage_options
-
-    @property
-    def use_cuda(self) -> bool:
-        return self.run.uses_gpu
 
     def method_obj(self) -> Any:
         return get_method(self.method, **self.options)
