@@ -96,24 +96,31 @@ def read_marker(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | No
     return body if isinstance(body, dict) else None
 
 
-def verify_digests(fs: fsspec.AbstractFileSystem, files: Sequence[FileDigest], what: str) -> None:
-    """Read every file back and check its size and sha256; ``ArtifactError`` names the first bad one."""
+def _check_files(fs: fsspec.AbstractFileSystem, files: Sequence[FileDigest], path_of: Callable[[FileDigest], str],
+                 missing: Callable[[FileDigest], str], changed: Callable[[FileDigest, bytes], str]) -> None:
+    """Read every file back and check its size and sha256; ``ArtifactError`` (``missing`` / ``changed``) otherwise."""
 
     def check(f: FileDigest) -> None:
         try:
-            data = fs.cat_file(fs._strip_protocol(f.uri))
+            data = fs.cat_file(path_of(f))
         except FileNotFoundError:
-            raise ArtifactError(f"{f.uri}: staged {what} part is missing; it was removed while the run went on.") from None
+            raise ArtifactError(missing(f)) from None
         if len(data) != f.bytes or sha256_hex(data) != f.sha256:
-            raise ArtifactError(
-                f"{f.uri}: staged {what} part does not match the checksum its writer recorded "
-                f"({len(data)} bytes, sha256 {sha256_hex(data)[:12]}…; written {f.bytes} bytes, {f.sha256[:12]}…); "
-                "it was changed or corrupted after it was written."
-            )
+            raise ArtifactError(changed(f, data))
 
     # Reading and hashing release the GIL: files verify side by side.
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
         list(pool.map(check, files))
+
+
+def verify_digests(fs: fsspec.AbstractFileSystem, files: Sequence[FileDigest], what: str) -> None:
+    """Read every staged file back and check its size and sha256; ``ArtifactError`` names the first bad one."""
+    _check_files(
+        fs, files, lambda f: fs._strip_protocol(f.uri),
+        lambda f: f"{f.uri}: staged {what} part is missing; it was removed while the run went on.",
+        lambda f, data: (f"{f.uri}: staged {what} part does not match the checksum its writer recorded "
+                         f"({len(data)} bytes, sha256 {sha256_hex(data)[:12]}…; written {f.bytes} bytes, "
+                         f"{f.sha256[:12]}…); it was changed or corrupted after it was written."))
 
 
 def verify_marker(uri: str, marker: str, storage_options: dict[str, Any] | None = None,
@@ -154,19 +161,12 @@ def verify_marker(uri: str, marker: str, storage_options: dict[str, Any] | None 
         raise ArtifactError(f"{where}: field 'outputs' is not a list. {redo}")
     files = [_listed_output(o, base, where, redo) for o in outputs]
 
-    def check(f: FileDigest) -> None:
-        try:
-            data = fs.cat_file(f"{root}/{f.uri[len(base) + 1:]}")
-        except FileNotFoundError:
-            raise ArtifactError(f"{f.uri}: output listed in {marker} is missing. {redo}") from None
-        if len(data) != f.bytes or sha256_hex(data) != f.sha256:
-            raise ArtifactError(
-                f"{f.uri}: output does not match the checksum {marker} records ({len(data)} bytes, sha256 "
-                f"{sha256_hex(data)[:12]}…; committed {f.bytes} bytes, {f.sha256[:12]}…); it was changed or "
-                f"corrupted after the commit. {redo}")
-
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
-        list(pool.map(check, files))
+    _check_files(
+        fs, files, lambda f: f"{root}/{f.uri[len(base) + 1:]}",
+        lambda f: f"{f.uri}: output listed in {marker} is missing. {redo}",
+        lambda f, data: (f"{f.uri}: output does not match the checksum {marker} records ({len(data)} bytes, "
+                         f"sha256 {sha256_hex(data)[:12]}…; committed {f.bytes} bytes, {f.sha256[:12]}…); it was "
+                         f"changed or corrupted after the commit. {redo}"))
     return body
 
 
