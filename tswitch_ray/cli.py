@@ -257,7 +257,7 @@ def _method_options(pairs: list[str] | None) -> dict[str, Any]:
 def merge(
     zoo: str = typer.Option(..., "--zoo", "-z", help="Zoo manifest."),
     method: str = typer.Option(..., "--method", "-m", help="A merge method (listed below) or an alias."),
-    out_dir: str = typer.Option(..., "--out", "-o", help="Output folder: merged.safetensors or <task>.safetensors."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Output folder: merged.safetensors (one-model merges) or TASK.safetensors per task (per-task merges), then merge.json."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-O",
                                                help="Method option KEY=VALUE (repeatable); see the methods below."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed merge of another method, options or zoo."),
