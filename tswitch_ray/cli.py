@@ -305,18 +305,29 @@ def zoo_synth(
     out.print(f"wrote {path}")
 
 
-@zoo_app.command("convert", epilog="Example: `tswitch zoo convert finetuned.pt finetuned.safetensors --trust-pickle`")
+@zoo_app.command("convert", epilog="Examples: `tswitch zoo convert finetuned.pt finetuned.safetensors --trust-pickle`; "
+                                     "`tswitch zoo convert ckpts/*.pt --out-dir zoo/ --trust-pickle`")
 @user_errors
 def zoo_convert(
-    src: str = typer.Argument(..., help="Pickled checkpoint (.pt/.bin) — a whole module or a state dict."),
-    dst: str = typer.Argument(..., help="Output .safetensors."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle SRC (runs code inside it: only for files you trust)."),
+    paths: list[str] = typer.Argument(..., help="SRC DST.safetensors, or with --out-dir: one or more SRC checkpoints "
+                                                "(.pt/.bin: a state dict, or with --trust-pickle a whole module)."),
+    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Convert every SRC to OUT_DIR/<name>.safetensors."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle SRC (runs code inside it: only for files "
+                                                                     "you trust); a plain state dict needs no trust."),
 ) -> None:
-    """One-time, explicit conversion of a pickled checkpoint to safetensors."""
-    from tswitch_ray.zoo.convert import convert_checkpoint
+    """One-time conversion of torch checkpoints to safetensors, streamed tensor by tensor (memory: about one tensor)."""
+    from tswitch_ray.zoo.convert import convert_checkpoint, convert_checkpoints
 
-    convert_checkpoint(src, dst, trust_pickle=trust_pickle)
-    out.print(f"wrote {dst}")
+    if out_dir is not None:
+        written = convert_checkpoints(paths, out_dir, trust_pickle=trust_pickle)
+    elif len(paths) == 2 and paths[1].lower().endswith(".safetensors"):
+        convert_checkpoint(paths[0], paths[1], trust_pickle=trust_pickle)
+        written = [paths[1]]
+    else:
+        raise ConfigError("zoo convert takes SRC DST.safetensors, or several SRC with --out-dir DIR; "
+                          f"got {len(paths)} path(s) and no --out-dir.")
+    for w in written:
+        out.print(f"wrote {w}")
 
 
 @registry_app.command("query", epilog="Example: `tswitch registry query \"select uri, n_tasks, ratio from artifacts "
@@ -326,24 +337,17 @@ def zoo_convert(
 def registry_query(
     sql: str = typer.Argument(..., help="SQL over the views artifacts, switches, results."),
     root: str = typer.Option(".tswitch", "--root", help="Root URI under which artifact sets and results live."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    fmt: str = typer.Option("table", "--format", help="table (a wide result becomes one block per row), csv, json or "
+                                                    "markdown."),
     run: RunOptions = ...,
 ) -> None:
     """Run SQL over the artifact catalog (duckdb)."""
     from tswitch_ray.artifacts.registry import Registry
+    from tswitch_ray.render import FORMATS, render_query
 
-    table = Registry(root, storage_options=run.storage_options).query(sql)
-    if fmt == "json":
-        out.print_json(json.dumps(table.to_pylist(), default=str))
-    elif fmt == "csv":
-        import pyarrow.csv as pacsv
-
-        pacsv.write_csv(table, sys.stdout.buffer)
-    else:
-        t = Table(*table.column_names)
-        for row in table.to_pylist():
-            t.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
-        out.print(t)
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is unknown; use one of {', '.join(FORMATS)}.")
+    render_query(Registry(root, storage_options=run.storage_options).query(sql), fmt, out)
 
 
 def _print_eval(result: Any) -> None:
