@@ -101,7 +101,7 @@ class _LazyTensors(Mapping[str, torch.Tensor]):
         self._infos = reader.infos()
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._reader._tensor(name)  # the mmap-backed tensor: paged in as it is written, never copied whole
+        return self._reader.read(name)  # a copy of this one tensor, paged in from the mapped file
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._infos)
