@@ -181,3 +181,12 @@ def test_wemoe_upscales_the_declared_encoder():
     tokens = torch.randn(2, 4, 129)
     single = torch.stack([net.encoder(t) for t in tokens])
     torch.testing.assert_close(net.encoder(tokens), single)  # the per-example call WEMoE makes under vmap
+
+
+@pytest.mark.slow
+def test_rerunning_zoo_real_reuses_the_cached_build(real_run):
+    manifest = real_run["root"] / "zoo" / "zoo.yaml"
+    stamps = {p: p.stat().st_mtime_ns for p in (real_run["root"] / "zoo").rglob("*") if p.is_file()}
+    proc = _run("zoo", "real", "--out", str(real_run["root"] / "zoo"))
+    assert proc.stdout.strip().endswith(str(manifest).split("/")[-1]) and "finetune" not in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
