@@ -22,14 +22,14 @@ import yaml
 
 pytest.importorskip("silero_vad")
 
-from tswitch_ray.eval.adapters.silero import (  # noqa: E402
+from tswitch_ray.eval.adapters.silero import (
     SileroVAD,
     SileroVADAdapter,
     checkpoint_to_module_key,
     packaged_weights_path,
     signals_from_images,
 )
-from tswitch_ray.io.safetensors import read_safetensors  # noqa: E402
+from tswitch_ray.io.safetensors import read_safetensors
 
 TSWITCH = Path(sys.executable).parent / "tswitch"
 METHODS = [

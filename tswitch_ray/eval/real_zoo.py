@@ -28,9 +28,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,9 +39,23 @@ import yaml
 from tswitch_ray.errors import ConfigError
 from tswitch_ray.eval import _tasks
 from tswitch_ray.eval.adapters.heads import LinearHead, save_head
-from tswitch_ray.eval.adapters.silero import SIDE, SileroVAD, SileroVADAdapter, checkpoint_state, packaged_weights_path, signals_from_images
+from tswitch_ray.eval.adapters.silero import (
+    SIDE,
+    SileroVAD,
+    SileroVADAdapter,
+    checkpoint_state,
+    packaged_weights_path,
+    signals_from_images,
+)
 from tswitch_ray.eval.datasets import open_eval_dataset, write_image_parquet
-from tswitch_ray.eval.demo_zoo import _cached, _clear_previous, _features, _finetune, _timed, _train_probe
+from tswitch_ray.eval.demo_zoo import (
+    _cached,
+    _clear_previous,
+    _features,
+    _finetune,
+    _timed,
+    _train_probe,
+)
 from tswitch_ray.eval.evaluate import evaluate
 from tswitch_ray.io.atomic import atomic_write, read_bytes
 from tswitch_ray.io.safetensors import read_safetensors, save_safetensors
@@ -123,7 +137,7 @@ def _build(out: Path, weights: str, seed: int, cfg: RealZooConfig, h: str, say: 
     _clear_previous(out)
     with _timed(timings, "data"):
         xs, ys = _write_data(out, seed, cfg)
-    base_sd, meta = read_safetensors(weights)
+    base_sd, _ = read_safetensors(weights)
     save_safetensors(base_sd, str(out / "base.safetensors"), metadata={"format": "pt", "model": MODEL_NAME, "source": "silero-vad wheel: silero_vad/data/silero_vad_16k.safetensors"})
     base = SileroVADAdapter(heads={}).build(base_sd)
     gen = torch.Generator().manual_seed(seed)

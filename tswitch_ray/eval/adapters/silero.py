@@ -25,9 +25,10 @@ to [-1, 1] and centred, the way audio reaches the model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +113,7 @@ def checkpoint_to_module_key(key: str) -> str:
 
 
 def module_to_checkpoint_key(key: str) -> str:
-    return key[len("encoder.") :] if key.startswith("encoder.") else key
+    return key.removeprefix("encoder.")
 
 
 def checkpoint_state(model: SileroVAD) -> dict[str, torch.Tensor]:
@@ -155,5 +156,5 @@ class SileroVADAdapter(AdapterBase):
         return signals_from_images(np.stack(arrs))
 
     @classmethod
-    def from_heads_dir(cls, heads_uri: str, tasks: Sequence[str] | None = None, storage_options: Mapping[str, Any] | None = None) -> "SileroVADAdapter":
+    def from_heads_dir(cls, heads_uri: str, tasks: Sequence[str] | None = None, storage_options: Mapping[str, Any] | None = None) -> SileroVADAdapter:
         return cls(heads=dict(load_heads_dir(heads_uri, tasks, storage_options)), source=heads_uri)
