@@ -139,3 +139,46 @@ def test_registry_s3(s3_bucket) -> None:
     best = reg.query(SMALLEST_GOOD)
     assert best.column("uri").to_pylist() == [f"{bucket}/b/small"]
     assert best.column("encoded_bytes").to_pylist() == [small]
+
+
+def test_registry_query_formats_on_the_cli(tmp_path: Path) -> None:
+    """`registry query --format json|csv|markdown|table`: machine formats parse; a wide table stays readable."""
+    import csv
+    import io
+    import json
+
+    from typer.testing import CliRunner
+
+    from tswitch_ray.cli import app
+
+    root = tmp_path / "root"
+    sizes = {a: _commit_set(str(root / f"set{i}"), a, seed=i) for i, a in enumerate((0.5, 0.9))}
+    sql = "SELECT name, n_tasks, encoded_bytes, ratio FROM artifacts ORDER BY name"
+    run = CliRunner().invoke
+
+    res = run(app, ["registry", "query", sql, "--root", str(root), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [(r["name"], r["n_tasks"], r["encoded_bytes"]) for r in rows] == [("a0.5", 3, sizes[0.5]), ("a0.9", 3, sizes[0.9])]
+
+    res = run(app, ["registry", "query", sql, "--root", str(root), "--format", "csv"])
+    assert [r["name"] for r in csv.DictReader(io.StringIO(res.stdout))] == ["a0.5", "a0.9"]
+
+    res = run(app, ["registry", "query", sql, "--root", str(root), "--format", "markdown"])
+    lines = res.stdout.splitlines()
+    assert lines[0] == "| name | n_tasks | encoded_bytes | ratio |" and lines[1] == "|---|---|---|---|"
+    assert lines[2].startswith(f"| a0.5 | 3 | {sizes[0.5]} | ") and len(lines) == 4
+
+    # every column of `artifacts` is far wider than 80 characters: one block per row, every value on one line
+    res = run(app, ["registry", "query", "SELECT * FROM artifacts ORDER BY name", "--root", str(root)], terminal_width=80)
+    assert res.exit_code == 0, res.output
+    assert "row 1 of 2" in res.stdout and "row 2 of 2" in res.stdout
+    assert max(len(ln) for ln in res.stdout.splitlines()) <= 80
+    block = res.stdout.split("row 2 of 2")[1]
+    assert any(ln.split()[:2] == ["encoded_bytes", str(sizes[0.9])] for ln in block.splitlines())
+    # a narrow result is an ordinary table
+    res = run(app, ["registry", "query", "SELECT name FROM artifacts ORDER BY name", "--root", str(root)], terminal_width=80)
+    assert "row 1" not in res.stdout and "a0.5" in res.stdout and "┃ name" in res.stdout
+
+    res = run(app, ["registry", "query", sql, "--root", str(root), "--format", "xml"])
+    assert res.exit_code == 2 and "markdown" in res.output and "Traceback" not in res.output

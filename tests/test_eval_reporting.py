@@ -143,3 +143,41 @@ def test_progress_off_or_empty_shows_nothing_and_on_counts_cells(capsys):
         advance("m", "dtd")
     out = capsys.readouterr().out
     assert "eval" in out and "2/2" in out and "m / dtd" in out
+
+
+def test_column_labels_never_truncate_task_names_into_identical_columns():
+    from tswitch_ray.eval.reporting import column_labels
+
+    short = ["digits", "glyphs", "svhn"]
+    assert column_labels(short) == {t: t for t in short}  # names that fit are kept
+    long = ["classification_task_alpha", "classification_task_beta", "classification_task_b2", "classification_task_a",
+            "cifar100_coarse", "cifar100_fine", "cifar10", "textures"]
+    labels = column_labels(long)
+    assert len(set(labels.values())) == len(long)
+    assert all(len(v) <= 7 for v in labels.values())
+    assert labels["cifar10"] == "cifar10" and labels["textures"] == "textur…"
+    assert labels["classification_task_beta"].endswith("beta")  # what tells the names apart is shown
+    # even names that differ only after 40 shared characters, and many of them
+    many = [f"{'x' * 40}{i}" for i in range(12)]
+    assert len(set(column_labels(many).values())) == 12
+
+
+def test_eval_table_columns_are_distinct_for_long_common_prefix_tasks(capsys):
+    """The CLI's results table: one distinct header per task, the full names in the legend."""
+    from types import SimpleNamespace
+
+    import tswitch_ray.cli as cli
+
+    tasks = ["sentiment_movie_reviews", "sentiment_product_reviews", "sentiment_tweets"]
+    rows = [{"task": t} for t in tasks]
+    summary = [{"label": "Individual", "method": "individual", "per_task": {t: 0.5 + 0.1 * i for i, t in enumerate(tasks)},
+                "average": 0.6, "storage_bytes": 3000}]
+    result = SimpleNamespace(name="e", rows=rows, summary=summary, files={}, work_dir="w", seconds=1.0, run_id=None)
+    cli._print_eval(result)
+    text = capsys.readouterr().out
+    from tswitch_ray.eval.reporting import column_labels
+
+    labels = column_labels(tasks)
+    header = next(ln for ln in text.splitlines() if "method" in ln)
+    assert all(header.count(labels[t]) == 1 for t in tasks) and len(set(labels.values())) == 3
+    assert all(t in " ".join(text.split()) for t in tasks)  # the legend names every task in full

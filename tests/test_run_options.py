@@ -196,7 +196,7 @@ def test_run_options_of_the_flags_sets_only_what_was_given():
         "key": "abc", "anon": False, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}}
 
 
-EXECUTION_FLAGS = ("--executor", "--ray-address", "--workers", "--num-gpus", "--quiet")
+EXECUTION_FLAGS = ("--executor", "--ray-address", "--workers", "--num-gpus", "--quiet", "--verbose")
 STORAGE_FLAGS = ("--storage-option", "--s3-endpoint")
 
 

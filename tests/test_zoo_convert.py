@@ -90,8 +90,12 @@ def test_refused_without_trust_pickle(tmp_path, pickled, monkeypatch):
     _, _, src = pickled
     dst = tmp_path / "out" / "finetuned.safetensors"
 
-    def boom(*a, **k):  # nothing may be unpickled before the user opts in
-        raise AssertionError("torch.load called without --trust-pickle")
+    real_load = torch.load
+
+    def boom(*a, **k):  # nothing may be unpickled before the user opts in (weights_only runs no pickled code)
+        if not k.get("weights_only"):
+            raise AssertionError("torch.load called without weights_only before --trust-pickle")
+        return real_load(*a, **k)
 
     monkeypatch.setattr(torch, "load", boom)
     with pytest.raises(ZooError) as ei:
@@ -197,3 +201,39 @@ def test_convert_from_memory_uri(tmp_path):
 
     assert torch.equal(load(fs.cat("/tswitch-convert/m.safetensors"))["w"], sd["w"])
     fs.rm("/tswitch-convert", recursive=True)
+
+
+def test_convert_several_files_into_a_folder(tmp_path, pickled):
+    """`zoo convert A B C --out-dir D`: state dicts need no trust; a whole module does; each file is whole or absent."""
+    enc, head, src = pickled
+    torch.manual_seed(1)
+    plain = {"a.weight": torch.randn(5, 3), "a.bias": torch.randn(5), "half": torch.randn(4).half()}
+    torch.save(plain, tmp_path / "zoo" / "plain.bin")
+    srcs = [str(src), str(tmp_path / "zoo" / "plain.bin"), str(tmp_path / "zoo" / "head_cars.pt")]
+    out_dir = tmp_path / "converted"
+
+    res = CliRunner().invoke(app, ["zoo", "convert", str(tmp_path / "zoo" / "plain.bin"), "--out-dir", str(out_dir)])
+    assert res.exit_code == 0, res.output  # a plain state dict: read with weights_only, no --trust-pickle needed
+    got = load_file(str(out_dir / "plain.safetensors"))
+    assert got.keys() == plain.keys() and all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in plain.items())
+
+    res = CliRunner().invoke(app, ["zoo", "convert", *srcs, "--out-dir", str(out_dir), "--trust-pickle"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("wrote") == 3
+    tensors = load_file(str(out_dir / "finetuned.safetensors"))
+    assert set(tensors) == set(enc.state_dict()) and all(torch.equal(tensors[k], v) for k, v in enc.state_dict().items())
+    assert torch.equal(load_file(str(out_dir / "head_cars.safetensors"))["weight"], head.weight)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["finetuned.safetensors", "head_cars.safetensors", "plain.safetensors"]
+
+
+def test_convert_several_files_refuses_clashing_names_and_missing_out_dir(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        torch.save({"w": torch.ones(2)}, tmp_path / d / "model.pt")
+    res = CliRunner().invoke(app, ["zoo", "convert", str(tmp_path / "a" / "model.pt"), str(tmp_path / "b" / "model.pt"),
+                                   "--out-dir", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "would both be converted to" in " ".join(res.output.split())
+    assert not (tmp_path / "out").exists()  # checked before the first conversion
+    res = CliRunner().invoke(app, ["zoo", "convert", str(tmp_path / "a" / "model.pt"), str(tmp_path / "b" / "model.pt")])
+    assert res.exit_code == 2 and "--out-dir" in res.output and "Traceback" not in res.output

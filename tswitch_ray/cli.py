@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tswitch_ray.errors import ConfigError
+from tswitch_ray.library_logs import quiet_library_logs
 from tswitch_ray.options import RunOptions
 
 app = typer.Typer(
@@ -109,6 +109,8 @@ _EXECUTION_FLAGS: dict[str, tuple[Any, Any]] = {
         None, "--num-gpus", rich_help_panel=RUN_PANEL,
         help="GPUs per task (fractions allowed; default 0); tasks compute on CUDA when > 0.")),
     "quiet": (bool, typer.Option(False, "--quiet", "-q", rich_help_panel=RUN_PANEL, help="No progress bar.")),
+    "verbose": (bool, typer.Option(False, "--verbose", rich_help_panel=RUN_PANEL,
+                                   help="Also show Ray's and MLflow's own log lines (start-up notices, INFO).")),
 }
 _STORAGE_FLAGS: dict[str, tuple[Any, Any]] = {
     "storage_option": (Optional[list[str]], typer.Option(
@@ -137,7 +139,7 @@ def run_options(executor: Optional[str] = None, ray_address: Optional[str] = Non
 
 def with_run_options(execution: bool = True, storage: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the run-option flags (shown under "Run options" in its help) and call it with them as
-    one ``run: RunOptions``. ``execution``: --executor, --ray-address, --workers, --num-gpus, --quiet;
+    one ``run: RunOptions``. ``execution``: --executor, --ray-address, --workers, --num-gpus, --quiet, --verbose;
     ``storage``: --storage-option/-S, --s3-endpoint."""
     flags = {**(_EXECUTION_FLAGS if execution else {}), **(_STORAGE_FLAGS if storage else {})}
 
@@ -149,6 +151,7 @@ def with_run_options(execution: bool = True, storage: bool = True) -> Callable[[
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
             given = {name: kwargs.pop(name) for name in flags}
+            quiet_library_logs(bool(given.pop("verbose", False)))
             return fn(*args, run=run_options(**given), **kwargs)
 
         # typer reads the parameters from the signature and their types from the annotations.
@@ -160,6 +163,9 @@ def with_run_options(execution: bool = True, storage: bool = True) -> Callable[[
     return decorate
 
 
+ALPHA_ZERO_WARNING = ("warning: α = 0 is not lossless. It keeps every element of τ, but a switch stores only its sign "
+                      "and one knob per tensor: each changed element is rebuilt as θ0 ± knob, not θ0 + τ. For the exact "
+                      "fine-tuned weights keep the checkpoint; see docs/MATH.md (T-Switch).")
 _DEMO_ZOO = ".tswitch/demo/zoo/zoo.yaml"  # what `tswitch zoo demo` (and `tswitch demo`) writes: the examples' zoo
 
 
@@ -169,7 +175,8 @@ _DEMO_ZOO = ".tswitch/demo/zoo/zoo.yaml"  # what `tswitch zoo demo` (and `tswitc
 def build(
     zoo: str = typer.Option(..., "--zoo", "-z", help="Zoo manifest (YAML), local path or fsspec URL."),
     out_uri: str = typer.Option(..., "--out", "-o", help="Artifact URI (folder or s3://bucket/prefix)."),
-    alpha: list[float] = typer.Option([0.6], "--alpha", "-a", help="Discard ratio α in [0, 1); repeat for several (one pass for all)."),
+    alpha: list[float] = typer.Option([0.6], "--alpha", "-a", help="Discard ratio α in [0, 1); repeat for several (one pass for all). "
+                                      "α = 0 is not lossless: every changed element becomes θ0 ± knob (only the sign is kept)."),
     scope: str = typer.Option("tensor", "--scope", help="Threshold and knob scope: 'tensor' (authors' code) or 'model' (paper text)."),
     knob: str = typer.Option("rms", "--knob", help="Switch knob: 'rms' (authors' code) or 'mean' (least squares)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed artifact set built with other options."),
@@ -184,6 +191,8 @@ def build(
     """
     from tswitch_ray.distributed.build import BuildConfig, run_build
 
+    if 0.0 in alpha:
+        console.print(ALPHA_ZERO_WARNING, highlight=False, markup=False)
     cfg = BuildConfig(zoo=zoo, out=out_uri, alphas=alpha, scope=scope, knob=knob, overwrite=overwrite,
                       shard_bytes=shard_mb * 2**20, run=run)
     s = run_build(cfg)
@@ -194,7 +203,10 @@ def build(
     t.add_row("bytes read", _bytes(s.bytes_read))
     t.add_row("time", f"{s.seconds:.1f} s")
     t.add_row("phases", ", ".join(f"{name} {sec:.1f} s" for name, sec in s.phase_seconds.items()))
-    t.add_row("storage", f"{_bytes(s.encoded_bytes)} = {100 * s.ratio:.2f} % of fp32 task vectors")
+    for a, (enc, fp32) in s.storage_by_alpha.items():
+        t.add_row(f"storage α={a:g}", f"{_bytes(enc)} = {100 * enc / fp32 if fp32 else 0.0:.2f} % of {_bytes(fp32)} fp32 task vectors")
+    t.add_row("storage total", f"{_bytes(s.encoded_bytes)} = {100 * s.ratio:.2f} % of {_bytes(s.fp32_bytes)} "
+              f"(fp32 task vectors once per α)")
     t.add_row("peak RSS per worker", ", ".join(_bytes(v) for v in sorted(s.peak_rss_by_worker.values(), reverse=True)[:8]))
     out.print(t)
 
@@ -292,18 +304,29 @@ def zoo_synth(
     out.print(f"wrote {path}")
 
 
-@zoo_app.command("convert", epilog="Example: `tswitch zoo convert finetuned.pt finetuned.safetensors --trust-pickle`")
+@zoo_app.command("convert", epilog="Examples: `tswitch zoo convert finetuned.pt finetuned.safetensors --trust-pickle`; "
+                                     "`tswitch zoo convert ckpts/*.pt --out-dir zoo/ --trust-pickle`")
 @user_errors
 def zoo_convert(
-    src: str = typer.Argument(..., help="Pickled checkpoint (.pt/.bin) — a whole module or a state dict."),
-    dst: str = typer.Argument(..., help="Output .safetensors."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle SRC (runs code inside it: only for files you trust)."),
+    paths: list[str] = typer.Argument(..., help="SRC DST.safetensors, or with --out-dir: one or more SRC checkpoints "
+                                                "(.pt/.bin: a state dict, or with --trust-pickle a whole module)."),
+    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Convert every SRC to OUT_DIR/<name>.safetensors."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle SRC (runs code inside it: only for files "
+                                                                     "you trust); a plain state dict needs no trust."),
 ) -> None:
-    """One-time, explicit conversion of a pickled checkpoint to safetensors."""
-    from tswitch_ray.zoo.convert import convert_checkpoint
+    """One-time conversion of torch checkpoints to safetensors, streamed tensor by tensor (memory: about one tensor)."""
+    from tswitch_ray.zoo.convert import convert_checkpoint, convert_checkpoints
 
-    convert_checkpoint(src, dst, trust_pickle=trust_pickle)
-    out.print(f"wrote {dst}")
+    if out_dir is not None:
+        written = convert_checkpoints(paths, out_dir, trust_pickle=trust_pickle)
+    elif len(paths) == 2 and paths[1].lower().endswith(".safetensors"):
+        convert_checkpoint(paths[0], paths[1], trust_pickle=trust_pickle)
+        written = [paths[1]]
+    else:
+        raise ConfigError("zoo convert takes SRC DST.safetensors, or several SRC with --out-dir DIR; "
+                          f"got {len(paths)} path(s) and no --out-dir.")
+    for w in written:
+        out.print(f"wrote {w}")
 
 
 @registry_app.command("query", epilog="Example: `tswitch registry query \"select uri, n_tasks, ratio from artifacts "
@@ -313,24 +336,17 @@ def zoo_convert(
 def registry_query(
     sql: str = typer.Argument(..., help="SQL over the views artifacts, switches, results."),
     root: str = typer.Option(".tswitch", "--root", help="Root URI under which artifact sets and results live."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    fmt: str = typer.Option("table", "--format", help="table (a wide result becomes one block per row), csv, json or "
+                                                    "markdown."),
     run: RunOptions = ...,
 ) -> None:
     """Run SQL over the artifact catalog (duckdb)."""
     from tswitch_ray.artifacts.registry import Registry
+    from tswitch_ray.render import FORMATS, render_query
 
-    table = Registry(root, storage_options=run.storage_options).query(sql)
-    if fmt == "json":
-        out.print_json(json.dumps(table.to_pylist(), default=str))
-    elif fmt == "csv":
-        import pyarrow.csv as pacsv
-
-        pacsv.write_csv(table, sys.stdout.buffer)
-    else:
-        t = Table(*table.column_names)
-        for row in table.to_pylist():
-            t.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
-        out.print(t)
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is unknown; use one of {', '.join(FORMATS)}.")
+    render_query(Registry(root, storage_options=run.storage_options).query(sql), fmt, out)
 
 
 def _print_eval(result: Any) -> None:
@@ -338,11 +354,14 @@ def _print_eval(result: Any) -> None:
 
     tasks = list(dict.fromkeys(r["task"] for r in result.rows))
     individual = next((x["storage_bytes"] for x in result.summary if x["method"] == "individual"), None)
-    t = Table(title=f"{result.name}: accuracy (%) per task, average and storage", caption=(
-        "tasks: " + ", ".join(f"{task[:7]}={task}" for task in tasks if len(task) > 7)) or None)
+    from tswitch_ray.eval.reporting import column_labels
+
+    short = column_labels(tasks)
+    legend = ", ".join(f"{short[task]}={task}" for task in tasks if short[task] != task)
+    t = Table(title=f"{result.name}: accuracy (%) per task, average and storage", caption=("tasks: " + legend) if legend else None)
     t.add_column("method", style="bold", no_wrap=True)
     for task in tasks:
-        t.add_column(task[:7], justify="right")
+        t.add_column(short[task], justify="right")
     t.add_column("avg", justify="right", style="bold")
     t.add_column("storage", justify="right")
     if individual:
@@ -456,6 +475,20 @@ def zoo_demo(
             t.add_row(task, f"{100 * r.get('base_accuracy', float('nan')):.1f}",
                       f"{100 * r.get('finetuned_accuracy', float('nan')):.1f}")
         out.print(t)
+    out.print(str(path))
+
+
+@zoo_app.command("real", epilog="Example: `tswitch zoo real --out .tswitch/real/zoo`")
+@user_errors
+def zoo_real(
+    out_dir: str = typer.Option(".tswitch/real/zoo", "--out", "-o", help="Folder for zoo.yaml, checkpoints, heads and eval data."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a cached build with this recipe exists."),
+) -> None:
+    """Build the real-model zoo: the silero-vad wheel's pretrained network fine-tuned here on 4 real-data tasks (cached)."""
+    from tswitch_ray.eval.real_zoo import build_real_zoo
+
+    path = build_real_zoo(out_dir, seed=seed, force=force, progress=lambda m: console.print(m, highlight=False))
     out.print(str(path))
 
 

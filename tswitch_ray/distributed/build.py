@@ -132,6 +132,8 @@ class BuildSummary:
     # attaching), sample / histograms / refine (scope "model"), encode,
     # commit, shutdown. Their sum is ``seconds`` less a few milliseconds.
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # Per α: (encoded bytes of every task's switch, fp32 bytes of the task vectors they replace).
+    storage_by_alpha: dict[float, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -380,7 +382,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         totals = _encode_shards(cfg, executor, ctx, zoo, shards, todo, writer, timer)
         timer.start("commit")
         manifest = _manifest(cfg, zoo, run_key, shards, writer, totals)
-        writer.complete(manifest)
+        committed = writer.complete(manifest)
         stats = executor.stats
     finally:
         timer.start("shutdown")
@@ -400,7 +402,17 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         encoded_bytes=manifest["totals"]["encoded_bytes"],
         peak_rss_by_worker=stats.peak_rss_by_worker,
         phase_seconds=dict(timer.seconds),
+        storage_by_alpha=_storage_by_alpha(committed["switches"]),
     )
+
+
+def _storage_by_alpha(switches: Sequence[dict[str, Any]]) -> dict[float, tuple[int, int]]:
+    """The committed manifest's per-(task, α) switches summed per α: (encoded bytes, fp32 task-vector bytes)."""
+    out: dict[float, tuple[int, int]] = {}
+    for sw in switches:
+        enc, fp32 = out.get(sw["alpha"], (0, 0))
+        out[sw["alpha"]] = (enc + int(sw["encoded_bytes"]), fp32 + 4 * int(sw["numel"]))
+    return dict(sorted(out.items()))
 
 
 def _plan(cfg: BuildConfig) -> tuple[Zoo, list[Shard], str]:

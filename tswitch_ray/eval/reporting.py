@@ -60,6 +60,37 @@ def summarise(specs: Sequence[MethodSpec], rows: Sequence[Row], sizes: StorageMo
 # ------------------------------------------------------------------ tables
 
 
+def column_labels(tasks: Sequence[str], width: int = 7) -> dict[str, str]:
+    """A short, distinct column label per task (at most ``width`` characters; a name that fits is kept).
+
+    Plain truncation turns ``cifar100_coarse`` / ``cifar100_fine`` into two
+    ``cifar10…`` columns; names that collide are shortened around what tells
+    them apart (the part after their common prefix), and any that still
+    collide are numbered. Callers print the full names as a legend.
+    """
+    import os.path
+
+    labels = {t: t if len(t) <= width else t[: width - 1] + "…" for t in tasks}
+    for group in _collisions(labels):
+        common = len(os.path.commonprefix(group))
+        keep = max(1, min(common, width // 3))  # a little of the shared stem, for context
+        for t in group:
+            rest = t[common:]
+            labels[t] = (t[:keep] + "…" + rest)[:width] if keep + 1 + len(rest) <= width else t[:keep] + "…" + rest[: width - keep - 2] + "…"
+    for group in _collisions(labels):
+        for i, t in enumerate(group, 1):
+            tag = f"#{i}"
+            labels[t] = labels[t][: width - len(tag)] + tag
+    return labels
+
+
+def _collisions(labels: Mapping[str, str]) -> list[list[str]]:
+    by_label: dict[str, list[str]] = {}
+    for t, label in labels.items():
+        by_label.setdefault(label, []).append(t)
+    return [g for g in by_label.values() if len(g) > 1]
+
+
 def results_markdown(summary: Sequence[Mapping[str, Any]], tasks: Sequence[str], individual_bytes: int) -> str:
     """The summary as a markdown table: accuracy (%) per task, the average, storage in MB and vs Individual."""
     head = "| method | " + " | ".join(tasks) + " | avg | storage (MB) | storage vs individual |"

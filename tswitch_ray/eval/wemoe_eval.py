@@ -52,7 +52,7 @@ from tswitch_ray.eval.datasets import EvalDataset
 from tswitch_ray.eval.evaluate import evaluate
 from tswitch_ray.methods.base import merge_in_memory
 from tswitch_ray.methods.task_arithmetic import TaskArithmetic
-from tswitch_ray.methods.wemoe import WeightEnsemblingMLP, entropy_loss, tta_step, upscale_mlps
+from tswitch_ray.methods.wemoe import WeightEnsemblingMLP, _first_linear_in_features, entropy_loss, tta_step, upscale_mlps
 
 Tensor = torch.Tensor
 
@@ -69,6 +69,9 @@ def find_mlp_paths(model: nn.Module) -> list[str]:
     ``ConfigError`` naming the model class when the model has no block of a
     known layout (:data:`MLP_BLOCK_CLASSES`).
     """
+    declared = getattr(type(model), "MLP_PATHS", None)  # an architecture that is no Transformer names its own
+    if declared:
+        return list(declared)
     paths = []
     for name, module in model.named_modules():
         if type(module).__name__ in MLP_BLOCK_CLASSES and isinstance(getattr(module, "mlp", None), nn.Module):
@@ -183,8 +186,7 @@ def _router_width(model: nn.Module, first_mlp: str, router_hidden: int | None) -
     """Step 3's hidden width: ``router_hidden``, else the first MLP's input width (FusionBench's choice)."""
     if router_hidden is not None:
         return router_hidden
-    first = model.get_submodule(first_mlp)
-    return next((m.in_features for m in first.modules() if isinstance(m, nn.Linear)), 0) or 1
+    return _first_linear_in_features(model.get_submodule(first_mlp))
 
 
 def _upscale(

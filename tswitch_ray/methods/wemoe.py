@@ -94,11 +94,14 @@ class WemoeRouter(nn.Module):
 
 
 def _first_linear_in_features(module: nn.Module) -> int:
+    """The token width the MLP reads: its first Linear's in_features (a Conv1d over tokens: in_channels)."""
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
             return sub.in_features
+        if isinstance(sub, nn.Conv1d):
+            return sub.in_channels
     raise ConfigError(
-        f"wemoe: cannot infer the router's input size from {type(module).__name__} (no nn.Linear); "
+        f"wemoe: cannot infer the router's input size from {type(module).__name__} (no nn.Linear or nn.Conv1d); "
         "pass in_features."
     )
 

@@ -26,6 +26,8 @@ Modules (one job each; every byte they read goes through :mod:`tswitch_ray.io`):
   folders, each task's own classifier as its head).
 * :mod:`.hf_sequence` - :class:`HFSequenceClassifierAdapter` (RoBERTa-family
   sequence classifiers).
+* :mod:`.silero` - :class:`~.silero.SileroVADAdapter` (the silero-vad wheel's
+  pretrained network, images read as signals: the real-model zoo).
 * :mod:`.spec` - :func:`adapter_from_spec` (the JSON-able spec of ``demo.json``
   and eval configs) and :data:`ADAPTER_KINDS`.
 

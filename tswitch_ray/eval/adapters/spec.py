@@ -10,9 +10,10 @@ from tswitch_ray.eval.adapters.hf_clip import HFCLIPVisionAdapter
 from tswitch_ray.eval.adapters.hf_sequence import HFSequenceClassifierAdapter
 from tswitch_ray.eval.adapters.hf_vit import HFViTClassifierAdapter
 from tswitch_ray.eval.adapters.open_clip import OpenClipVisionAdapter
+from tswitch_ray.eval.adapters.silero import SileroVADAdapter
 from tswitch_ray.io.fs import resolve_uri
 
-ADAPTER_KINDS = ("open_clip", "hf_clip_vision", "hf_vit_classifier", "hf_sequence_classifier")
+ADAPTER_KINDS = ("open_clip", "hf_clip_vision", "hf_vit_classifier", "hf_sequence_classifier", "silero_vad")
 
 
 def adapter_from_spec(spec: Mapping[str, Any], base_uri: str = "", storage_options: Mapping[str, Any] | None = None) -> ModelAdapter:
@@ -21,6 +22,7 @@ def adapter_from_spec(spec: Mapping[str, Any], base_uri: str = "", storage_optio
     * ``{"kind": "open_clip", "model": "ViT-B-32" | {config dict}, "heads": "heads", "tasks": [...]?, "mean": [...]?, "std": [...]?}``
     * ``{"kind": "hf_clip_vision", "folder": "base_hf", "heads": "heads", "tasks": [...]?}``
     * ``{"kind": "hf_vit_classifier" | "hf_sequence_classifier", "base": "base_folder", "tasks": {"task": "folder", ...}}``
+    * ``{"kind": "silero_vad", "heads": "heads", "tasks": [...]?}`` (the real-model zoo, :mod:`.silero`)
     """
     kind = spec.get("kind")
     so = storage_options
@@ -29,6 +31,8 @@ def adapter_from_spec(spec: Mapping[str, Any], base_uri: str = "", storage_optio
         return OpenClipVisionAdapter.from_heads_dir(spec["model"], resolve_uri(base_uri, spec.get("heads", "heads")), spec.get("tasks"), so, **extra)
     if kind == "hf_clip_vision":
         return HFCLIPVisionAdapter.from_folder(resolve_uri(base_uri, spec["folder"]), resolve_uri(base_uri, spec.get("heads", "heads")), spec.get("tasks"), so)
+    if kind == "silero_vad":
+        return SileroVADAdapter.from_heads_dir(resolve_uri(base_uri, spec.get("heads", "heads")), spec.get("tasks"), so)
     if kind in ("hf_vit_classifier", "hf_sequence_classifier"):
         tasks = spec.get("tasks")
         if not isinstance(tasks, Mapping) or not tasks:
