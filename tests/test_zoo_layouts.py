@@ -406,3 +406,15 @@ def test_float_mismatch_outside_heads_gives_no_suggestion(clip_zoo, tmp_path):
         load_zoo(str(zoo)).validate()
     assert "visual.ln_pre.weight' shape mismatch" in str(e.value)
     assert "task_specific" not in str(e.value)
+
+
+def test_cli_build_prints_detected_key_maps_and_task_specific_storage(bert_zoo, tmp_path):
+    root, labels = bert_zoo
+    zoo = _write_manifest(tmp_path, str(root / "base"), [{"name": t, "uri": str(root / t)} for t in labels],
+                          task_specific=["classifier.*"])
+    r = cli("build", "--zoo", zoo, "--out", tmp_path / "sw", "--alpha", ALPHA, "--executor", "local", "--quiet")
+    assert r.exit_code == 0, r.output
+    for task in labels:
+        assert f"keys of {task}" in r.output
+    assert r.output.count("(detected)") == len(labels) and "'bert.' -> ''" in r.output
+    assert "task-specific" in r.output

@@ -195,6 +195,11 @@ def build(
     t.add_row("time", f"{s.seconds:.1f} s")
     t.add_row("phases", ", ".join(f"{name} {sec:.1f} s" for name, sec in s.phase_seconds.items()))
     t.add_row("storage", f"{_bytes(s.encoded_bytes)} = {100 * s.ratio:.2f} % of fp32 task vectors")
+    if s.task_tensor_bytes:
+        t.add_row("task-specific", f"{_bytes(s.task_tensor_bytes)} (each task's own heads and buffers, lossless)")
+    for task, km in s.key_maps.items():
+        rules = ", ".join(f"{old!r} -> {new!r}" for old, new in km["rules"])
+        t.add_row(f"keys of {task}", f"{rules}" + (" (detected)" if km["detected"] else ""))
     t.add_row("peak RSS per worker", ", ".join(_bytes(v) for v in sorted(s.peak_rss_by_worker.values(), reverse=True)[:8]))
     out.print(t)
 
