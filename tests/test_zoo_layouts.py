@@ -418,3 +418,62 @@ def test_cli_build_prints_detected_key_maps_and_task_specific_storage(bert_zoo, 
         assert f"keys of {task}" in r.output
     assert r.output.count("(detected)") == len(labels) and "'bert.' -> ''" in r.output
     assert "task-specific" in r.output
+
+
+@pytest.mark.slow
+def test_ray_build_of_mapped_zoo_equals_local(bert_zoo, tmp_path, ray_local):
+    """Workers detect the same prefix as the driver and stage the same task parts, byte for byte."""
+    root, labels = bert_zoo
+    zoo = _write_manifest(tmp_path, str(root / "base"), [{"name": t, "uri": str(root / t)} for t in labels],
+                          task_specific=["classifier.*"])
+    manifests = {}
+    for executor in ("local", "ray"):
+        run_build(BuildConfig(zoo=str(zoo), out=str(tmp_path / executor), alphas=[ALPHA], executor=executor,
+                              show_progress=False))
+        manifests[executor] = ArtifactReader(str(tmp_path / executor)).manifest
+    for key in ("run_key", "tensors", "task_tensors", "layouts", "parts"):
+        assert manifests["local"][key] == manifests["ray"][key], key
+
+
+def test_eval_of_task_specific_zoo_scores_each_reconstruction_with_its_own_head(vit_zoo, tmp_path):
+    """T-Switch's accuracy in an evaluation equals that of the reconstruction loaded with from_pretrained into
+    the task's own class (its own head, its own num_labels), on the same pixels."""
+    import numpy as np
+    from transformers import ViTForImageClassification
+
+    from tswitch_ray.distributed.eval_runner import run_eval
+    from tswitch_ray.eval.adapters.spec import adapter_from_spec
+    from tswitch_ray.eval.config import EvalConfig, MethodSpec
+    from tswitch_ray.eval.datasets import open_eval_dataset, write_image_parquet
+    from tswitch_ray.tracking import TrackingConfig
+
+    root, labels = vit_zoo
+    zoo = _write_manifest(tmp_path, str(root / "base"), [{"name": t, "uri": str(root / t)} for t in labels],
+                          task_specific=["classifier.*"])
+    _build(zoo, tmp_path / "sw")
+    rng = np.random.default_rng(0)
+    data = {}
+    for task, n in labels.items():
+        uri = str(tmp_path / f"{task}.parquet")
+        write_image_parquet(uri, [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(12)],
+                            np.arange(12) % n)
+        data[task] = {"eval": uri}
+    adapter = {"kind": "hf_vit_classifier", "base": str(root / "base"), "tasks": {t: str(root / t) for t in labels}}
+    cfg = EvalConfig(name="heads", zoo=str(zoo), artifacts=str(tmp_path / "sw"), work_dir=str(tmp_path / "w"),
+                     adapter=adapter, data=data, methods=[MethodSpec(method="tswitch", alpha=ALPHA)],
+                     tracking=TrackingConfig(enabled=False), executor="local", batch_size=16)
+    result = run_eval(cfg, show_progress=False)
+    got = {r["task"]: r["accuracy"] for r in result.rows}
+    spec_adapter = adapter_from_spec(adapter, str(tmp_path))
+    for task in labels:
+        out = tmp_path / f"{task}.safetensors"
+        reconstruct_task(str(tmp_path / "sw"), task, ALPHA, str(out))
+        model = _strict_hf(ViTForImageClassification, _hf_folder(root / task, out, tmp_path / task))
+        ds = open_eval_dataset(data[task]["eval"])
+        correct = total = 0
+        for batch in ds.batches(64, num_classes=labels[task]):
+            with torch.no_grad():
+                pred = model(pixel_values=spec_adapter.collate(batch.items)).logits.argmax(-1)
+            correct += int((pred == torch.as_tensor(batch.labels)).sum())
+            total += len(batch.items)
+        assert got[task] == pytest.approx(correct / total, abs=1e-12), task
