@@ -9,7 +9,6 @@ independently (tests/test_build_reconstruct.py ``reference``) within fp toleranc
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -18,9 +17,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_build_reconstruct import reference
 from typer.testing import CliRunner
 
-from test_build_reconstruct import reference
 from tswitch_ray.artifacts import ArtifactReader
 from tswitch_ray.cli import app
 from tswitch_ray.distributed.build import BuildConfig, run_build

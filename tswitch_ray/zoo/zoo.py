@@ -195,16 +195,16 @@ class Zoo:
                 continue  # buffers are copied per task, never compared as weights
             ti = task_infos.get(name)
             if ti is None:
-                out.append((name,
+                mapped = f" (task names mapped by {list(reader.pairs())})" if reader.pairs() else ""
+                out.append((name, (
                     f"{self._where()}: task {task!r} checkpoint {reader.uri} has no tensor {name!r}, "
-                    f"which base checkpoint {self.base.uri} has (shape {list(bi.shape)} {bi.dtype})"
-                    + (f" (task names mapped by {list(reader.pairs())})" if reader.pairs() else "") + "."))
+                    f"which base checkpoint {self.base.uri} has (shape {list(bi.shape)} {bi.dtype}){mapped}.")))
             elif ti.shape != bi.shape or ti.dtype != bi.dtype:
                 what = "shape" if ti.shape != bi.shape else "dtype"
-                out.append((name,
+                out.append((name, (
                     f"{self._where()}: tensor {name!r} {what} mismatch: {list(ti.shape)} {ti.dtype} in task "
                     f"{task!r} checkpoint {reader.uri} but {list(bi.shape)} {bi.dtype} in base checkpoint "
-                    f"{self.base.uri}; the task was not fine-tuned from this base (or not the same architecture)."))
+                    f"{self.base.uri}; the task was not fine-tuned from this base (or not the same architecture).")))
         return out
 
     def _note_layout(self, task: str, reader: MappedReader, all_base: Mapping[str, TensorInfo],
