@@ -476,3 +476,49 @@ def test_eval_of_task_specific_zoo_scores_each_reconstruction_with_its_own_head(
             correct += int((pred == torch.as_tensor(batch.labels)).sum())
             total += len(batch.items)
         assert got[task] == pytest.approx(correct / total, abs=1e-12), task
+
+
+def test_heads_only_in_tasks_without_task_specific_are_named(bert_zoo, caplog):
+    """A BertModel base has no classifier: without `task_specific` the build works, and says what it leaves out."""
+    root, labels = bert_zoo
+    zoo = load_zoo_from(root, labels)
+    with caplog.at_level(logging.WARNING, logger="tswitch_ray.zoo.zoo"):
+        zoo.validate()
+    notes = [r.getMessage() for r in caplog.records if "the base lacks" in r.getMessage()]
+    assert len(notes) == len(labels)
+    assert all('add `task_specific: ["classifier.*"]`' in m and "classifier.weight" in m for m in notes)
+
+
+def load_zoo_from(root: Path, labels: dict[str, int]):
+    from tswitch_ray.zoo import Zoo
+
+    return Zoo.from_uris("bert", str(root / "base"), {t: str(root / t) for t in labels})
+
+
+@pytest.mark.parametrize("how", ["base_prefix", "detected"])
+def test_base_with_a_prefix_the_tasks_lack(clip_zoo, tmp_path, how):
+    """The base saved as an ImageEncoder (model.*), the tasks as open_clip state dicts (visual.*)."""
+    base = {"model." + k: v for k, v in torch.load(clip_zoo / "base.pt", weights_only=True).items()}
+    torch.save(base, tmp_path / "base.pt")
+    for task in ("cars", "dtd"):
+        sd = torch.load(clip_zoo / f"{task}.pt", weights_only=True)
+        torch.save({k.removeprefix("model."): v for k, v in sd.items()}, tmp_path / f"{task}.pt")
+    fields = {"base_prefix": "model."} if how == "base_prefix" else {}
+    zoo = _write_manifest(tmp_path, "base.pt", [{"name": t, "uri": f"{t}.pt"} for t in ("cars", "dtd")], **fields)
+    s = _build(zoo, tmp_path / "sw")
+    want_rules = {} if how == "base_prefix" else {t: {"rules": [["", "model."]], "detected": True} for t in ("cars", "dtd")}
+    assert s.key_maps == want_rules
+    for task in ("cars", "dtd"):
+        task_sd = torch.load(tmp_path / f"{task}.pt", weights_only=True)
+        reconstruct_task(str(tmp_path / "sw"), task, ALPHA, str(tmp_path / f"{task}.safetensors"))
+        got = load_file(str(tmp_path / f"{task}.safetensors"))
+        assert set(got) == set(task_sd)  # the task's own names, whichever side had the prefix
+        _Clip().load_state_dict(got, strict=True)
+        ref, _ = reference({"base": {k.removeprefix("model."): v for k, v in base.items()}, task: task_sd},
+                           task, ALPHA, "tensor", "rms")
+        for k, v in ref.items():
+            if v.is_floating_point():
+                torch.testing.assert_close(got[k], v, rtol=1e-6, atol=0)
+        for k, v in task_sd.items():
+            if not v.is_floating_point():
+                assert torch.equal(got[k], v), k

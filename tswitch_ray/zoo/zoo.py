@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -88,8 +89,10 @@ class Zoo:
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
         storage_options: dict[str, Any] | None = None,
+        **layout: Any,
     ) -> Zoo:
-        """A zoo without a manifest file (URIs must be absolute or relative to the cwd)."""
+        """A zoo without a manifest file (URIs must be absolute or relative to the cwd); ``layout``:
+        ``task_specific``, ``key_rules``, ``base_rules`` as for the constructor."""
         return cls(
             name,
             open_checkpoint(base, storage_options),
@@ -97,6 +100,7 @@ class Zoo:
             include,
             exclude,
             storage_options=storage_options,
+            **layout,
         )
 
     # -- description ----------------------------------------------------
@@ -222,7 +226,7 @@ class Zoo:
         if heads:
             log.warning("zoo %r: task %r has tensors the base lacks (%s); they are not switched and a "
                         "reconstruction leaves them out. To keep them, add `task_specific: %s` to the zoo manifest.",
-                        self.name, task, ", ".join(heads[:5]), head_patterns(heads))
+                        self.name, task, ", ".join(heads[:5]), json.dumps(head_patterns(heads)))
 
     # -- layouts and task-specific tensors -------------------------------------
     def key_layout(self, task: str) -> dict[str, Any]:
