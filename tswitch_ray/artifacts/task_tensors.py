@@ -82,8 +82,11 @@ def _rows(task: str, tensors: list[tuple[str, str, str, torch.Tensor]]) -> list[
 
 def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
     sink = pa.BufferOutputStream()
+    # No dictionary or min/max statistics for the data column: each value is unique, and its statistics
+    # would copy up to whole tensors into the footer.
+    small = [f.name for f in SCHEMA if f.name != "data"]
     with pq.ParquetWriter(sink, SCHEMA.with_metadata({"format": TASK_TENSORS_FORMAT}), compression="zstd",
-                          write_page_checksum=True) as w:
+                          write_page_checksum=True, use_dictionary=small, write_statistics=small) as w:
         start, acc = 0, 0
         for i, r in enumerate(rows):
             acc += r["nbytes"]
