@@ -463,6 +463,11 @@ def test_eval_of_task_specific_zoo_scores_each_reconstruction_with_its_own_head(
                      tracking=TrackingConfig(enabled=False), executor="local", batch_size=16)
     result = run_eval(cfg, show_progress=False)
     got = {r["task"]: r["accuracy"] for r in result.rows}
+    m = ArtifactReader(str(tmp_path / "sw")).manifest
+    model_bytes = sum(i.nbytes for i in load_zoo(str(zoo)).base.infos().values())
+    # T-Switch's storage counts each task's own head next to the switches
+    assert result.summary[0]["storage_bytes"] == (model_bytes + m["totals"]["encoded_bytes"]
+                                                  + m["totals"]["task_tensors_bytes"])
     spec_adapter = adapter_from_spec(adapter, str(tmp_path))
     for task in labels:
         out = tmp_path / f"{task}.safetensors"
