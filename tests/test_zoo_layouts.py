@@ -434,6 +434,7 @@ def test_ray_build_of_mapped_zoo_equals_local(bert_zoo, tmp_path, ray_local):
         assert manifests["local"][key] == manifests["ray"][key], key
 
 
+@pytest.mark.slow
 def test_eval_of_task_specific_zoo_scores_each_reconstruction_with_its_own_head(vit_zoo, tmp_path):
     """T-Switch's accuracy in an evaluation equals that of the reconstruction loaded with from_pretrained into
     the task's own class (its own head, its own num_labels), on the same pixels."""
