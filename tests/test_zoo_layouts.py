@@ -528,3 +528,14 @@ def test_base_with_a_prefix_the_tasks_lack(clip_zoo, tmp_path, how):
         for k, v in task_sd.items():
             if not v.is_floating_point():
                 assert torch.equal(got[k], v), k
+
+
+def test_names_of_another_layout_that_no_prefix_explains_get_a_hint(clip_zoo, tmp_path):
+    sd = torch.load(clip_zoo / "cars.pt", weights_only=True)
+    torch.save({k.replace(".", "/"): v for k, v in sd.items()}, tmp_path / "odd.pt")  # no prefix maps these
+    zoo = _write_manifest(tmp_path, str(clip_zoo / "base.pt"), [{"name": "odd", "uri": str(tmp_path / "odd.pt")}])
+    with pytest.raises(ZooError) as e:
+        load_zoo(str(zoo)).validate()
+    text = str(e.value)
+    assert "has no tensor" in text and "its names may follow another layout" in text
+    assert "give the task `prefix:` or `rename:` rules" in text

@@ -167,6 +167,7 @@ class Zoo:
             )
         problems: list[str] = []
         unreadable = 0
+        layout_hint = ""
         heads: dict[str, list[str]] = {}  # mismatching tensor -> its checkpoint's names, for the suggestion
         for task, reader in self.tasks.items():
             try:
@@ -179,6 +180,12 @@ class Zoo:
             problems += [p for _, p in found]
             heads.update({name: list(task_infos) for name, _ in found})
             self._note_layout(task, reader, all_base, task_infos)
+            lacking = sum(1 for n, _ in found if n not in task_infos)
+            if found and 2 * lacking >= len(infos) and not layout_hint:
+                layout_hint = (f" Task {task!r} lacks {lacking} of the {len(infos)} tensors: its names may follow "
+                               f"another layout (its first: {', '.join(list(task_infos)[:3])}; the base's: "
+                               f"{', '.join(list(infos)[:3])}); give the task `prefix:` or `rename:` rules in the "
+                               "zoo manifest.")
         if problems:
             more = f" ({len(problems) - 1} more problem(s) of this kind found.)" if len(problems) > 1 else ""
             hint = suggest_task_specific(heads) if not unreadable else None
@@ -187,7 +194,7 @@ class Zoo:
                 more += (f" Every mismatching tensor ({', '.join(sorted(heads))}) looks like a task head: if each task "
                          f"has its own, add `task_specific: [{globs}]` to the zoo manifest; those tensors are then "
                          "stored per task, exactly, and never switched nor merged.")
-            raise ZooError(problems[0] + more)
+            raise ZooError(problems[0] + more + layout_hint)
         return infos
 
     def _task_problems(self, task: str, reader: MappedReader, infos: Mapping[str, TensorInfo],
