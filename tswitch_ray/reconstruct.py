@@ -83,7 +83,8 @@ class TaskLayout:
     def order(self, base_names: Iterable[str]) -> list[str]:
         """Zoo names of the task's tensors, in the base's order, then the task's own tensors the base lacks."""
         names = [n for n in base_names if n not in self.absent]
-        return names + [n for n in self.own if n not in set(names)]
+        listed = set(names)
+        return names + [n for n in self.own if n not in listed]
 
 
 def reconstructed_infos(reader: ArtifactReader, zoo: Zoo, task: str, layout: TaskLayout | None = None) -> list[TensorInfo]:
