@@ -90,6 +90,13 @@ class MappedReader:
             return self.inner.read_ranges(requests)
         return self.inner.read_ranges([(self.stored_name(n), a, b) for n, a, b in requests])
 
+    def __getattr__(self, attr: str) -> Any:
+        # Anything else a reader offers (e.g. a reader kind's own methods) is the inner reader's; only
+        # called for attributes this class lacks, and never for its own state (unpickling sets that first).
+        if attr.startswith("_") or attr in ("inner", "rules", "reference", "uri"):
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_infos"] = None  # rebuilt from the inner reader's (cheap) header cache
