@@ -97,10 +97,10 @@ def test_relative_local_manifest_path_resolves_from_yaml_folder(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     zoo = load_zoo("sub/zoo.yaml")
     assert zoo.base.uri == str(tmp_path / "sub" / "base.safetensors")
-    assert isinstance(zoo.base, SafetensorsReader)
-    assert isinstance(zoo.tasks["a"], TorchStateDictReader)
+    assert isinstance(zoo.base.inner, SafetensorsReader)
+    assert isinstance(zoo.tasks["a"].inner, TorchStateDictReader)
     assert zoo.tasks["a"].uri == str(tmp_path / "sub" / "a.pt")
-    assert isinstance(zoo.tasks["b"], ShardedSafetensorsReader)
+    assert isinstance(zoo.tasks["b"].inner, ShardedSafetensorsReader)
     assert zoo.tasks["c"].uri == "/abs/c.safetensors"
     assert zoo.task_names == ["a", "b", "c"]
 

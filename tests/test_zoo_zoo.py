@@ -203,7 +203,7 @@ def test_zoo_on_s3(s3_bucket, tmp_path):
     zoo = load_zoo(f"{bucket}/zoo1/zoo.yaml", storage_options=opts)
     assert zoo.base.uri == f"{bucket}/shared/base.safetensors"
     assert zoo.tasks["cars"].uri == f"{bucket}/zoo1/ckpt/cars.safetensors"
-    assert isinstance(zoo.tasks["hf"], ShardedSafetensorsReader)
+    assert isinstance(zoo.tasks["hf"].inner, ShardedSafetensorsReader)
     assert len(fs.ls(f"{bucket[5:]}/zoo1/ckpt/hf")) > 2  # really sharded
     infos = zoo.validate()
     assert list(infos) == list(zoo.base.infos())
@@ -217,6 +217,6 @@ def test_zoo_on_s3(s3_bucket, tmp_path):
     assert zoo.fingerprint() == Zoo.from_uris("l", str(local), {"t": str(local)}).fingerprint()
     # a missing task object on S3 is named
     bad = load_zoo(f"{bucket}/zoo1/zoo.yaml", storage_options=opts)
-    bad.tasks["cars"] = type(bad.tasks["cars"])(f"{bucket}/zoo1/ckpt/gone.safetensors", opts)
+    bad.tasks["cars"] = type(bad.tasks["cars"].inner)(f"{bucket}/zoo1/ckpt/gone.safetensors", opts)
     with pytest.raises(ZooError, match="gone.safetensors"):
         bad.validate()

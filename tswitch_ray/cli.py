@@ -207,6 +207,11 @@ def build(
         t.add_row(f"storage α={a:g}", f"{_bytes(enc)} = {100 * enc / fp32 if fp32 else 0.0:.2f} % of {_bytes(fp32)} fp32 task vectors")
     t.add_row("storage total", f"{_bytes(s.encoded_bytes)} = {100 * s.ratio:.2f} % of {_bytes(s.fp32_bytes)} "
               f"(fp32 task vectors once per α)")
+    if s.task_tensor_bytes:
+        t.add_row("task-specific", f"{_bytes(s.task_tensor_bytes)} (each task's own heads and buffers, lossless)")
+    for task, km in s.key_maps.items():
+        rules = ", ".join(f"{old!r} -> {new!r}" for old, new in km["rules"])
+        t.add_row(f"keys of {task}", f"{rules}" + (" (detected)" if km["detected"] else ""))
     t.add_row("peak RSS per worker", ", ".join(_bytes(v) for v in sorted(s.peak_rss_by_worker.values(), reverse=True)[:8]))
     out.print(t)
 

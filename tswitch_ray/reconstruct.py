@@ -1,18 +1,23 @@
-"""`tswitch reconstruct`: θ0 + λ·M⊙S for one task and α, streamed to a safetensors file."""
+"""`tswitch reconstruct`: θ0 + λ·M⊙S for one task and α, under the task's own names and with its own
+task-specific tensors and buffers, streamed to a safetensors file."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 from tswitch_ray.artifacts import ArtifactReader
+from tswitch_ray.artifacts.task_tensors import read_task_tensors
 from tswitch_ray.errors import ArtifactError
+from tswitch_ray.io.checkpoints import TensorInfo, dtype_name
 from tswitch_ray.io.safetensors import SafetensorsStreamWriter
 from tswitch_ray.switch import reconstruct
 from tswitch_ray.zoo import Zoo, load_zoo
+from tswitch_ray.zoo.keymap import unmap_name
 
 
 def match_alpha(alphas: list[float], alpha: float, uri: str) -> float:
@@ -51,24 +56,78 @@ def open_switches(artifacts_uri: str, zoo_uri: str | None = None, storage_option
     return reader, zoo
 
 
-def iter_reconstructed(reader: ArtifactReader, zoo: Zoo, task: str, alpha: float) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, θ0 + λ·Mt⊙St) for every tensor of the base, in file order, one tensor at a time (paper 000 eq. 7).
+class TaskLayout:
+    """How one task's reconstruction is named and what it holds besides switched tensors.
 
-    Tensors without a switch (non-float, or excluded by the zoo's globs) are θ0 as stored. The knob
-    λ is the reader's (:meth:`ArtifactReader.switch`): the one place that decides it for either scope.
+    From the manifest alone: the task's key rules (its tensors are written
+    under its own names), the base tensors it lacks (left out), and its own
+    tensors (task-specific ones and changed buffers), read from its
+    lossless part with every digest checked. Tasks of builds without any of
+    these keep the base's names and tensors.
+    """
+
+    def __init__(self, reader: ArtifactReader, task: str) -> None:
+        manifest = reader.manifest
+        lay = (manifest.get("layouts") or {}).get(task, {})
+        self.pairs = tuple(tuple(p) for p in lay.get("rules", ()))
+        self.absent = set(lay.get("absent", ()))
+        self.names: dict[str, str] = dict(lay.get("names", {}))
+        entry = next((e for e in manifest.get("task_tensors") or () if e["task"] == task), None)
+        own = read_task_tensors(reader.fs, reader.root, reader.uri, entry) if entry is not None else []
+        self.own: dict[str, tuple[str, torch.Tensor]] = {name: (stored, t) for name, stored, _, t in own}
+
+    def stored(self, name: str) -> str:
+        """The task's own name for the zoo's tensor ``name``."""
+        return self.names.get(name) or unmap_name(self.pairs, name)
+
+    def order(self, base_names: Iterable[str]) -> list[str]:
+        """Zoo names of the task's tensors, in the base's order, then the task's own tensors the base lacks."""
+        names = [n for n in base_names if n not in self.absent]
+        listed = set(names)
+        return names + [n for n in self.own if n not in listed]
+
+
+def reconstructed_infos(reader: ArtifactReader, zoo: Zoo, task: str, layout: TaskLayout | None = None) -> list[TensorInfo]:
+    """Header of a task's reconstruction (names, shapes, dtypes in :func:`iter_reconstructed`'s order)."""
+    layout = layout or TaskLayout(reader, task)
+    base = zoo.base.infos()
+    out = []
+    for name in layout.order(base):
+        if name in layout.own:
+            stored, t = layout.own[name]
+            out.append(TensorInfo(stored, tuple(t.shape), dtype_name(t.dtype), t.numel() * t.element_size()))
+        else:
+            out.append(dataclasses.replace(base[name], name=layout.stored(name)))
+    return out
+
+
+def iter_reconstructed(reader: ArtifactReader, zoo: Zoo, task: str, alpha: float,
+                       layout: TaskLayout | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, θ0 + λ·Mt⊙St) for every tensor of the task, one tensor at a time (paper 000 eq. 7).
+
+    Names are the task's own (its checkpoint's key layout) and the order is
+    :func:`reconstructed_infos`'. Tensors without a switch (non-float, or
+    excluded by the zoo's globs) are θ0 as stored; the task's own tensors
+    (``task_specific``, buffers that differ from the base's) are its own,
+    bit for bit. The knob λ is the reader's (:meth:`ArtifactReader.switch`):
+    the one place that decides it for either scope.
     """
     manifest = reader.manifest
     if task not in manifest["tasks"]:
         raise ArtifactError(f"{reader.uri}: no task {task!r}; tasks are {manifest['tasks']}.")
     alpha = match_alpha(list(manifest["alphas"]), alpha, reader.uri)
+    layout = layout or TaskLayout(reader, task)
     switched = set(manifest["tensors"])
-    for name in zoo.base.infos():
+    for name in layout.order(zoo.base.infos()):
+        if name in layout.own:
+            yield layout.own[name]
+            continue
         base = zoo.base.read(name)
         if name in switched:
             mask, positive, lam = reader.switch(task, alpha, name)
-            yield name, reconstruct(base, torch.from_numpy(mask), torch.from_numpy(positive), lam)
+            yield layout.stored(name), reconstruct(base, torch.from_numpy(mask), torch.from_numpy(positive), lam)
         else:
-            yield name, base
+            yield layout.stored(name), base
 
 
 def reconstruct_task(artifacts_uri: str, task: str, alpha: float, out: str, zoo_uri: str | None = None,
@@ -84,8 +143,9 @@ def reconstruct_task(artifacts_uri: str, task: str, alpha: float, out: str, zoo_
     if task not in reader.manifest["tasks"]:
         raise ArtifactError(f"{artifacts_uri}: no task {task!r}; tasks are {reader.manifest['tasks']}.")
     meta = {"tswitch_task": task, "tswitch_alpha": repr(alpha), "tswitch_artifacts": artifacts_uri}
-    infos = zoo.base.infos()
-    with SafetensorsStreamWriter(out, list(infos.values()), storage_options=storage_options, metadata=meta) as writer:
-        for name, tensor in iter_reconstructed(reader, zoo, task, alpha):
+    layout = TaskLayout(reader, task)
+    infos = reconstructed_infos(reader, zoo, task, layout)
+    with SafetensorsStreamWriter(out, infos, storage_options=storage_options, metadata=meta) as writer:
+        for name, tensor in iter_reconstructed(reader, zoo, task, alpha, layout):
             writer.write(name, tensor)
     return out

@@ -48,6 +48,7 @@ from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_digest, plan_shards
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
+from tswitch_ray.distributed.task_parts import manifest_fields, stage_task_parts
 from tswitch_ray.errors import ZooError
 from tswitch_ray.io.checkpoints import CheckpointReader, dtype_to_torch
 from tswitch_ray.io.tables import read_table
@@ -134,6 +135,10 @@ class BuildSummary:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     # Per α: (encoded bytes of every task's switch, fp32 bytes of the task vectors they replace).
     storage_by_alpha: dict[float, tuple[int, int]] = field(default_factory=dict)
+    # Per task whose tensor names differ from the base's: the rules used and whether they were detected.
+    key_maps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Bytes of the per-task parts (task-specific tensors, changed buffers), stored losslessly.
+    task_tensor_bytes: int = 0
 
     @property
     def ratio(self) -> float:
@@ -361,6 +366,9 @@ def run_key_for(zoo: Zoo, cfg: BuildConfig, shards: Sequence[Shard]) -> str:
         "codec": CODEC,
         "plan": plan_digest(list(shards)),
     }
+    layout = zoo.layout_identity()
+    if layout is not None:  # only then: the keys of builds without task-specific tensors or key rules are unchanged
+        payload["layout"] = layout
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -380,8 +388,12 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     executor = make_executor(cfg.run)
     try:
         totals = _encode_shards(cfg, executor, ctx, zoo, shards, todo, writer, timer)
+        own = manifest_fields(zoo, stage_task_parts(executor, ctx, zoo))
         timer.start("commit")
         manifest = _manifest(cfg, zoo, run_key, shards, writer, totals)
+        manifest.update(own)
+        if own.get("task_tensors"):
+            manifest["totals"]["task_tensors_bytes"] = sum(e["bytes"] for e in own["task_tensors"])
         committed = writer.complete(manifest)
         stats = executor.stats
     finally:
@@ -403,6 +415,9 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         peak_rss_by_worker=stats.peak_rss_by_worker,
         phase_seconds=dict(timer.seconds),
         storage_by_alpha=_storage_by_alpha(committed["switches"]),
+        key_maps={t: {"rules": lay["rules"], "detected": lay["detected"]}
+                  for t, lay in own.get("layouts", {}).items() if lay["rules"]},
+        task_tensor_bytes=manifest["totals"].get("task_tensors_bytes", 0),
     )
 
 

@@ -87,4 +87,6 @@ def storage_model(zoo: Zoo, artifacts: Sequence[str] = (), storage_options: Mapp
             a = match_alpha(reader.alphas, a, uri)
             mask = [x == a for x in t.column("alpha").to_pylist()]
             sm.switch_bytes[a] = int(sum(b for b, m in zip(t.column("payload_bytes").to_pylist(), mask) if m))
+            # Each task's own tensors (task_specific heads, changed buffers) are stored beside the switches of every α.
+            sm.switch_bytes[a] += int(reader.manifest["totals"].get("task_tensors_bytes", 0))
     return sm

@@ -5,6 +5,8 @@
   :class:`~tswitch_ray.errors.ZooError` messages.
 * :func:`synth_zoo` - synthetic zoos with open_clip ViT vision-tower shapes.
 * :func:`convert_checkpoint` - explicit pickle -> safetensors conversion.
+* :class:`KeyRules` / :class:`MappedReader` - a checkpoint's key layout
+  (``prefix``/``rename``, or a detected prefix) and the reader that applies it.
 
 The checkpoint readers and writers live in the I/O layer
 (:mod:`tswitch_ray.io.checkpoints`, :mod:`tswitch_ray.io.safetensors`); the
@@ -27,14 +29,18 @@ from tswitch_ray.io.safetensors import (
     save_sharded,
 )
 from tswitch_ray.zoo.convert import convert_checkpoint
+from tswitch_ray.zoo.keymap import KeyRules
 from tswitch_ray.zoo.manifest import TaskEntry, ZooManifest, parse_manifest, read_manifest, resolve_uri
 from tswitch_ray.zoo.synth import ARCHS, synth_zoo, vision_tower_layout
+from tswitch_ray.zoo.mapped import MappedReader
 from tswitch_ray.zoo.zoo import FINGERPRINT_SAMPLE_BYTES, Zoo, check_finite, load_zoo
 
 __all__ = [
     "ARCHS",
     "FINGERPRINT_SAMPLE_BYTES",
     "CheckpointReader",
+    "KeyRules",
+    "MappedReader",
     "SafetensorsReader",
     "SafetensorsStreamWriter",
     "ShardedSafetensorsReader",

@@ -8,7 +8,14 @@ tasks:
   - {name: dtd,  uri: s3://zoo/dtd.safetensors}
 include: ["*"]                    # optional tensor-name globs (fnmatch)
 exclude: []
+task_specific: ["classifier.*"]   # optional: stored per task, never switched nor merged
 ```
+
+Key layouts: a task (or, with ``base_prefix`` / ``base_rename``, the base) whose
+tensor names differ from the zoo's takes ``prefix: "bert."`` (a prefix its
+names carry) and/or ``rename: {"model.visual.": "visual."}``
+(:class:`tswitch_ray.zoo.keymap.KeyRules`); a task without rules whose names
+are the base's with one prefix added or removed is mapped automatically.
 
 Relative URIs resolve from the folder holding the YAML file (also when the
 YAML itself lives on s3:// or memory://); absolute paths and URLs are kept.
@@ -23,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tswitch_ray.errors import ZooError
 from tswitch_ray.io.fs import access_checked, open_fs, resolve_against_file
+from tswitch_ray.zoo.keymap import KeyRules
 
 # Task names become file names (DIR/<task>.safetensors) and SQL values, so keep
 # them to a safe, portable alphabet.
@@ -36,6 +44,13 @@ class TaskEntry(BaseModel):
 
     name: str = Field(pattern=_TASK_NAME, max_length=128)
     uri: str = Field(min_length=1)
+    # Key layout of this checkpoint (tswitch_ray.zoo.keymap.KeyRules); none given: detected.
+    prefix: str = ""
+    rename: dict[str, str] = Field(default_factory=dict)
+
+    def key_rules(self) -> KeyRules | None:
+        """The rules as written, or None (detect them) when the entry gives none."""
+        return KeyRules(prefix=self.prefix, rename=self.rename) if (self.prefix or self.rename) else None
 
 
 class ZooManifest(BaseModel):
@@ -48,6 +63,13 @@ class ZooManifest(BaseModel):
     tasks: list[TaskEntry] = Field(min_length=1)
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
+    # Tensors each task keeps as its own (heads): stored per task, never switched nor merged.
+    task_specific: list[str] = Field(default_factory=list)
+    base_prefix: str = ""
+    base_rename: dict[str, str] = Field(default_factory=dict)
+
+    def base_key_rules(self) -> KeyRules:
+        return KeyRules(prefix=self.base_prefix, rename=self.base_rename)
 
     @field_validator("include")
     @classmethod
@@ -88,7 +110,8 @@ def _format_validation_error(uri: str, err: ValidationError) -> str:
             parts.append(f"'{loc}': {msg}")
     return (
         f"zoo manifest {uri} is invalid: " + "; ".join(parts) + ". Expected keys: name, base, "
-        "tasks (a non-empty list of {name, uri} with unique names), optional include/exclude glob lists."
+        "tasks (a non-empty list of {name, uri, optional prefix/rename} with unique names), optional "
+        "include/exclude/task_specific glob lists and base_prefix/base_rename."
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,7 +15,19 @@ from tswitch_ray.errors import ZooError
 from tswitch_ray.io.checkpoints import CheckpointReader, TensorInfo
 from tswitch_ray.io.readers import open_checkpoint
 from tswitch_ray.io.fs import open_fs
+from tswitch_ray.zoo.keymap import (
+    KeyRules,
+    head_patterns,
+    looks_like_head,
+    matches_any,
+    suggest_task_specific,
+    unmap_name,
+)
 from tswitch_ray.zoo.manifest import ZooManifest, read_manifest, resolve_uri
+from tswitch_ray.zoo.mapped import MappedReader
+
+log = logging.getLogger(__name__)
+_FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
 
 # Bytes hashed from each end of every base tensor by Zoo.fingerprint().
 FINGERPRINT_SAMPLE_BYTES = 64 * 1024
@@ -36,14 +50,21 @@ class Zoo:
         exclude: Sequence[str] = (),
         manifest_uri: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        task_specific: Sequence[str] = (),
+        key_rules: Mapping[str, KeyRules | None] | None = None,
+        base_rules: KeyRules | None = None,
     ) -> None:
         if not tasks:
             raise ZooError(f"zoo {name!r} has no tasks; a zoo needs at least one fine-tuned checkpoint.")
         self.name = name
-        self.base = base
-        self.tasks: dict[str, CheckpointReader] = dict(tasks)
+        # Every reader is seen under the zoo's (the base's) tensor names; a task
+        # without rules gets a detected prefix, if its names need one.
+        self.base = MappedReader(base, base_rules or KeyRules())
+        rules = dict(key_rules or {})
+        self.tasks: dict[str, MappedReader] = {t: MappedReader(r, rules.get(t), self.base) for t, r in tasks.items()}
         self.include = list(include)
         self.exclude = list(exclude)
+        self.task_specific = list(task_specific)
         self.manifest_uri = manifest_uri
         self._storage_options = dict(storage_options or {})
         self._infos: dict[str, TensorInfo] | None = None
@@ -55,7 +76,9 @@ class Zoo:
     ) -> Zoo:
         base = open_checkpoint(resolve_uri(manifest_uri, manifest.base), storage_options)
         tasks = {t.name: open_checkpoint(resolve_uri(manifest_uri, t.uri), storage_options) for t in manifest.tasks}
-        return cls(manifest.name, base, tasks, manifest.include, manifest.exclude, manifest_uri, storage_options)
+        return cls(manifest.name, base, tasks, manifest.include, manifest.exclude, manifest_uri, storage_options,
+                   task_specific=manifest.task_specific, key_rules={t.name: t.key_rules() for t in manifest.tasks},
+                   base_rules=manifest.base_key_rules())
 
     @classmethod
     def from_uris(
@@ -66,8 +89,10 @@ class Zoo:
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
         storage_options: dict[str, Any] | None = None,
+        **layout: Any,
     ) -> Zoo:
-        """A zoo without a manifest file (URIs must be absolute or relative to the cwd)."""
+        """A zoo without a manifest file (URIs must be absolute or relative to the cwd); ``layout``:
+        ``task_specific``, ``key_rules``, ``base_rules`` as for the constructor."""
         return cls(
             name,
             open_checkpoint(base, storage_options),
@@ -75,6 +100,7 @@ class Zoo:
             include,
             exclude,
             storage_options=storage_options,
+            **layout,
         )
 
     # -- description ----------------------------------------------------
@@ -86,10 +112,14 @@ class Zoo:
         return f"zoo {self.name!r}" + (f" (manifest {self.manifest_uri})" if self.manifest_uri else "")
 
     def selects(self, tensor_name: str) -> bool:
-        """Whether the include/exclude globs select ``tensor_name``."""
+        """Whether the include/exclude globs select ``tensor_name`` (task-specific tensors never are)."""
         return any(fnmatch.fnmatchcase(tensor_name, g) for g in self.include) and not any(
             fnmatch.fnmatchcase(tensor_name, g) for g in self.exclude
-        )
+        ) and not self.is_task_specific(tensor_name)
+
+    def is_task_specific(self, name: str, stored: str | None = None) -> bool:
+        """Whether ``task_specific`` matches the zoo's name ``name`` or the checkpoint's own name ``stored``."""
+        return matches_any(name, self.task_specific) or (stored is not None and matches_any(stored, self.task_specific))
 
     def _base_infos(self) -> dict[str, TensorInfo]:
         try:
@@ -118,11 +148,14 @@ class Zoo:
 
     # -- checks ---------------------------------------------------------
     def validate(self) -> dict[str, TensorInfo]:
-        """Check every task has every selected tensor with the base's shape and dtype.
+        """Check every task has every selected float tensor with the base's shape and dtype.
 
-        Reads headers only. Returns the selected tensor infos; raises
-        ZooError naming the task, its file, the tensor and the cause (with a
-        count of further problems, if any).
+        Reads headers only. Non-float tensors (position ids, counters, masks)
+        are not weights: they are copied, never compared. Returns the selected
+        tensor infos; raises ZooError naming the task, its file, the tensor and
+        the cause (with a count of further problems, if any) and, when every
+        mismatch is in a tensor that looks like a head, the ``task_specific:``
+        globs that would store them per task. Detected key mappings are logged.
         """
         all_base = self._base_infos()
         infos = self.tensor_infos()
@@ -133,30 +166,134 @@ class Zoo:
                 f"{len(all_base)} tensors of base checkpoint {self.base.uri} (its first tensors: {sample})."
             )
         problems: list[str] = []
+        unreadable = 0
+        layout_hint = ""
+        heads: dict[str, list[str]] = {}  # mismatching tensor -> its checkpoint's names, for the suggestion
         for task, reader in self.tasks.items():
             try:
                 task_infos = reader.infos()
             except ZooError as e:
                 problems.append(f"{self._where()}, task {task!r}: {e}")
+                unreadable += 1
                 continue
-            for name, bi in infos.items():
-                ti = task_infos.get(name)
-                if ti is None:
-                    problems.append(
-                        f"{self._where()}: task {task!r} checkpoint {reader.uri} has no tensor {name!r}, "
-                        f"which base checkpoint {self.base.uri} has (shape {list(bi.shape)} {bi.dtype})."
-                    )
-                elif ti.shape != bi.shape or ti.dtype != bi.dtype:
-                    what = "shape" if ti.shape != bi.shape else "dtype"
-                    problems.append(
-                        f"{self._where()}: tensor {name!r} {what} mismatch: {list(ti.shape)} {ti.dtype} in task "
-                        f"{task!r} checkpoint {reader.uri} but {list(bi.shape)} {bi.dtype} in base checkpoint "
-                        f"{self.base.uri}; the task was not fine-tuned from this base (or not the same architecture)."
-                    )
+            found = self._task_problems(task, reader, infos, task_infos)
+            problems += [p for _, p in found]
+            heads.update({name: list(task_infos) for name, _ in found})
+            self._note_layout(task, reader, all_base, task_infos)
+            lacking = sum(1 for n, _ in found if n not in task_infos)
+            if found and 2 * lacking >= len(infos) and not layout_hint:
+                layout_hint = (f" Task {task!r} lacks {lacking} of the {len(infos)} tensors: its names may follow "
+                               f"another layout (its first: {', '.join(list(task_infos)[:3])}; the base's: "
+                               f"{', '.join(list(infos)[:3])}); give the task `prefix:` or `rename:` rules in the "
+                               "zoo manifest.")
         if problems:
             more = f" ({len(problems) - 1} more problem(s) of this kind found.)" if len(problems) > 1 else ""
-            raise ZooError(problems[0] + more)
+            hint = suggest_task_specific(heads) if not unreadable else None
+            if hint is not None:
+                globs = ", ".join(f'"{g}"' for g in hint)
+                more += (f" Every mismatching tensor ({', '.join(sorted(heads))}) looks like a task head: if each task "
+                         f"has its own, add `task_specific: [{globs}]` to the zoo manifest; those tensors are then "
+                         "stored per task, exactly, and never switched nor merged.")
+            raise ZooError(problems[0] + more + layout_hint)
         return infos
+
+    def _task_problems(self, task: str, reader: MappedReader, infos: Mapping[str, TensorInfo],
+                       task_infos: Mapping[str, TensorInfo]) -> list[tuple[str, str]]:
+        """``(tensor, message)`` for each selected float tensor a task lacks or has with another shape/dtype."""
+        out: list[tuple[str, str]] = []
+        for name, bi in infos.items():
+            if bi.dtype not in _FLOAT_DTYPES:
+                continue  # buffers are copied per task, never compared as weights
+            ti = task_infos.get(name)
+            if ti is None:
+                mapped = f" (task names mapped by {list(reader.pairs())})" if reader.pairs() else ""
+                out.append((name, (
+                    f"{self._where()}: task {task!r} checkpoint {reader.uri} has no tensor {name!r}, "
+                    f"which base checkpoint {self.base.uri} has (shape {list(bi.shape)} {bi.dtype}){mapped}.")))
+            elif ti.shape != bi.shape or ti.dtype != bi.dtype:
+                what = "shape" if ti.shape != bi.shape else "dtype"
+                out.append((name, (
+                    f"{self._where()}: tensor {name!r} {what} mismatch: {list(ti.shape)} {ti.dtype} in task "
+                    f"{task!r} checkpoint {reader.uri} but {list(bi.shape)} {bi.dtype} in base checkpoint "
+                    f"{self.base.uri}; the task was not fine-tuned from this base (or not the same architecture).")))
+        return out
+
+    def _note_layout(self, task: str, reader: MappedReader, all_base: Mapping[str, TensorInfo],
+                     task_infos: Mapping[str, TensorInfo]) -> None:
+        """Log what a user must know: a detected key mapping, and head-like tensors only a task has."""
+        if reader.detected:
+            (old, new), = reader.pairs()
+            what = f"strips the prefix {old!r}" if old else f"adds the prefix {new!r}"
+            log.warning("zoo %r: task %r checkpoint %s names its tensors differently from the base; the zoo %s "
+                        "(detected; write `prefix:`/`rename:` on the task to make it explicit).",
+                        self.name, task, reader.uri, what)
+        only = [n for n, ti in task_infos.items() if n not in all_base and ti.dtype in _FLOAT_DTYPES
+                and not self.is_task_specific(n, reader.names().get(n))]
+        heads = [n for n in only if looks_like_head(n, list(task_infos))]
+        if heads:
+            log.warning("zoo %r: task %r has tensors the base lacks (%s); they are not switched and a "
+                        "reconstruction leaves them out. To keep them, add `task_specific: %s` to the zoo manifest.",
+                        self.name, task, ", ".join(heads[:5]), json.dumps(head_patterns(heads)))
+
+    # -- layouts and task-specific tensors -------------------------------------
+    def key_layout(self, task: str) -> dict[str, Any]:
+        """How task ``task``'s checkpoint names its tensors, as the artifact manifest records it.
+
+        ``rules``: the ``[stored prefix, zoo prefix]`` pairs in effect;
+        ``detected``: they were found, not written; ``absent``: base tensors
+        the task does not have (a reconstruction leaves them out); ``names``:
+        ``{zoo name: stored name}`` where the rules inverted give another name.
+        """
+        reader = self.reader(task)
+        pairs = reader.pairs()
+        names = reader.names()
+        own = {c for c, _ in self.own_tensor_names(task)}
+        exceptions = {}
+        for c, s in names.items():
+            if c not in own and unmap_name(pairs, c) != s:
+                exceptions[c] = s
+        absent = [n for n in self._base_infos() if n not in names]
+        return {"rules": [list(p) for p in pairs], "detected": reader.detected, "absent": absent,
+                "names": exceptions}
+
+    def own_tensor_names(self, task: str) -> list[tuple[str, str]]:
+        """``(zoo name, role)`` of the tensors a task keeps as its own, in its file's order.
+
+        Role ``task_specific``: matched by the manifest's ``task_specific``
+        globs (any dtype, any shape, in the base or not). Role ``buffer``:
+        every other non-float tensor (stored only where it differs from the
+        base's, see :meth:`read_own_tensors`).
+        """
+        reader = self.reader(task)
+        out = []
+        for c, ti in reader.infos().items():
+            if self.is_task_specific(c, reader.names()[c]):
+                out.append((c, "task_specific"))
+            elif ti.dtype not in _FLOAT_DTYPES:
+                out.append((c, "buffer"))
+        return out
+
+    def read_own_tensors(self, task: str) -> list[tuple[str, str, str, torch.Tensor]]:
+        """``(zoo name, stored name, role, tensor)`` to store for ``task``: its task-specific tensors, and its
+        buffers that the base lacks or holds with other values (the others are the base's, bit for bit)."""
+        reader = self.reader(task)
+        base_infos = self._base_infos()
+        out = []
+        for c, role in self.own_tensor_names(task):
+            t = reader.read(c)
+            if role == "buffer" and c in base_infos:
+                b = self.base.read(c)
+                if b.dtype == t.dtype and b.shape == t.shape and torch.equal(b, t):
+                    continue
+            out.append((c, reader.names()[c], role, t))
+        return out
+
+    def layout_identity(self) -> dict[str, Any] | None:
+        """What a build's resume key must add for task-specific tensors and key rules; None when neither is used."""
+        rules = {t: [list(p) for p in r.pairs()] for t, r in self.tasks.items() if r.pairs()}
+        if not self.task_specific and not rules and not self.base.pairs():
+            return None
+        return {"task_specific": self.task_specific, "rules": rules, "base_rules": [list(p) for p in self.base.pairs()]}
 
     def fingerprint(self) -> str:
         """Identify the base model, so artifacts built for another base are detected.
