@@ -34,7 +34,13 @@ from tswitch_ray.cli import app
 from tswitch_ray.distributed.build import BuildConfig, run_build
 from tswitch_ray.errors import ArtifactError, ConfigError
 from tswitch_ray.switch.binarize import binarize, kept_stats, knob
-from tswitch_ray.switch.thresholds import below, cut_rank, keep_count, resolve_cut, tensor_thresholds
+from tswitch_ray.switch.thresholds import (
+    below,
+    cut_rank,
+    keep_count,
+    resolve_cut,
+    tensor_thresholds,
+)
 
 TASKS = ("cars", "dtd", "eurosat")
 # Several α with int(n·(1−α)) = 0 on the small tensors: 0.9 on a sign of 10 (int(0.9999999999999998) = 0),

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from tswitch_ray.methods import _global
 from tswitch_ray.methods.base import signed_sum, sumsq64, to_base_dtype
-from tswitch_ray.methods.registry import MethodInfo, MethodKind, MethodOptions, Number, register
+from tswitch_ray.methods.registry import MethodInfo, MethodKind, Number, register
 from tswitch_ray.methods.storage import one_model_bytes
 from tswitch_ray.methods.tswitch import CutOptions
 from tswitch_ray.switch.thresholds import Thresholds, tensor_thresholds
