@@ -520,8 +520,8 @@ def test_registry_and_options():
     assert merges == {"avg", "ta", "ties", "dare", "pdiscard", "emr", "tswitch"}
     assert get_method("Task-Arithmetic").name == "ta"
     assert get_method_info("ties").defaults() == {"k": 20.0, "trim_scope": "model", "merge": "mean", "scale": 0.3}
-    # cut None: the scope's default ("authors" for scope tensor), resolved when the options are made.
-    assert get_method_info("tswitch").defaults() == {"alpha": 0.6, "scope": "tensor", "cut": None, "knob": "rms"}
+    # cut: the default of the default scope (tensor); scope "model" alone makes it "exact".
+    assert get_method_info("tswitch").defaults() == {"alpha": 0.6, "scope": "tensor", "cut": "authors", "knob": "rms"}
     assert get_method("emr").per_task and not get_method("ties").per_task
     for info in registered():  # the kind a merge declares is what its MergeMethod does
         if info.kind.is_merge:

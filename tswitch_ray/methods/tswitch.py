@@ -42,8 +42,9 @@ class CutOptions(MethodOptions):
     """The threshold options of the methods that cut like P-Discard (T-Switch, P-Discard): scope and cut rule."""
 
     scope: Literal["tensor", "model"] = "tensor"
-    # None: the scope's default, "authors" for scope "tensor", "exact" for "model" (docs/MATH.md "Cut rules").
-    cut: Cut | None = None
+    # Not given: the scope's default, "authors" for scope "tensor" (as here), "exact" for "model"
+    # (docs/MATH.md "Cut rules"); given, it must suit the scope.
+    cut: Cut = "authors"
 
     @model_validator(mode="before")
     @classmethod
