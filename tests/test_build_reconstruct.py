@@ -2,9 +2,10 @@
 
 The reference below knows nothing of the product: it recomputes the math of
 docs/MATH.md ("Task vectors", "Thresholds (P-Discard cut)", "Switches and
-knobs", "Reconstruction") from the tensors this test wrote (task vector in fp32, exact
-P-Discard thresholds d = floor(α·n) with the d-th smallest value, strict
-comparison, rms/mean knob over the tensor or the whole task vector,
+knobs", "Reconstruction") from the tensors this test wrote (task vector in fp32; the
+cut "authors" of scope tensor, the K = int(n·(1−α)) largest of each sign and the
+ties with the K-th, all of a sign when K = 0, or the cut "exact", d = floor(α·n)
+with the d-th smallest value and a strict comparison; rms/mean knob over the tensor or the whole task vector,
 θ0 + λ·M⊙S in fp32, cast back to θ0's dtype) and compares every reconstructed
 tensor to 1e-6 relative. Zoos are tiny and builds use ``--executor local``
 (the Ray path is checked byte for byte against it in test_distributed_build).
@@ -105,14 +106,27 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return t.to(torch.float32).numpy()
 
 
-def _threshold(magnitudes: np.ndarray, alpha: float) -> np.float32:
-    """d = floor(α·n); 0 if d = 0, else the d-th smallest (1-based)."""
-    d = math.floor(alpha * magnitudes.size)
-    return np.float32(0.0) if d == 0 else np.sort(magnitudes)[d - 1]
+def _threshold(magnitudes: np.ndarray, alpha: float, cut: str) -> tuple[np.float32, bool]:
+    """(t, inclusive): a magnitude m of the sign is kept when m > t, or m >= t if inclusive.
+
+    "exact": d = floor(α·n); 0 if d = 0, else the d-th smallest (1-based). "authors": K = int(n·(1−α))
+    largest and their ties, i.e. m >= the K-th largest; all of the sign when K = 0."""
+    n = magnitudes.size
+    if cut == "authors":
+        k = int(n * (1 - alpha))
+        return (np.float32(0.0), False) if k == 0 else (np.sort(magnitudes)[n - k], True)
+    d = math.floor(alpha * n)
+    return (np.float32(0.0) if d == 0 else np.sort(magnitudes)[d - 1]), False
 
 
-def reference(states, task: str, alpha: float, scope: str, knob: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """θ0 + λ·M⊙S for every tensor, plus per-group knobs, in plain NumPy."""
+def _keep(m: np.ndarray, th: tuple[np.float32, bool]) -> np.ndarray:
+    return (m >= th[0]) & (m > 0) if th[1] else m > th[0]
+
+
+def reference(states, task: str, alpha: float, scope: str, knob: str, cut: str | None = None
+              ) -> tuple[dict[str, torch.Tensor], dict]:
+    """θ0 + λ·M⊙S for every tensor, plus per-group knobs, in plain NumPy (cut: the scope's default if None)."""
+    cut = cut or ("authors" if scope == "tensor" else "exact")
     base, theta = states["base"], states[task]
     names = [n for n, t in base.items() if t.is_floating_point()]
     tau = {n: _f32(theta[n]) - _f32(base[n]) for n in names}
@@ -121,9 +135,9 @@ def reference(states, task: str, alpha: float, scope: str, knob: str) -> tuple[d
     knobs = {}
     for group in groups:
         flat = np.concatenate([tau[n].reshape(-1) for n in group])
-        t_pos = _threshold(flat[flat > 0], alpha)
-        t_neg = _threshold(-flat[flat < 0], alpha)
-        masks = {n: (tau[n] > t_pos) | (-tau[n] > t_neg) for n in group}
+        t_pos = _threshold(flat[flat > 0], alpha, cut)
+        t_neg = _threshold(-flat[flat < 0], alpha, cut)
+        masks = {n: _keep(tau[n], t_pos) | _keep(-tau[n], t_neg) for n in group}
         kept = np.concatenate([np.abs(tau[n][masks[n]]).astype(np.float64) for n in group])
         if kept.size == 0:
             lam = 0.0
@@ -163,18 +177,20 @@ def build_args(zoo: object, out: object, scope: str, knob: str, *extra: object) 
 # --- round trips ------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
-    "fmt,scope,knob",
-    [("safetensors", "tensor", "rms"), ("sharded", "model", "rms"), ("pt", "tensor", "mean"), ("pt", "model", "mean")],
+    "fmt,scope,knob,cut",
+    [("safetensors", "tensor", "rms", None), ("sharded", "model", "rms", None), ("pt", "tensor", "mean", None),
+     ("pt", "model", "mean", None), ("safetensors", "tensor", "rms", "exact")],
 )
-def test_build_then_reconstruct_matches_numpy(tmp_path, fmt, scope, knob):
+def test_build_then_reconstruct_matches_numpy(tmp_path, fmt, scope, knob, cut):
     states = make_state(seed=7)
     zoo = write_zoo(tmp_path / "zoo", states, fmt)
     out = tmp_path / "switches"
-    r = cli(*build_args(zoo, out, scope, knob))
+    r = cli(*build_args(zoo, out, scope, knob, *(["--cut", cut] if cut else [])))
     assert r.exit_code == 0, r.output
     assert "phases" in r.output and "encode" in r.output  # the run summary's per-phase wall times
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["scope"] == scope and manifest["knob_mode"] == knob
+    cut = cut or ("authors" if scope == "tensor" else "exact")
+    assert manifest["scope"] == scope and manifest["knob_mode"] == knob and manifest["cut"] == cut
     assert manifest["alphas"] == list(ALPHAS) and manifest["tasks"] == list(TASKS)
     assert "position_ids" not in manifest["tensors"]  # integers have no task vector
     for task in TASKS:
@@ -182,7 +198,7 @@ def test_build_then_reconstruct_matches_numpy(tmp_path, fmt, scope, knob):
             dst = tmp_path / f"{task}-{alpha}.safetensors"
             r = cli("reconstruct", "--artifacts", out, "--task", task, "--alpha", alpha, "--out", dst)
             assert r.exit_code == 0, r.output
-            ref, knobs = reference(states, task, alpha, scope, knob)
+            ref, knobs = reference(states, task, alpha, scope, knob, cut)
             assert_matches(dst, ref)
             if scope == "model":
                 (lam,) = knobs.values()

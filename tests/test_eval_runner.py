@@ -87,6 +87,11 @@ def test_all_methods_on_ray_logged_to_mlflow_server(tiny_demo_zoo, switches, mlf
             assert logged[s["label"]][f"acc_{t}"] == pytest.approx(s["per_task"][t])
     auto = next(c for c in children if c.data.params["method"] == "autoswitch")
     assert auto.data.params["k"] == "3"
+    # Methods scored from switches log the build's options: the fixture's build took the defaults.
+    ts = next(c for c in children if c.data.params["method"] == "tswitch")
+    assert [ts.data.params[f"artifacts_{k}"] for k in ("scope", "cut", "knob")] == ["tensor", "authors", "rms"]
+    assert auto.data.params["artifacts_cut"] == "authors"
+    assert "artifacts_cut" not in next(c for c in children if c.data.params["method"] == "ties").data.params
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"results.csv", "results.md", "accuracy_vs_storage.png", "config.json"} <= names
 

@@ -290,15 +290,25 @@ def test_dare_rescale_to_sum_norm(zoo, norm_scope):
 # --------------------------------------------------------------------------- P-Discard thresholds (reference)
 
 
-def np_thresholds(values: np.ndarray, alpha: float) -> tuple[float, float]:
-    """docs/MATH.md "Thresholds (P-Discard cut)": d = floor(α·n) over positives (resp. |negatives|); t = d-th smallest, 0 if d = 0."""
+def np_thresholds(values: np.ndarray, alpha: float, cut: str) -> list[tuple[float, bool]]:
+    """docs/MATH.md "Thresholds (P-Discard cut)" over positives (resp. |negatives|), as (t, inclusive): a
+    magnitude is kept when > t, or >= t if inclusive. "exact": d = floor(α·n), t = d-th smallest, 0 if
+    d = 0. "authors": K = int(n·(1−α)), kept >= the K-th largest, all of the sign when K = 0."""
     pos = values[values > 0]
     neg = -values[values < 0]
     out = []
     for side in (pos, neg):
+        if cut == "authors":
+            k = int(side.size * (1 - alpha))
+            out.append((float(np.sort(side)[side.size - k]), True) if k > 0 else (0.0, False))
+            continue
         d = math.floor(alpha * side.size)
-        out.append(np_kth(side, d) if d > 0 else 0.0)
-    return out[0], out[1]
+        out.append((np_kth(side, d) if d > 0 else 0.0, False))
+    return out
+
+
+def _kept(m: np.ndarray, th: tuple[float, bool]) -> np.ndarray:
+    return ((m >= th[0]) & (m > 0)) if th[1] else m > th[0]
 
 
 def np_masks_of(base_sd, task_sds, alpha, scope):
@@ -307,16 +317,16 @@ def np_masks_of(base_sd, task_sds, alpha, scope):
 
 
 def np_masks(names, taus, alpha, scope):
-    """Per task, per tensor: kept mask under scope tensor|model."""
+    """Per task, per tensor: kept mask under scope tensor|model, each with its default cut (authors|exact)."""
     masks = {n: [] for n in names}
     for t in range(N_TASKS):
         if scope == "model":
-            tp, tn = np_thresholds(np.concatenate([taus[n][t].reshape(-1) for n in names]), alpha)
+            tp, tn = np_thresholds(np.concatenate([taus[n][t].reshape(-1) for n in names]), alpha, "exact")
         for n in names:
             tau = taus[n][t]
             if scope == "tensor":
-                tp, tn = np_thresholds(tau.reshape(-1), alpha)
-            masks[n].append((tau > tp) | (-tau > tn))
+                tp, tn = np_thresholds(tau.reshape(-1), alpha, "authors")
+            masks[n].append(_kept(tau, tp) | _kept(-tau, tn))
     return masks
 
 
@@ -510,7 +520,8 @@ def test_registry_and_options():
     assert merges == {"avg", "ta", "ties", "dare", "pdiscard", "emr", "tswitch"}
     assert get_method("Task-Arithmetic").name == "ta"
     assert get_method_info("ties").defaults() == {"k": 20.0, "trim_scope": "model", "merge": "mean", "scale": 0.3}
-    assert get_method_info("tswitch").defaults() == {"alpha": 0.6, "scope": "tensor", "knob": "rms"}
+    # cut: the default of the default scope (tensor); scope "model" alone makes it "exact".
+    assert get_method_info("tswitch").defaults() == {"alpha": 0.6, "scope": "tensor", "cut": "authors", "knob": "rms"}
     assert get_method("emr").per_task and not get_method("ties").per_task
     for info in registered():  # the kind a merge declares is what its MergeMethod does
         if info.kind.is_merge:

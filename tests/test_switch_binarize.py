@@ -228,13 +228,27 @@ def test_kept_switches_of_an_empty_tensor():
         assert encode_kept(0, sw.positions, sw.positive) == encode_switch(empty, empty)
 
 
-def test_kept_switches_needs_nested_thresholds():
-    from tswitch_ray.switch.binarize import kept_switches
+def test_kept_switches_of_thresholds_that_are_not_nested():
+    """Kept sets that grow (descending α, or cut "authors" keeping a whole small sign at a larger α) are
+    computed run by run: each switch still equals binarize's, element for element."""
+    from tswitch_ray.switch.binarize import kept_switches, nested, nested_runs
 
     tau = torch.linspace(-1, 1, 101)
-    ths = tensor_thresholds(tau, [0.9, 0.5])  # descending α: the kept sets grow
-    with pytest.raises(ValueError, match="nested"):
-        next(kept_switches(tau, ths))
+    ths = tensor_thresholds(tau, [0.9, 0.5, 0.6, 0.3])  # kept sets grow, shrink, grow
+    assert not nested(ths) and [len(r) for r in nested_runs(ths)] == [1, 2, 1]
+    switches = list(kept_switches(tau, ths))
+    assert len(switches) == 4
+    for th in ths:
+        (sw,) = kept_switches(tau, [th])  # each alone; the arrays live in one scratch, compare at once
+        mask = binarize(tau, th)[0].numpy()
+        np.testing.assert_array_equal(sw.positions, np.flatnonzero(mask))
+    small = torch.tensor([3e-3, 1e-3, 1e-3, 2e-3, -1e-3, 0.0, -2e-3, 5e-4, 1e-3, 4e-3, 2e-3, 1e-3])
+    ths = tensor_thresholds(small, [0.5, 0.9], cut="authors")  # 9 positives: K = 4, then int(0.9) = 0
+    assert not nested(ths)
+    for th, sw in zip(ths, kept_switches(small, ths)):
+        np.testing.assert_array_equal(sw.positions, np.flatnonzero(binarize(small, th)[0].numpy()))
+        want = kept_stats(small, binarize(small, th)[0])
+        assert sw.stats.kept == want.kept and sw.stats.sum_sq == pytest.approx(want.sum_sq, rel=1e-12)
 
 
 def test_kept_switch_sums_have_a_fixed_order():

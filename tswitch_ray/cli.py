@@ -178,6 +178,10 @@ def build(
     alpha: list[float] = typer.Option([0.6], "--alpha", "-a", help="Discard ratio α in [0, 1); repeat for several (one pass for all). "
                                       "α = 0 is not lossless: every changed element becomes θ0 ± knob (only the sign is kept)."),
     scope: str = typer.Option("tensor", "--scope", help="Threshold and knob scope: 'tensor' (authors' code) or 'model' (paper text)."),
+    cut: Optional[str] = typer.Option(None, "--cut", help="Threshold cut rule: 'authors' (default for scope "
+                                      "'tensor', the authors' code: the int(n(1-α)) largest of each sign plus every "
+                                      "value tied with the cut) or 'exact' (default for scope 'model': drop the "
+                                      "floor(α·n) smallest, ties at the cut dropped too). 'authors' needs scope 'tensor'."),
     knob: str = typer.Option("rms", "--knob", help="Switch knob: 'rms' (authors' code) or 'mean' (least squares)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed artifact set built with other options."),
     shard_mb: int = typer.Option(8, "--shard-mb", help="Target shard size in MiB of one checkpoint."),
@@ -193,12 +197,12 @@ def build(
 
     if 0.0 in alpha:
         console.print(ALPHA_ZERO_WARNING, highlight=False, markup=False)
-    cfg = BuildConfig(zoo=zoo, out=out_uri, alphas=alpha, scope=scope, knob=knob, overwrite=overwrite,
+    cfg = BuildConfig(zoo=zoo, out=out_uri, alphas=alpha, scope=scope, cut=cut, knob=knob, overwrite=overwrite,
                       shard_bytes=shard_mb * 2**20, run=run)
     s = run_build(cfg)
     t = Table(title=f"build committed: {s.out}", show_header=False)
     t.add_row("tasks x α", f"{s.tasks} x {s.alphas}")
-    t.add_row("scope", s.scope)
+    t.add_row("scope, cut", f"{s.scope}, {s.cut}")
     t.add_row("shards (reused)", f"{s.shards} ({s.shards_reused})")
     t.add_row("bytes read", _bytes(s.bytes_read))
     t.add_row("time", f"{s.seconds:.1f} s")

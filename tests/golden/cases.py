@@ -55,9 +55,10 @@ MERGES: dict[str, list[dict[str, str]]] = {
     "ties": [{}, {"k": "40", "trim_scope": "tensor", "merge": "sum", "scale": "0.6"}],
     "dare": [{}, {"p": "0.3", "seed": "7", "rescale_to_sum_norm": "true"},
              {"p": "0.7", "rescale_to_sum_norm": "true", "norm_scope": "tensor"}],
-    "pdiscard": [{}, {"alpha": "0.8", "scope": "model", "norm_scope": "tensor"}],
+    # The defaults cut "authors" (scope tensor); "cut=exact" pins the rule the defaults had before.
+    "pdiscard": [{}, {"cut": "exact"}, {"alpha": "0.8", "scope": "model", "norm_scope": "tensor"}],
     "emr": [{}, {"lambda_mode": "element_sum"}],
-    "tswitch": [{}, {"alpha": "0.9", "scope": "model", "knob": "mean"}],
+    "tswitch": [{}, {"cut": "exact"}, {"alpha": "0.9", "scope": "model", "knob": "mean"}],
 }
 
 EVAL_METHODS: list[dict[str, Any]] = [
@@ -277,23 +278,38 @@ def _make_inputs(run: Run) -> None:
 
 
 def _build_cases(run: Run) -> None:
-    """Every zoo format, local and S3, both scopes and knobs, several α; one on Ray (the default)."""
+    """Every zoo format, local and S3, both scopes, knobs and cut rules, several α; one on Ray (the default).
+
+    The scope-tensor cases of before the cut option keep their names and digests under an explicit
+    ``--cut exact``; the ``-authors`` cases pin the default cut of scope tensor (docs/MATH.md "Cut rules"),
+    with α = 0.999, where small tensors keep a whole sign (int(n·(1−α)) = 0).
+    """
     local, s3 = ["--executor", "local"], ["--executor", "local", *run.place.cli_args()]
+    exact, authors = ["--cut", "exact"], ["--cut", "authors"]
     sw = run.work / "switches"
     # (case, input zoo, output, alphas, scope, knob, extra arguments)
     builds = [
         ("synth/local/tensor-rms/ray", "synth", str(sw / "synth-tensor"), (0.6, 0.9), "tensor", "rms",
-         ["--workers", "2"]),
+         ["--workers", "2", *exact]),
         ("synth/local/model-mean", "synth", str(sw / "synth-model"), (0.5, 0.8), "model", "mean", local),
         ("mixed-safetensors/local/tensor-rms", "mixed-safetensors", str(sw / "st-tensor"), (0.0, 0.5, 0.9),
-         "tensor", "rms", local),
+         "tensor", "rms", [*local, *exact]),
         ("mixed-sharded/local/model-rms", "mixed-sharded", str(sw / "sh-model"), (0.3, 0.7), "model", "rms", local),
-        ("mixed-pt/local/tensor-mean", "mixed-pt", str(sw / "pt-tensor"), (0.5, 0.9), "tensor", "mean", local),
+        ("mixed-pt/local/tensor-mean", "mixed-pt", str(sw / "pt-tensor"), (0.5, 0.9), "tensor", "mean",
+         [*local, *exact]),
         ("mixed-safetensors/s3/model-mean", "mixed-safetensors-s3", run.place.uri("sw/st-model"), (0.6, 0.9),
          "model", "mean", s3),
         ("mixed-sharded/s3/tensor-rms", "mixed-sharded-s3", run.place.uri("sw/sh-tensor"), (0.0, 0.5, 0.9),
-         "tensor", "rms", s3),
+         "tensor", "rms", [*s3, *exact]),
         ("mixed-pt/s3/model-rms", "mixed-pt-s3", run.place.uri("sw/pt-model"), (0.3, 0.7), "model", "rms", s3),
+        ("synth/local/tensor-rms-authors", "synth", str(sw / "synth-tensor-authors"), (0.6, 0.9), "tensor", "rms",
+         local),
+        ("mixed-safetensors/local/tensor-rms-authors", "mixed-safetensors", str(sw / "st-tensor-authors"),
+         (0.0, 0.5, 0.9, 0.999), "tensor", "rms", local),
+        ("mixed-pt/local/tensor-mean-authors", "mixed-pt", str(sw / "pt-tensor-authors"), (0.5, 0.9), "tensor",
+         "mean", [*local, *authors]),
+        ("mixed-sharded/s3/tensor-rms-authors", "mixed-sharded-s3", run.place.uri("sw/sh-tensor-authors"),
+         (0.0, 0.5, 0.9), "tensor", "rms", s3),
     ]
     for name, zoo, dest, alphas, scope, knob, extra in builds:
         _build(run.zoos[zoo], dest, alphas, scope, knob, *extra)
@@ -311,6 +327,8 @@ def _reconstruct_cases(run: Run) -> None:
          str(rec / "sharded.safetensors"), []),
         ("mixed-pt/s3/model-rms/eurosat@0.3", "mixed-pt/s3/model-rms", "eurosat", 0.3,
          run.place.uri("reconstructed/pt.safetensors"), run.place.cli_args()),
+        ("mixed-safetensors/local/tensor-rms-authors/dtd@0.999", "mixed-safetensors/local/tensor-rms-authors",
+         "dtd", 0.999, str(rec / "authors.safetensors"), []),
     ]
     for name, build, task, alpha, dest, extra in reconstructs:
         tswitch("reconstruct", "--artifacts", run.built[build], "--task", task, "--alpha", alpha, "--out", dest,
@@ -338,7 +356,9 @@ def _merge_cases(run: Run) -> None:
 
 
 def _eval_case(folder: Path) -> dict[str, Any]:
-    """`tswitch eval` of every method (and a grid) on the tiny demo zoo; the results table's digest."""
+    """`tswitch eval` of every method (and a grid) on the tiny demo zoo; the results table's digest.
+
+    Builds and merges with the defaults (cut "authors" since it became the default of scope tensor)."""
     zoo = make_demo_zoo(folder / "zoo")
     _build(str(zoo), str(folder / "switches"), (0.6, 0.9), "tensor", "rms", "--executor", "local")
     _build(str(zoo), str(folder / "switches-mean"), (0.9,), "tensor", "mean", "--executor", "local")

@@ -130,6 +130,10 @@ def artifact_digest(uri: str, storage_options: dict[str, Any] | None = None) -> 
     totals = manifest.get("totals") or {}
     summary["totals"] = {k: canon(totals.get(k)) for k in TOTALS_FIELDS}
     summary["zoo_name"] = (manifest.get("zoo") or {}).get("name")
+    cut = manifest.get("cut", "exact")
+    if cut != "exact":
+        # "exact" is what every set meant before the manifest recorded its cut: such a set keeps its digest.
+        summary["cut"] = cut
     rows: list[list[Any]] = []
     for part in manifest["parts"]:
         with fs.open(posixpath.join(root, part["path"]), "rb") as f:

@@ -257,6 +257,8 @@ def _check_consistent(m: Manifest, where: str) -> None:
         lacking = [(t, a) for t in m.tasks for a in m.alphas if (t, a) not in seen]
         if lacking:
             raise bad(f"field 'knobs' lacks {lacking[:5]}")
+    if m.cut == "authors" and m.scope != "tensor":
+        raise bad(f"field 'cut' is 'authors' but field 'scope' is {m.scope!r}; the authors' cut is per tensor")
     prefix = f"{PARTS_DIR}/{m.run_key}/"
     for p in m.parts:
         if not p.path.startswith(prefix) or ".." in p.path.split("/") or "\\" in p.path:

@@ -113,6 +113,11 @@ class ArtifactReader:
         return self._m.scope
 
     @property
+    def cut(self) -> str:
+        """The threshold cut rule; "exact" for sets written before it was recorded."""
+        return self._m.cut
+
+    @property
     def knob_mode(self) -> str:
         return self._m.knob_mode
 

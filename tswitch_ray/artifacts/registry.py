@@ -52,6 +52,7 @@ ARTIFACTS_SCHEMA = pa.schema(
         ("n_tasks", pa.int64()),
         ("alphas", pa.list_(pa.float64())),
         ("scope", pa.string()),
+        ("cut", pa.string()),
         ("knob_mode", pa.string()),
         ("codec", pa.string()),
         ("n_tensors", pa.int64()),
@@ -109,6 +110,8 @@ def _artifact_row(m: dict[str, Any], uri: str, folder: str, problem: str | None)
         "n_tasks": len(tasks) if tasks is not None else None,
         "alphas": alphas,
         "scope": get(str, m.get("scope")),
+        # A manifest without the field predates it: its sets were cut "exact".
+        "cut": get(str, m.get("cut", "exact")),
         "knob_mode": get(str, m.get("knob_mode")),
         "codec": get(str, m.get("codec")),
         "n_tensors": len(tensors),

@@ -138,6 +138,8 @@ class Manifest(BaseModel):
     tasks: list[str]
     alphas: list[float]
     scope: Literal["tensor", "model"]
+    # The threshold cut rule (docs/MATH.md "Cut rules"); sets written before it was recorded used "exact".
+    cut: Literal["authors", "exact"] = "exact"
     knob_mode: Literal["rms", "mean"]
     codec: str
     knobs: list[KnobEntry] | None = None

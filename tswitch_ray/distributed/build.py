@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tswitch_ray import __version__
 from tswitch_ray.artifacts import ArtifactWriter
@@ -63,7 +63,7 @@ from tswitch_ray.switch import (
     tensor_thresholds,
 )
 from tswitch_ray.switch.binarize import SwitchScratch, kept_switches
-from tswitch_ray.switch.thresholds import RefineRequest, Thresholds, WindowPass, covers, window_request
+from tswitch_ray.switch.thresholds import Cut, RefineRequest, Thresholds, WindowPass, covers, resolve_cut, window_request
 from tswitch_ray.zoo import Zoo, load_zoo
 
 # Sample of scope "model" (phase 0): SAMPLE_CHUNKS evenly spaced slices of
@@ -92,6 +92,8 @@ class BuildConfig(WithRunOptions):
     out: str
     alphas: list[float] = Field(default_factory=lambda: [0.6])
     scope: Literal["tensor", "model"] = "tensor"
+    # None: the scope's default, "authors" for scope "tensor", "exact" for "model" (docs/MATH.md "Cut rules").
+    cut: Cut | None = None
     knob: Literal["rms", "mean"] = "rms"
     # 8 MiB ≈ half a ViT-B transformer block in fp16 (38 shards for ViT-B/16).
     # A worker holds one shard's encoded rows and Parquet bytes, which grow
@@ -112,6 +114,11 @@ class BuildConfig(WithRunOptions):
             raise ValueError(f"discard ratio α must lie in [0, 1); got {bad}")
         return sorted(set(v))
 
+    @model_validator(mode="after")
+    def _resolve_cut(self) -> BuildConfig:
+        self.cut = resolve_cut(self.cut, self.scope)  # type: ignore[assignment]
+        return self
+
 
 @dataclass
 class BuildSummary:
@@ -128,6 +135,7 @@ class BuildSummary:
     seconds: float
     fp32_bytes: int
     encoded_bytes: int
+    cut: str = "exact"
     peak_rss_by_worker: dict[str, int] = field(default_factory=dict)
     # Wall seconds per phase, in run order: plan, start-up (ray.init or
     # attaching), sample / histograms / refine (scope "model"), encode,
@@ -156,6 +164,7 @@ class ShardContext(RunContext):
     scope: str
     knob_mode: str
     run: RunOptions
+    cut: str = "exact"
 
 
 @functools.lru_cache(maxsize=4)
@@ -296,7 +305,7 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
             if global_thresholds is not None:
                 ths = global_thresholds[task]
             else:
-                ths = tensor_thresholds(tau, list(ctx.alphas), _label(zoo, task, name))
+                ths = tensor_thresholds(tau, list(ctx.alphas), _label(zoo, task, name), cut=ctx.cut)
             numel = tau.numel()
             for th, sw in zip(ths, kept_switches(tau, ths, scratch)):
                 key = (task, th.alpha)
@@ -369,6 +378,10 @@ def run_key_for(zoo: Zoo, cfg: BuildConfig, shards: Sequence[Shard]) -> str:
     layout = zoo.layout_identity()
     if layout is not None:  # only then: the keys of builds without task-specific tensors or key rules are unchanged
         payload["layout"] = layout
+    if cfg.cut != "exact":
+        # Only when not "exact", the one rule of earlier versions: their
+        # staged and committed sets keep their keys, and are reused, not rebuilt.
+        payload["cut"] = cfg.cut
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -383,7 +396,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     existing = set(writer.existing_parts())
     todo = [s for s in shards if s.shard_id not in existing]
     ctx = ShardContext(zoo_uri=cfg.zoo, out=cfg.out, run_key=run_key, alphas=tuple(cfg.alphas), scope=cfg.scope,
-                       knob_mode=cfg.knob, run=cfg.run)
+                       knob_mode=cfg.knob, run=cfg.run, cut=cfg.cut)
     timer.start("start-up")
     executor = make_executor(cfg.run)
     try:
@@ -408,6 +421,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         tasks=len(zoo.task_names),
         alphas=cfg.alphas,
         scope=cfg.scope,
+        cut=cfg.cut,
         bytes_read=stats.bytes_read,
         seconds=time.perf_counter() - t0,
         fp32_bytes=manifest["totals"]["fp32_bytes"],
@@ -528,6 +542,7 @@ def _manifest(cfg: BuildConfig, zoo: Zoo, run_key: str, shards: Sequence[Shard],
         "tasks": list(zoo.task_names),
         "alphas": cfg.alphas,
         "scope": cfg.scope,
+        "cut": cfg.cut,
         "knob_mode": cfg.knob,
         "codec": CODEC,
         "knobs": knobs,

@@ -383,8 +383,10 @@ def _track(plan: EvalPlan, tracker: Tracker, result: EvalResult, files: Mapping[
     cfg, tasks = plan.cfg, plan.tasks
     with tracker.evaluation(cfg.name, {"zoo": cfg.zoo, "tasks": tasks, "artifacts": cfg.artifacts,
                                        "n_methods": len(plan.specs), "executor": cfg.run.executor}):
+        builds: dict[str, dict[str, Any]] = {}
         for s, summ in zip(plan.specs, result.summary):
-            tracker.log_method(s.display, _method_params(s, cfg.zoo), _method_metrics(summ, tasks))
+            params = {**_method_params(s, cfg.zoo), **_build_params(plan, s, builds)}
+            tracker.log_method(s.display, params, _method_metrics(summ, tasks))
         tracker.log_summary({"wall_seconds": result.seconds}, files)
         return tracker.parent_run_id
 
@@ -396,6 +398,20 @@ def _method_params(spec: MethodSpec, zoo: str) -> dict[str, Any]:
     defaults = info.defaults(for_eval=True)
     params.update({name: spec.options.get(name, defaults[name]) for name in info.logged_options})
     return params
+
+
+def _build_params(plan: EvalPlan, spec: MethodSpec, seen: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The build options of the switch artifacts a method is scored from, as MLflow params (none for the others);
+    ``seen`` caches them per artifact set."""
+    uri = _artifact_uri(plan.cfg, spec)
+    if not uri:
+        return {}
+    if uri not in seen:
+        from tswitch_ray.artifacts import ArtifactReader
+
+        r = ArtifactReader(uri, storage_options=plan.cfg.run.storage_options)
+        seen[uri] = {"artifacts_scope": r.scope, "artifacts_cut": r.cut, "artifacts_knob": r.knob_mode}
+    return seen[uri]
 
 
 def _method_metrics(summ: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:

@@ -16,8 +16,9 @@ per tensor (``norm_scope="tensor"``). The same rescaling is offered to DARE
 (``rescale_to_sum_norm``) as the paper's DARE-Random control of Table 1.
 
 Threshold scope as for T-Switch: ``scope="tensor"`` (default, the authors'
-code) or ``"model"`` (two more statistics rounds). α = 0.6 (the authors' ViT
-setting) and s = 0.3 (Task Arithmetic's coefficient) by default; a merged
+code) or ``"model"`` (two more statistics rounds); ``cut`` as for T-Switch,
+``"authors"`` (default for scope "tensor") or ``"exact"`` (docs/MATH.md "Cut
+rules"). α = 0.6 (the authors' ViT setting) and s = 0.3 (Task Arithmetic's coefficient) by default; a merged
 vector of zero length gets ratio 0.
 """
 
@@ -31,8 +32,9 @@ from pydantic import Field
 
 from tswitch_ray.methods import _global
 from tswitch_ray.methods.base import signed_sum, sumsq64, to_base_dtype
-from tswitch_ray.methods.registry import MethodInfo, MethodKind, MethodOptions, Number, register
+from tswitch_ray.methods.registry import MethodInfo, MethodKind, Number, register
 from tswitch_ray.methods.storage import one_model_bytes
+from tswitch_ray.methods.tswitch import CutOptions
 from tswitch_ray.switch.thresholds import Thresholds, tensor_thresholds
 from tswitch_ray.switch.transforms import p_discard
 
@@ -62,16 +64,16 @@ def norm_terms(taus: list[Tensor], processed: list[Tensor]) -> tuple[float, floa
     return sumsq64(full), sumsq64(proc)
 
 
-class PDiscardOptions(MethodOptions):
+class PDiscardOptions(CutOptions):
     alpha: Number = Field(0.6, ge=0.0, lt=1.0)  # discard ratio α
     scale: Number = 0.3
-    scope: Literal["tensor", "model"] = "tensor"  # of the thresholds
     norm_scope: NormScope = "model"
 
 
 class PDiscard(PDiscardOptions):
     """P-Discard merge (one merged model). Options: ``alpha`` (0.6), ``scale`` (0.3),
-    ``scope`` ("tensor" | "model", thresholds), ``norm_scope`` ("model" | "tensor")."""
+    ``scope`` ("tensor" | "model", thresholds), ``cut`` ("authors" | "exact"),
+    ``norm_scope`` ("model" | "tensor")."""
 
     name: ClassVar[str] = "pdiscard"
     per_task: ClassVar[bool] = False
@@ -88,7 +90,7 @@ class PDiscard(PDiscardOptions):
     def thresholds(self, name: str, taus: list[Tensor], params: dict[str, Any] | None) -> list[Thresholds]:
         if self.scope == "model":
             return params["thresholds"]  # type: ignore[index]
-        return [tensor_thresholds(tau, [self.alpha], name)[0] for tau in taus]
+        return [tensor_thresholds(tau, [self.alpha], name, cut=self.cut)[0] for tau in taus]
 
     def processed(self, name: str, taus: list[Tensor], params: dict[str, Any] | None) -> list[Tensor]:
         return [p_discard(tau, th) for tau, th in zip(taus, self.thresholds(name, taus, params), strict=True)]

@@ -10,7 +10,10 @@ functions of ``tswitch_ray.switch`` (docs/MATH.md "Thresholds (P-Discard cut)",
   tensor) or "model" (thresholds and one knob per task over the whole task
   vector: three statistics rounds — coarse histograms, fine histograms, kept
   sums);
-* ``knob``: "rms" (default, the authors' code) or "mean".
+* ``knob``: "rms" (default, the authors' code) or "mean";
+* ``cut``: "authors" (default for scope "tensor": the int(n·(1−α)) largest of
+  each sign plus the ties at the cut, as the authors' code) or "exact" (the
+  only rule, and the default, of scope "model"): docs/MATH.md "Cut rules".
 
 The artifact build (``distributed/build.py``) produces the same switches and
 stores them; this method rebuilds full weights directly. An eval scores T-Switch
@@ -23,26 +26,42 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tswitch_ray.methods import _global
 from tswitch_ray.methods.registry import MethodInfo, MethodKind, MethodOptions, NoOptions, Number, register
 from tswitch_ray.methods.storage import StorageModel, switches_bytes
 from tswitch_ray.switch.binarize import KeptStats, KnobMode, binarize, kept_stats, knob
 from tswitch_ray.switch.reconstruct import reconstruct
-from tswitch_ray.switch.thresholds import Thresholds, tensor_thresholds
+from tswitch_ray.switch.thresholds import Cut, Thresholds, resolve_cut, tensor_thresholds
 
 Tensor = torch.Tensor
 
 
-class TSwitchOptions(MethodOptions):
-    alpha: Number = Field(0.6, ge=0.0, lt=1.0)  # P-Discard ratio α
+class CutOptions(MethodOptions):
+    """The threshold options of the methods that cut like P-Discard (T-Switch, P-Discard): scope and cut rule."""
+
     scope: Literal["tensor", "model"] = "tensor"
+    # Not given: the scope's default, "authors" for scope "tensor" (as here), "exact" for "model"
+    # (docs/MATH.md "Cut rules"); given, it must suit the scope.
+    cut: Cut = "authors"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cut_of_scope(cls, data: Any) -> Any:
+        # Before, not after, validation: the options are frozen. An unknown scope is left to its own error.
+        if isinstance(data, dict) and data.get("scope", "tensor") in ("tensor", "model"):
+            data = {**data, "cut": resolve_cut(data.get("cut"), data.get("scope", "tensor"))}
+        return data
+
+
+class TSwitchOptions(CutOptions):
+    alpha: Number = Field(0.6, ge=0.0, lt=1.0)  # P-Discard ratio α
     knob: KnobMode = "rms"
 
 
 class TSwitch(TSwitchOptions):
-    """T-Switch reconstruction for every task. Options: ``alpha``, ``scope``, ``knob``."""
+    """T-Switch reconstruction for every task. Options: ``alpha``, ``scope``, ``knob``, ``cut``."""
 
     name: ClassVar[str] = "tswitch"
     per_task: ClassVar[bool] = True
@@ -58,7 +77,7 @@ class TSwitch(TSwitchOptions):
     def _thresholds(self, name: str, taus: list[Tensor], params: Any) -> list[Thresholds]:
         if self.scope == "model":
             return params["thresholds"]
-        return [tensor_thresholds(tau, [self.alpha], name)[0] for tau in taus]
+        return [tensor_thresholds(tau, [self.alpha], name, cut=self.cut)[0] for tau in taus]
 
     def tensor_stats(self, round: int, name: str, base: Tensor, taus: list[Tensor], params: Any) -> Any:
         phase = self._phases[round]

@@ -160,10 +160,23 @@ class SwitchScratch:
 def nested(ths: list[Thresholds]) -> bool:
     """True when every kept set is a subset of the previous one (both thresholds never decrease).
 
-    Always the case for the thresholds of ascending α of one task vector
-    (d = floor(α·n) grows with α, and so does the d-th smallest value).
+    Always the case for cut ``exact`` and ascending α (d = floor(α·n) grows
+    with α, and so does the d-th smallest value). Cut ``authors`` keeps a
+    whole sign once K = int(n·(1 − α)) reaches 0 (docs/MATH.md "Cut rules"),
+    so on a sign of few elements a larger α can keep more: not nested.
     """
     return all(b.t_pos >= a.t_pos and b.t_neg >= a.t_neg for a, b in zip(ths, ths[1:]))
+
+
+def nested_runs(ths: list[Thresholds]) -> list[list[Thresholds]]:
+    """``ths`` cut, in order, into the longest runs that are each :func:`nested`."""
+    runs: list[list[Thresholds]] = []
+    for th in ths:
+        if runs and nested([runs[-1][-1], th]):
+            runs[-1].append(th)
+        else:
+            runs.append([th])
+    return runs
 
 
 MAX_SWITCHES = 127
@@ -202,23 +215,28 @@ def kept_switches(tau: torch.Tensor, ths: list[Thresholds], scratch: SwitchScrat
 
     One vectorised sweep gives every element a level byte (how many
     thresholds keep it, and its sign); switch j's kept positions are then
-    searched among switch j−1's, since ``ths`` must be :func:`nested`
-    (thresholds of ascending α are). The arrays yielded live in ``scratch``
-    and are valid until the next one is yielded. CPU (a CUDA τ is copied
-    over first).
+    searched among switch j−1's, within each run of :func:`nested_runs`
+    (one run for the thresholds of ascending α, except where cut
+    ``authors`` keeps a whole small sign at a larger α: one sweep per run).
+    The arrays yielded live in ``scratch`` and are valid until the next one
+    is yielded. CPU (a CUDA τ is copied over first).
     """
-    from tswitch_ray.switch import _kernels  # numba compiles on first use, not at import
-
-    if not nested(ths):
-        raise ValueError(f"kept_switches needs nested thresholds (ascending α); got {ths!r}")
     if len(ths) > MAX_SWITCHES:
         raise ValueError(f"at most {MAX_SWITCHES} thresholds per sweep, got {len(ths)}")
     flat = _f32(tau).reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
     t = np.ascontiguousarray(flat.numpy())
-    numel = int(t.size)
     scratch = scratch or SwitchScratch()
+    for run in nested_runs(ths):
+        yield from _nested_switches(t, run, scratch)
+
+
+def _nested_switches(t: np.ndarray, ths: list[Thresholds], scratch: SwitchScratch) -> Iterator[KeptSwitch]:
+    """:func:`kept_switches` of one nested run over the flat float32 ``t``."""
+    from tswitch_ray.switch import _kernels  # numba compiles on first use, not at import
+
+    numel = int(t.size)
     scratch.reserve(numel)
     levels = scratch.levels[:numel]
     _kernels.switch_levels(t, _as_float32([th.t_pos for th in ths]), _as_float32([-th.t_neg for th in ths]), levels)

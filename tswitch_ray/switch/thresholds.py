@@ -3,15 +3,20 @@
 Specified in docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3).
 
 For a discard ratio α in [0, 1) and the positive elements P of τ (n = |P|),
-d = floor(α·n); if d = 0 the threshold is 0, else t⁺ is the d-th smallest value
-of P (1-based, what ``torch.kthvalue(P, d)`` returns). Likewise t⁻ over the
-magnitudes of the negative elements. Zeros belong to neither side, and an
-element is kept when τ > t⁺ or −τ > t⁻ (see :mod:`.binarize`).
+two cut rules (docs/MATH.md "Cut rules"):
 
-This is the cut rule "exact" of docs/MATH.md "Thresholds (P-Discard cut)".
-The authors' code (lfy-123/Binary-Task-Switch, merge_vit.py) instead keeps the
-int(n·(1−α)) largest values plus any ties at the cut, which can keep a few more
-elements when values repeat; that rule is documented there and not implemented.
+* ``exact``: d = floor(α·n); if d = 0 the threshold is 0, else t⁺ is the
+  d-th smallest value of P (1-based, what ``torch.kthvalue(P, d)`` returns),
+  so the values tied with it are dropped;
+* ``authors`` (lfy-123/Binary-Task-Switch, merge_vit/merge_vit.py
+  ``process_matrix``): keep the K = int(n·(1 − α)) largest values of P and
+  every value tied with the smallest of them, and all of P when K = 0. The
+  cut value c is the (n − K + 1)-th smallest value of P, and t⁺ is the
+  float32 just below c, so that τ > t⁺ ⇔ τ ≥ c; d = n − K (0 when K = 0).
+
+Likewise t⁻ over the magnitudes of the negative elements. Zeros belong to
+neither side, and an element is kept when τ > t⁺ or −τ > t⁻ whatever the
+rule (see :mod:`.binarize`): the rule only moves the thresholds.
 
 Scope "tensor" (:func:`tensor_thresholds`) takes P and N per tensor, as the
 authors' code does. Scope "model" (the paper text's reading) takes them over
@@ -23,7 +28,9 @@ the whole task vector; it is computed from per-shard pieces that add up:
     ths   = resolve_thresholds(hist, fine, alphas)     # driver, tiny
 
 and the result equals :func:`tensor_thresholds` on the concatenation of all
-shards. Selection is by radix histograms (:mod:`.select`); no per-α sort.
+shards. Scope "model" has cut ``exact`` only: the authors' code cuts per
+tensor and defines no model-wide rule (:func:`resolve_cut`). Selection is by
+radix histograms (:mod:`.select`); no per-α sort.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import overload
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -88,12 +95,101 @@ def discard_count(n: int, alpha: float) -> int:
     return int(math.floor(a * n))
 
 
+Cut = Literal["authors", "exact"]
+CUTS: tuple[str, ...] = ("authors", "exact")
+"""The cut rules of docs/MATH.md "Cut rules": ``authors`` (ties at the cut kept) and ``exact`` (dropped)."""
+
+
+def _validate_cut(cut: object) -> str:
+    if cut not in CUTS:
+        raise ConfigError(
+            f"cut rule {cut!r} is not one of {', '.join(CUTS)}: 'authors' keeps the int(n·(1−α)) largest "
+            "values of each sign plus every value tied with the cut (the authors' code, the default for "
+            "scope 'tensor'); 'exact' drops exactly the floor(α·n) smallest and the ties at the cut."
+        )
+    return str(cut)
+
+
+def resolve_cut(cut: str | None, scope: str) -> str:
+    """The cut rule of a build or merge: ``cut`` checked against ``scope``, or the scope's default.
+
+    docs/MATH.md "Cut rules": ``authors`` for scope "tensor", ``exact`` for
+    scope "model". ``authors`` with scope "model" is a ``ConfigError``: the
+    authors' code (merge_vit.py ``process_matrix``) cuts each tensor on its
+    own and has no model-wide rule to follow.
+    """
+    if cut is None:
+        return "authors" if scope == "tensor" else "exact"
+    cut = _validate_cut(cut)
+    if cut == "authors" and scope == "model":
+        raise ConfigError(
+            "cut 'authors' needs scope 'tensor': the authors' code (lfy-123/Binary-Task-Switch, "
+            "merge_vit.py process_matrix) keeps the int(n·(1−α)) largest values of each sign of each "
+            "tensor plus the ties at the cut, and has no model-wide cut. Use scope 'model' with cut "
+            "'exact' (its default: the paper text's α-quantile over the whole task vector), or scope "
+            "'tensor' with cut 'authors'."
+        )
+    return cut
+
+
+def keep_count(n: int, alpha: float) -> int:
+    """K = int(n·(1 − α)): how many largest values of a sign the ``authors`` cut keeps (before ties).
+
+    docs/MATH.md "Cut rules" (cut ``authors``), transcribing
+    lfy-123/Binary-Task-Switch merge_vit/merge_vit.py ``process_matrix``:
+    ``num_elements_to_keep = int(len(positive_non_zero) * (1 - k))``, in
+    float64 with its rounding, as Python computes it: n = 10, α = 0.8 gives
+    int(1.9999999999999996) = 1, not 2, and n = 10, α = 0.9 gives K = 0
+    (so the authors keep all ten, see :func:`cut_rank`). Raises
+    ``ConfigError`` for α outside [0, 1).
+    """
+    a = _validate_alpha(alpha)
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"element count must be non-negative, got {n}")
+    return int(n * (1.0 - a))
+
+
+def cut_rank(n: int, alpha: float, cut: str = "exact") -> tuple[int, int]:
+    """(d, r) of one sign with n elements: the nominal drop count d and the 1-based rank r of the value
+    that sets the threshold (r = 0: no selection, the threshold is 0 and the whole sign is kept).
+
+    docs/MATH.md "Thresholds (P-Discard cut)" and "Cut rules". ``exact``:
+    d = r = floor(α·n). ``authors``: K = int(n·(1 − α)); K = 0 keeps every
+    element of the sign, as the authors' code does (``process_matrix`` then
+    leaves the sign untouched, only logging "Too few positive elements"), and
+    so does K = n; else d = n − K and r = d + 1, the rank of the K-th largest.
+    """
+    if _validate_cut(cut) == "exact":
+        d = discard_count(n, alpha)
+        return d, d
+    k = keep_count(n, alpha)
+    if k == 0 or k >= n:
+        return 0, 0
+    return n - k, n - k + 1
+
+
+def below(value: float) -> float:
+    """The largest float32 below the positive float32 ``value`` (0.0 below the smallest subnormal).
+
+    For float32 x, x > below(c) ⇔ x ≥ c: the strict comparison of
+    :func:`.binarize.binarize` then keeps the ties at the ``authors`` cut c
+    (docs/MATH.md "Cut rules").
+    """
+    bits = np.array([value], dtype=np.float32).view(np.uint32)
+    if not (0 < int(bits[0]) < 0x7F800000):
+        raise ValueError(f"expected a positive finite float32 cut value, got {value!r}")
+    return float((bits - np.uint32(1)).view(np.float32)[0])
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Discard thresholds of one α: keep τ > t_pos or −τ > t_neg.
 
     n_pos/n_neg count strictly positive/negative elements, d_pos/d_neg the
-    ranks (floor(α·n)) whose values are t_pos/t_neg (0.0 when d = 0).
+    nominal drop counts of :func:`cut_rank`. Cut ``exact``: t_pos/t_neg are
+    the values of ranks d (0.0 when d = 0). Cut ``authors``: they are the
+    float32 just below the K-th largest value (0.0 when the whole sign is kept).
     """
 
     alpha: float
@@ -103,6 +199,7 @@ class Thresholds:
     n_neg: int
     d_pos: int
     d_neg: int
+    cut: str = "exact"
 
 
 @dataclass(frozen=True, eq=False)
@@ -252,16 +349,16 @@ def signed_histograms(tau: torch.Tensor, name: str | None = None) -> SignedHisto
     return _signed_histograms(bits, keys, name)
 
 
-def _ranks(n: int, alphas: Sequence[float]) -> list[int]:
-    return [discard_count(n, a) for a in alphas]
+def _ranks(n: int, alphas: Sequence[float], cut: str) -> list[tuple[int, int]]:
+    return [cut_rank(n, a, cut) for a in alphas]
 
 
-def refine_request(hist: SignedHistograms, alphas: float | Iterable[float]) -> RefineRequest:
-    """The coarse buckets, per sign, that hold the ranks floor(α·n) of all α."""
+def refine_request(hist: SignedHistograms, alphas: float | Iterable[float], cut: str = "exact") -> RefineRequest:
+    """The coarse buckets, per sign, that hold the threshold ranks (:func:`cut_rank`) of all α."""
     alphas = _alpha_list(alphas)
 
     def buckets(coarse: np.ndarray, n: int) -> tuple[int, ...]:
-        ranks = [d for d in _ranks(n, alphas) if d > 0]
+        ranks = [r for _, r in _ranks(n, alphas, cut) if r > 0]
         return tuple(sorted({b for b, _ in select.refine_buckets(coarse, ranks)}))
 
     return RefineRequest(buckets(hist.coarse_pos, hist.n_pos), buckets(hist.coarse_neg, hist.n_neg))
@@ -304,44 +401,51 @@ def fine_histograms(tau, request):  # type: ignore[no-untyped-def]
 
 
 def resolve_thresholds(
-    hist: SignedHistograms, fine: SignedFine, alphas: float | Iterable[float]
+    hist: SignedHistograms, fine: SignedFine, alphas: float | Iterable[float], cut: str = "exact"
 ) -> list[Thresholds]:
     """Exact thresholds of every α (in order) from summed pass-1 and pass-2 statistics.
 
-    t⁺/t⁻ = the d-th smallest positive value / negative magnitude, 0 when
-    d = 0: docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3).
+    docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3) and "Cut
+    rules": ``exact``, t⁺/t⁻ = the d-th smallest positive value / negative
+    magnitude, 0 when d = 0; ``authors``, the float32 just below the K-th
+    largest (:func:`below`), 0 when the whole sign is kept.
     """
     alphas = _alpha_list(alphas)
+    cut = _validate_cut(cut)
 
     def side(coarse: np.ndarray, fines: dict[int, np.ndarray], n: int) -> tuple[list[int], list[float]]:
-        ds = _ranks(n, alphas)
-        wanted = [d for d in ds if d > 0]
-        values = iter(select.resolve(coarse, fines, wanted))
-        return ds, [next(values) if d > 0 else 0.0 for d in ds]
+        ranks = _ranks(n, alphas, cut)
+        values = iter(select.resolve(coarse, fines, [r for _, r in ranks if r > 0]))
+        ts = [next(values) if r > 0 else 0.0 for _, r in ranks]
+        if cut == "authors":
+            ts = [below(t) if t > 0.0 else 0.0 for t in ts]
+        return [d for d, _ in ranks], ts
 
     d_pos, t_pos = side(hist.coarse_pos, fine.pos, hist.n_pos)
     d_neg, t_neg = side(hist.coarse_neg, fine.neg, hist.n_neg)
     return [
-        Thresholds(a, tp, tn, hist.n_pos, hist.n_neg, dp, dn)
+        Thresholds(a, tp, tn, hist.n_pos, hist.n_neg, dp, dn, cut)
         for a, tp, tn, dp, dn in zip(alphas, t_pos, t_neg, d_pos, d_neg)
     ]
 
 
 def tensor_thresholds(
-    tau: torch.Tensor, alphas: float | Iterable[float], name: str | None = None
+    tau: torch.Tensor, alphas: float | Iterable[float], name: str | None = None, cut: str = "exact"
 ) -> list[Thresholds]:
-    """Scope "tensor": exact thresholds of one task-vector tensor for all α at once.
+    """Scope "tensor": exact thresholds of one task-vector tensor for all α at once, by the rule ``cut``.
 
-    docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3).
+    docs/MATH.md "Thresholds (P-Discard cut)" (paper 000 eq. 3) and "Cut
+    rules" (``authors``: lfy-123/Binary-Task-Switch merge_vit.py
+    ``process_matrix``; ``exact``: the floor(α·n)-th smallest).
 
     Two passes over the data whatever the number of α (pass 2 is skipped when
-    every d is 0). ``name`` only labels errors.
+    no α needs a selection). ``name`` only labels errors.
     """
     alphas = _alpha_list(alphas)
     bits, keys = _signed_keys(tau)
     hist = _signed_histograms(bits, keys, name)
-    fine = _signed_fine(bits, keys, refine_request(hist, alphas))
-    return resolve_thresholds(hist, fine, alphas)
+    fine = _signed_fine(bits, keys, refine_request(hist, alphas, cut))
+    return resolve_thresholds(hist, fine, alphas, cut)
 
 
 # --- one pass instead of two: a sampled window (Floyd & Rivest 1975) --------------
