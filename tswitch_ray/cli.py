@@ -187,8 +187,13 @@ def build(
     cfg = BuildConfig(zoo=zoo, out=out_uri, alphas=alpha, scope=scope, knob=knob, overwrite=overwrite,
                       shard_bytes=shard_mb * 2**20, run=run)
     s = run_build(cfg)
-    t = Table(title=f"build committed: {s.out}", show_header=False)
+    if s.up_to_date:
+        out.print(f"up to date: {s.out} version {s.version} already holds these {s.tasks} tasks built with these "
+                  "options; nothing to do.")
+        return
+    t = Table(title=f"build committed: {s.out} (version {s.version})", show_header=False)
     t.add_row("tasks x α", f"{s.tasks} x {s.alphas}")
+    t.add_row("tasks computed / reused", _task_counts(s))
     t.add_row("scope", s.scope)
     t.add_row("shards (reused)", f"{s.shards} ({s.shards_reused})")
     t.add_row("bytes read", _bytes(s.bytes_read))
@@ -197,6 +202,13 @@ def build(
     t.add_row("storage", f"{_bytes(s.encoded_bytes)} = {100 * s.ratio:.2f} % of fp32 task vectors")
     t.add_row("peak RSS per worker", ", ".join(_bytes(v) for v in sorted(s.peak_rss_by_worker.values(), reverse=True)[:8]))
     out.print(t)
+
+
+def _task_counts(s: Any) -> str:
+    """The build line of what a version computed and what it kept from the previous one."""
+    line = (f"{len(s.tasks_computed)} / {len(s.tasks_reused)} (parts {s.parts_computed} / {s.parts_reused})"
+            + (f"; removed {', '.join(s.tasks_removed)}" if s.tasks_removed else ""))
+    return line + (f"; computed {', '.join(s.tasks_computed)}" if s.tasks_reused and s.tasks_computed else "")
 
 
 @app.command(epilog="Example: `tswitch reconstruct --artifacts .tswitch/demo/switches --task digits --alpha 0.6 "
@@ -209,12 +221,14 @@ def reconstruct(
     alpha: float = typer.Option(..., "--alpha", "-a", help="One of the artifact set's α."),
     out_file: str = typer.Option(..., "--out", "-o", help="Output .safetensors (local or URL)."),
     zoo: Optional[str] = typer.Option(None, "--zoo", help="Zoo manifest, if it moved since the build (θ0 is read from it)."),
+    version: Optional[int] = typer.Option(None, "--version", help="Version of the artifact set to read (default: the latest)."),
     run: RunOptions = ...,
 ) -> None:
     """Write θ0 + λ·M⊙S for one task and α as a full state dict."""
     from tswitch_ray.reconstruct import reconstruct_task
 
-    path = reconstruct_task(artifacts, task, alpha, out_file, zoo_uri=zoo, storage_options=run.storage_options)
+    path = reconstruct_task(artifacts, task, alpha, out_file, zoo_uri=zoo, storage_options=run.storage_options,
+                            version=version)
     out.print(f"wrote {path}")
 
 
@@ -330,6 +344,27 @@ def registry_query(
         t = Table(*table.column_names)
         for row in table.to_pylist():
             t.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        out.print(t)
+
+
+@registry_app.command("versions", epilog="Example: `tswitch registry versions .tswitch/demo/switches`")
+@user_errors
+@with_run_options(execution=False)
+def registry_versions(
+    root: str = typer.Argument(..., help="An artifact set, or a root under which artifact sets live."),
+    run: RunOptions = ...,
+) -> None:
+    """List the committed versions of artifact sets and the tasks each added, removed, replaced and kept."""
+    from tswitch_ray.artifacts.registry import Registry
+
+    table = Registry(root, storage_options=run.storage_options).query(
+        "select uri, version, current, created_at, n_tasks, added, removed, replaced, len(kept) as kept, valid "
+        "from versions order by uri, version")
+    for uri in dict.fromkeys(table.column("uri").to_pylist()):
+        t = Table(*table.column_names[1:], title=uri)
+        for row in table.to_pylist():
+            if row.pop("uri") == uri:
+                t.add_row(*(", ".join(v) if isinstance(v, list) else str(v) for v in row.values()))
         out.print(t)
 
 

@@ -9,7 +9,11 @@
   inconsistent, a part missing or of another size) is listed with
   ``valid = false`` and the reader's message;
 * ``switches`` — one row per (valid set, task, alpha),
-* ``results`` — the union of every results table, with ``uri`` = its folder.
+* ``results`` — the union of every results table, with ``uri`` = its folder;
+* ``versions`` — one row per committed version of each set (docs/ARTIFACTS.md
+  "Versions"): its number, whether it is the ``current`` (latest) one, and the
+  tasks it ``added``, ``removed``, ``replaced`` (checkpoint changed) and ``kept``
+  against the version before it.
 
 Only the manifests, the listing and the result tables are read, never the
 switch payloads, unless ``verify_parts`` (then every part of every set is
@@ -36,6 +40,7 @@ from tswitch_ray.artifacts.schema import (
     RESULTS_NAME,
     RESULTS_SCHEMA,
 )
+from tswitch_ray.artifacts.versions import VERSIONS_DIR, version_of, version_record
 from tswitch_ray.errors import ArtifactError, ConfigError
 from tswitch_ray.io.fs import normalize_uri, open_fs, uri_of
 
@@ -60,6 +65,25 @@ ARTIFACTS_SCHEMA = pa.schema(
         ("ratio", pa.float64()),
         ("bits_per_element", pa.float64()),
         ("created_at", pa.timestamp("us", tz="UTC")),
+        ("valid", pa.bool_()),
+        ("problem", pa.string()),
+        ("version", pa.int64()),
+    ]
+)
+
+VERSIONS_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("version", pa.int64()),
+        ("current", pa.bool_()),
+        ("run_key", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("n_tasks", pa.int64()),
+        ("tasks", pa.list_(pa.string())),
+        ("added", pa.list_(pa.string())),
+        ("removed", pa.list_(pa.string())),
+        ("replaced", pa.list_(pa.string())),
+        ("kept", pa.list_(pa.string())),
         ("valid", pa.bool_()),
         ("problem", pa.string()),
     ]
@@ -119,6 +143,7 @@ def _artifact_row(m: dict[str, Any], uri: str, folder: str, problem: str | None)
         "created_at": _timestamp(m.get("created_at")),
         "valid": problem is None,
         "problem": problem,
+        "version": version_of(m),
     }
 
 
@@ -178,6 +203,7 @@ class Registry:
         results = sorted(f for f in files if f.rsplit("/", 1)[-1] == RESULTS_NAME)
         art_rows, sw_rows = self._scan_manifests(manifests, listing)
         self._register("artifacts", pa.Table.from_pylist(art_rows, schema=ARTIFACTS_SCHEMA))
+        self._register("versions", pa.Table.from_pylist(self._scan_versions(art_rows, files), schema=VERSIONS_SCHEMA))
         self._register("switches", pa.Table.from_pylist(sw_rows, schema=SWITCHES_SCHEMA))
         self._register("results", self._scan_results(results))
 
@@ -210,6 +236,44 @@ class Registry:
             if problem is None:
                 sws.extend(_switch_rows(m, uri))
         return arts, sws
+
+    def _scan_versions(self, arts: list[dict[str, Any]], files: list[str]) -> list[dict[str, Any]]:
+        """One row per committed version of each set: the head, and each ``versions/v<N>.json`` below it."""
+        rows = []
+        by_folder: dict[str, list[str]] = {}
+        for f in files:
+            folder, _, name = f.rpartition("/")
+            if folder.endswith(f"/{VERSIONS_DIR}") and name.startswith("v") and name.endswith(".json"):
+                by_folder.setdefault(folder[: -len(VERSIONS_DIR) - 1], []).append(f)
+        for art in arts:
+            head = art["version"]
+            folder = self.fs._strip_protocol(art["uri"]).rstrip("/")
+            rows.append(self._version_row(None, art["uri"], head, art["problem"]))
+            for path in sorted(by_folder.get(folder, [])):
+                try:
+                    n = int(path.rsplit("/v", 1)[-1][: -len(".json")])
+                except ValueError:
+                    continue
+                if n < head:  # the head's own file is the head; one above it is a crashed build's leftover
+                    rows.append(self._version_row(path, art["uri"], head, None))
+        return rows
+
+    def _version_row(self, path: str | None, uri: str, head: int, problem: str | None) -> dict[str, Any]:
+        where = f"{uri}/{MANIFEST_NAME}" if path is None else uri_of(self.fs, path)
+        body: dict[str, Any] = {}
+        try:
+            raw = self.fs.cat_file(path or f"{self.fs._strip_protocol(uri).rstrip('/')}/{MANIFEST_NAME}")
+            body = json.loads(raw)
+            if path is not None:
+                load_manifest(raw, uri)
+        except (OSError, ValueError, ArtifactError) as exc:
+            problem = problem or str(exc)
+            self.problems.append((where, str(exc)))
+        rec = version_record(body if isinstance(body, dict) else {})
+        return {"uri": uri, **{k: rec[k] for k in ("version", "run_key", "tasks", "added", "removed", "replaced",
+                                                    "kept")},
+                "current": rec["version"] == head and path is None, "created_at": _timestamp(rec["created_at"]),
+                "n_tasks": len(rec["tasks"]), "valid": problem is None, "problem": problem}
 
     def _problem(self, raw: bytes, folder: str, uri: str, listing: dict[str, Any]) -> str | None:
         """Why the reader would refuse the set (its message), or None when it is valid."""
