@@ -158,11 +158,13 @@ def test_interrupted_process_resumes(small_zoo, tmp_path):
         proc.kill()
     assert proc.returncode != 0, (outs.decode()[-2000:], err.decode()[-2000:])
     assert not (Path(out) / "manifest.json").exists()
-    done_before = len(list(Path(out).rglob("part-*.parquet.sha256")))
-    assert done_before == 1
+    # One part per (task, shard): the first shard's three tasks are staged, nothing of the next one.
+    sidecars = list(Path(out).rglob("part-*.parquet.sha256"))
+    done_before = len({p.name for p in sidecars})
+    assert done_before == 1 and len(sidecars) == 3
     summary = run_build(BuildConfig(zoo=small_zoo, out=out, alphas=[0.5, 0.9], executor="local", show_progress=False,
                                     shard_bytes=2**20))
-    assert summary.shards_reused == done_before
+    assert summary.shards_reused == done_before and summary.parts_reused == len(sidecars)
     clean = str(tmp_path / "clean" / "switches")
     run_build(BuildConfig(zoo=small_zoo, out=clean, alphas=[0.5, 0.9], executor="local", show_progress=False,
                           shard_bytes=2**20))

@@ -138,7 +138,8 @@ def _refuse_incompatible(uri: str, head: dict[str, Any], keys: BuildKeys) -> Non
             for k in differs)
     raise ArtifactError(
         f"{uri}: a committed artifact set already exists there (run_key {head.get('run_key')!r}, created "
-        f"{head.get('created_at')}) and this build cannot be a new version of it: {cause}. Nothing was computed. "
+        f"{head.get('created_at')}); refusing to replace it: this build cannot be a new version of it, since {cause}. "
+        "Nothing was computed. "
         "Choose another output URI or set overwrite (overwrite=True) to replace it.")
 
 
