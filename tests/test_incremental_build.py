@@ -168,24 +168,46 @@ def test_removed_and_replaced_tasks_and_the_registry_lists_each_version(checkpoi
     assert result.exit_code == 0 and "t2" in result.output and "t3" in result.output
 
 
-def test_an_identical_rerun_does_nothing(checkpoints, tmp_path, monkeypatch):
+def _summary_rows(output: str) -> dict[str, str]:
+    """The CLI's build summary table as {row label: value} (cells wrapped over lines joined again)."""
+    rows: dict[str, str] = {}
+    label = ""
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if len(cells) == 2:
+            label = cells[0] or label
+            rows[label] = f"{rows.get(label, '')} {cells[1]}".strip() if cells[0] == "" else cells[1]
+    return rows
+
+
+def _cli_build(zoo: str, out: str):
+    return CliRunner().invoke(app, ["build", "--zoo", zoo, "--out", out, "--alpha", "0.5", "--alpha", "0.8",
+                                    "--shard-mb", "1", "--executor", "local", "--quiet"],
+                              catch_exceptions=False, terminal_width=200)
+
+
+def test_the_cli_says_what_a_version_computed_and_an_identical_rerun_does_nothing(checkpoints, tmp_path, monkeypatch):
     out = str(tmp_path / "switches")
-    zoo = _zoo(checkpoints, "four", FOUR)
-    first = run_build(BuildConfig(zoo=zoo, out=out, alphas=ALPHAS, shard_bytes=2**20, executor="local",
-                                  show_progress=False))
+    first = _cli_build(_zoo(checkpoints, "four", FOUR), out)
+    assert first.exit_code == 0 and _summary_rows(first.output)["version"] == "1", first.output
+    zoo = _zoo(checkpoints, "five", FIVE)
+    second = _cli_build(zoo, out)
+    rows = _summary_rows(second.output)
+    assert second.exit_code == 0 and rows["version"] == "2", second.output
+    n = int(rows["shards (reused)"].split()[0])
+    assert rows["tasks computed / reused"] == f"1 / 4 (parts {n} / {4 * n}); computed t5", rows
     manifest = (Path(out) / "manifest.json").read_bytes()
     files = _part_files(out)
+
     monkeypatch.setattr(build_mod, "make_executor", _no_work)
-    result = CliRunner().invoke(app, ["build", "--zoo", zoo, "--out", out, "--alpha", "0.5", "--alpha", "0.8",
-                                      "--shard-mb", "1", "--executor", "local", "--quiet"],
-                                catch_exceptions=False, terminal_width=200)
-    assert result.exit_code == 0, result.output
-    assert "up to date" in result.output and "version 1" in result.output
+    third = _cli_build(zoo, out)
+    assert third.exit_code == 0, third.output
+    assert "up to date" in third.output and "version 2" in third.output
     s = run_build(BuildConfig(zoo=zoo, out=out, alphas=ALPHAS, shard_bytes=2**20, executor="local",
                               show_progress=False))
-    assert s.up_to_date and s.version == 1 and s.run_key == first.run_key
-    assert s.parts_computed == 0 and s.parts_reused == 4 * s.shards
+    assert s.up_to_date and s.version == 2 and s.parts_computed == 0 and s.parts_reused == 5 * s.shards
     assert (Path(out) / "manifest.json").read_bytes() == manifest and _part_files(out) == files
+    assert sorted(p.name for p in (Path(out) / "versions").iterdir()) == ["v00001.json", "v00002.json"]
 
 
 def _no_work(*args, **kwargs):
@@ -266,3 +288,66 @@ def test_a_checkpoint_rewritten_in_place_is_computed_again(checkpoints, tmp_path
     s = _build(zoo, out)
     assert (s.version, s.tasks_computed, s.tasks_reused) == (2, ["t2"], ["t1"])
     assert ArtifactReader(out).manifest["changes"]["replaced"] == ["t2"]
+
+
+@pytest.mark.s3
+def test_versions_on_s3_reference_the_committed_parts(checkpoints, s3_bucket, tmp_path):
+    """On an object store the kept parts are referenced by their relative keys too: nothing is copied."""
+    import fsspec
+
+    bucket, opts = s3_bucket
+    fs = fsspec.filesystem("s3", **opts)
+    for f in ("base", "t1", "t2", "t3"):
+        fs.put(str(checkpoints / f"{f}.safetensors"), f"{bucket}/zoo/{f}.safetensors")
+    for name, tasks in (("two", {"t1": "t1", "t2": "t2"}), ("three", {"t1": "t1", "t2": "t2", "t3": "t3"})):
+        fs.pipe_file(f"{bucket}/zoo/{name}.yaml", Path(_zoo(tmp_path, name, tasks)).read_bytes())
+    out = f"{bucket}/switches"
+    _build(f"{bucket}/zoo/two.yaml", out, storage_options=opts)
+    keys_v1 = {p for p in fs.find(f"{bucket}/switches/parts") if p.endswith(".parquet")}
+    s = _build(f"{bucket}/zoo/three.yaml", out, storage_options=opts)
+    assert (s.version, s.tasks_computed, s.tasks_reused) == (2, ["t3"], ["t1", "t2"])
+    keys_v2 = {p for p in fs.find(f"{bucket}/switches/parts") if p.endswith(".parquet")}
+    assert keys_v1 <= keys_v2 and len(keys_v2) == len(keys_v1) * 3 // 2
+    assert ArtifactReader(out, storage_options=opts).tasks == ["t1", "t2", "t3"]
+    old = ArtifactReader(out, storage_options=opts, version=1)
+    assert old.tasks == ["t1", "t2"]
+    old.verify()
+    rows = Registry(bucket, storage_options=opts).query("select version, added from versions order by version")
+    assert rows.to_pylist() == [{"version": 1, "added": ["t1", "t2"]}, {"version": 2, "added": ["t3"]}]
+
+
+def test_overwrite_starts_a_new_history_and_drops_what_it_no_longer_lists(checkpoints, tmp_path):
+    out = str(tmp_path / "switches")
+    _build(_zoo(checkpoints, "four", FOUR), out)
+    _build(_zoo(checkpoints, "five", FIVE), out)
+    s = _build(_zoo(checkpoints, "five", FIVE), out, scope="model", overwrite=True)
+    assert (s.version, s.tasks_computed) == (1, list(FIVE))
+    r = ArtifactReader(out)
+    assert r.version == 1 and r.scope == "model"
+    listed = {p["path"].split("/")[1] for p in r.manifest["parts"]}
+    assert {p.name for p in (Path(out) / "parts").iterdir()} == listed  # the tensor-scope parts are gone
+    assert sorted(p.name for p in (Path(out) / "versions").iterdir()) == ["v00001.json"]
+    assert Registry(out).query("select version, current from versions").to_pylist() == [
+        {"version": 1, "current": True}]
+
+
+def test_a_version_committed_meanwhile_is_not_overwritten(checkpoints, tmp_path):
+    from tswitch_ray.artifacts.versions import VersionStore
+    from tswitch_ray.distributed.build import build_options
+    from tswitch_ray.distributed.incremental import build_keys, plan_version
+    from tswitch_ray.distributed.planner import plan_shards
+    from tswitch_ray.zoo import load_zoo
+
+    out = str(tmp_path / "switches")
+    _build(_zoo(checkpoints, "four", FOUR), out)
+    zoo = load_zoo(_zoo(checkpoints, "five", FIVE))
+    cfg = BuildConfig(zoo=zoo.manifest_uri, out=out, alphas=ALPHAS, shard_bytes=SHARD_BYTES)
+    keys = build_keys(zoo, build_options(cfg), plan_shards(zoo.tensor_infos(), SHARD_BYTES))
+    planned = plan_version(VersionStore(out), keys, overwrite=False)
+    assert planned.version == 2 and planned.compute == ["t5"]
+    other = _build(_zoo(checkpoints, "t3-retrained", {**FOUR, "t3": "t6"}), out)  # commits version 2 first
+    assert other.version == 2
+    head = (Path(out) / "manifest.json").read_bytes()
+    with pytest.raises(ArtifactError, match="another build committed a new version while this one ran"):
+        VersionStore(out).commit(keys.run_key, {}, {}, planned.reused_parts, planned.seen_head, overwrite=False)
+    assert (Path(out) / "manifest.json").read_bytes() == head

@@ -191,7 +191,8 @@ def build(
         out.print(f"up to date: {s.out} version {s.version} already holds these {s.tasks} tasks built with these "
                   "options; nothing to do.")
         return
-    t = Table(title=f"build committed: {s.out} (version {s.version})", show_header=False)
+    t = Table(title=f"build committed: {s.out}", show_header=False)
+    t.add_row("version", str(s.version))
     t.add_row("tasks x α", f"{s.tasks} x {s.alphas}")
     t.add_row("tasks computed / reused", _task_counts(s))
     t.add_row("scope", s.scope)
