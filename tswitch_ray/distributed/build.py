@@ -49,13 +49,7 @@ from tswitch_ray.artifacts.encoding import encode_kept
 from tswitch_ray.artifacts.versions import VersionStore
 from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
-from tswitch_ray.distributed.incremental import (
-    BuildKeys,
-    VersionPlan,
-    build_keys,
-    plan_version,
-    staged_parts,
-)
+from tswitch_ray.distributed.incremental import BuildKeys, VersionPlan, build_keys, plan_version, staged_parts
 from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_shards
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ZooError
@@ -72,13 +66,7 @@ from tswitch_ray.switch import (
     tensor_thresholds,
 )
 from tswitch_ray.switch.binarize import SwitchScratch, kept_switches
-from tswitch_ray.switch.thresholds import (
-    RefineRequest,
-    Thresholds,
-    WindowPass,
-    covers,
-    window_request,
-)
+from tswitch_ray.switch.thresholds import RefineRequest, Thresholds, WindowPass, covers, window_request
 from tswitch_ray.zoo import Zoo, load_zoo
 
 # Sample of scope "model" (phase 0): SAMPLE_CHUNKS evenly spaced slices of
@@ -399,7 +387,8 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     timer = PhaseTimer()
     timer.start("plan")
     zoo, shards, keys = _plan(cfg)
-    plan = plan_version(VersionStore(cfg.out, cfg.run.storage_options), keys, cfg.overwrite)
+    store = VersionStore(cfg.out, cfg.run.storage_options)
+    plan = plan_version(store, keys, cfg.overwrite)
     if plan.up_to_date:
         timer.stop()
         return _summary(cfg, zoo, shards, plan, plan.previous or {}, {}, 0, None, t0, timer)
@@ -414,7 +403,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         per_shard = _encode_shards(cfg, executor, ctx, shards, todo, timer)
         totals = _knob_totals(cfg, plan, staged, per_shard)
         timer.start("commit")
-        manifest = VersionStore(cfg.out, cfg.run.storage_options).commit(
+        manifest = store.commit(
             keys.run_key, _manifest(cfg, zoo, keys.run_key, shards, totals, plan),
             computed={keys.task_keys[t]: [s.shard_id for s in shards] for t in plan.compute},
             reused=plan.reused_parts, seen_head=plan.seen_head, overwrite=cfg.overwrite)
@@ -472,7 +461,7 @@ def _encode_shards(cfg: BuildConfig, executor: LocalExecutor, ctx: ShardContext,
     by_id = {s.shard_id: s for s in shards}
     work = [(by_id[sid], tasks) for sid, tasks in sorted(todo.items())]
     need = [t for t, _ in ctx.task_keys if any(t in tasks for tasks in todo.values())]
-    passes = 2 + SAMPLE_FRACTION if (cfg.scope == "model" and need) else 0
+    passes = 1 + SAMPLE_FRACTION if (cfg.scope == "model" and need) else 0  # sample and histograms; encode below
     encode_bytes = sum((1 + len(tasks)) * s.nbytes for s, tasks in work)
     with ShardProgress(total_bytes=int(passes * (1 + len(need)) * sum(s.nbytes for s in shards) + encode_bytes),
                        enabled=cfg.run.show_progress, timer=timer) as progress:
