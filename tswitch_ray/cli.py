@@ -172,7 +172,7 @@ def build(
     alpha: list[float] = typer.Option([0.6], "--alpha", "-a", help="Discard ratio α in [0, 1); repeat for several (one pass for all)."),
     scope: str = typer.Option("tensor", "--scope", help="Threshold and knob scope: 'tensor' (authors' code) or 'model' (paper text)."),
     knob: str = typer.Option("rms", "--knob", help="Switch knob: 'rms' (authors' code) or 'mean' (least squares)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed artifact set built with other options."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed artifact set built with other options (its versions are dropped)."),
     shard_mb: int = typer.Option(8, "--shard-mb", help="Target shard size in MiB of one checkpoint."),
     run: RunOptions = ...,
 ) -> None:
@@ -180,7 +180,11 @@ def build(
 
     Streams the checkpoints tensor by tensor, shards them over Ray, writes
     Parquet parts and commits a manifest last. Rerunning an interrupted build
-    with the same command reuses the finished shards.
+    with the same command reuses the finished shards. Onto an --out built from
+    the same base with the same options, only the tasks added or whose
+    checkpoint changed are computed and a new version of the set is committed
+    (the others' parts are referenced, not copied); with nothing changed the
+    build prints "up to date" and does nothing.
     """
     from tswitch_ray.distributed.build import BuildConfig, run_build
 
