@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -44,7 +43,6 @@ from tswitch_ray.io.fs import open_fs
 from tswitch_ray.io.sink import probe_writable
 
 VERSIONS_DIR = "versions"
-_VERSION_FILE = re.compile(r"^v(\d{5,})\.json$")
 
 
 def version_path(version: int) -> str:
@@ -122,22 +120,6 @@ class VersionStore:
             raise ArtifactError(f"{self.uri}: version {version}'s manifest {version_path(version)} is missing "
                                 "(removed, or dropped by a build with overwrite).") from None
         return body
-
-    def versions(self) -> list[int]:
-        """Committed version numbers, oldest first (leftovers of a crashed build above the head excluded)."""
-        raw = self.head_raw()
-        if raw is None:
-            return []
-        try:
-            latest = version_of(json.loads(raw))
-        except ValueError:
-            return []
-        try:
-            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/{VERSIONS_DIR}", detail=False)]
-        except FileNotFoundError:
-            names = []
-        found = {int(m.group(1)) for n in names if (m := _VERSION_FILE.match(n))}
-        return sorted({v for v in found if v <= latest} | {latest})
 
     # --- committing -------------------------------------------------------------
     def start(self) -> None:

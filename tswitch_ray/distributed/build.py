@@ -398,7 +398,8 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     ctx = ShardContext(zoo_uri=cfg.zoo, out=cfg.out, run_key=keys.run_key, alphas=tuple(cfg.alphas), scope=cfg.scope,
                        knob_mode=cfg.knob, run=cfg.run, task_keys=tuple((t, keys.task_keys[t]) for t in plan.compute))
     timer.start("start-up")
-    executor = make_executor(cfg.run)
+    # A version that only drops tasks (or finds every part staged) encodes nothing: no Ray to start for it.
+    executor = make_executor(cfg.run) if todo else LocalExecutor()
     try:
         per_shard = _encode_shards(cfg, executor, ctx, shards, todo, timer)
         totals = _knob_totals(cfg, plan, staged, per_shard)
