@@ -142,6 +142,7 @@ def test_removed_and_replaced_tasks_and_the_registry_lists_each_version(checkpoi
     s = _build(_zoo(checkpoints, "no-t2", removed), out)
     assert (s.version, s.tasks_computed, s.tasks_removed, s.parts_computed, s.parts_reused) == (2, [], ["t2"], 0, 4 * n)
     assert ArtifactReader(out).tasks == list(removed)
+    t3_v2 = _reconstructions(out, ["t3"], tmp_path)
 
     # t3 is retrained: its checkpoint is another file's content (a new size/stamp), the task name is the same.
     replaced = {**removed, "t3": "t6"}
@@ -150,7 +151,15 @@ def test_removed_and_replaced_tasks_and_the_registry_lists_each_version(checkpoi
     clean = str(tmp_path / "clean")
     _build(_zoo(checkpoints, "t3-retrained", replaced), clean)
     assert _row_digests(out) == _row_digests(clean)
-    _assert_same_tensors(_reconstructions(out, ["t3"], tmp_path), _reconstructions(clean, ["t3"], tmp_path))
+    t3_v3 = _reconstructions(out, ["t3"], tmp_path)
+    _assert_same_tensors(t3_v3, _reconstructions(clean, ["t3"], tmp_path))
+    assert not torch.equal(t3_v3[("t3", 0.5)]["blocks.0.attn.weight"], t3_v2[("t3", 0.5)]["blocks.0.attn.weight"])
+    # The CLI reads the earlier version on request: t3 as it was before it was retrained.
+    dst = tmp_path / "t3-v2.safetensors"
+    r = CliRunner().invoke(app, ["reconstruct", "--artifacts", out, "--task", "t3", "--alpha", "0.5", "--version", "2",
+                                 "--out", str(dst)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    _assert_same_tensors({("t3", 0.5): load_file(str(dst))}, {("t3", 0.5): t3_v2[("t3", 0.5)]})
 
     reg = Registry(str(tmp_path))
     rows = reg.query(f"select version, current, n_tasks, added, removed, replaced, kept, valid from versions "

@@ -226,7 +226,8 @@ def reconstruct(
     alpha: float = typer.Option(..., "--alpha", "-a", help="One of the artifact set's α."),
     out_file: str = typer.Option(..., "--out", "-o", help="Output .safetensors (local or URL)."),
     zoo: Optional[str] = typer.Option(None, "--zoo", help="Zoo manifest, if it moved since the build (θ0 is read from it)."),
-    version: Optional[int] = typer.Option(None, "--version", help="Version of the artifact set to read (default: the latest)."),
+    version: Optional[int] = typer.Option(None, "--version",
+                                          help="Version of the artifact set to read (default: the latest)."),
     run: RunOptions = ...,
 ) -> None:
     """Write θ0 + λ·M⊙S for one task and α as a full state dict."""

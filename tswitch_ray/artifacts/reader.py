@@ -44,9 +44,10 @@ def check_parts_present(fs: Any, root: str, uri: str, m: Manifest,
         for folder in sorted({p.path.rsplit("/", 1)[0] for p in m.parts}):
             fs.invalidate_cache(f"{root}/{folder}")
             try:
-                listing.update({p.rstrip("/"): d.get("size") for p, d in fs.find(f"{root}/{folder}", detail=True).items()})
+                found = fs.find(f"{root}/{folder}", detail=True)
             except FileNotFoundError:
-                pass
+                continue
+            listing.update({p.rstrip("/"): d.get("size") for p, d in found.items()})
     for part in m.parts:
         path = f"{root}/{part.path}"
         if path not in listing:

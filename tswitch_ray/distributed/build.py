@@ -481,7 +481,7 @@ def _encode_shards(cfg: BuildConfig, executor: LocalExecutor, ctx: ShardContext,
 
 def _knob_totals(cfg: BuildConfig, plan: VersionPlan, staged: dict[str, dict[int, Any]],
                  per_shard: dict[int, dict[tuple[str, float], KeptStats]]) -> dict[tuple[str, float], KeptStats]:
-    """Scope "model": kept statistics per (task, α) of the computed tasks, staged parts of an interrupted run included."""
+    """Scope "model": kept statistics per (task, α) of the computed tasks, their staged parts included."""
     if cfg.scope != "model":
         return {}
     per_shard = {sid: dict(v) for sid, v in per_shard.items()}
@@ -539,10 +539,9 @@ def _manifest(cfg: BuildConfig, zoo: Zoo, run_key: str, shards: Sequence[Shard],
     knobs = None
     if cfg.scope == "model":
         kept = {(k["task"], float(k["alpha"])): k for k in plan.reused_knobs()}
-        knobs = [
-            kept.get((t, a)) or {"task": t, "alpha": a, "knob": knob(totals[(t, a)], cfg.knob), "kept": totals[(t, a)].kept}
-            for t in zoo.task_names for a in cfg.alphas
-        ]
+        knobs = [kept.get((t, a)) or {"task": t, "alpha": a, "knob": knob(totals[(t, a)], cfg.knob),
+                                      "kept": totals[(t, a)].kept}
+                 for t in zoo.task_names for a in cfg.alphas]
     return {
         "format": "tswitch-ray/switches",
         "format_version": 1,
