@@ -360,3 +360,18 @@ def test_a_version_committed_meanwhile_is_not_overwritten(checkpoints, tmp_path)
     with pytest.raises(ArtifactError, match="another build committed a new version while this one ran"):
         VersionStore(out).commit(keys.run_key, {}, {}, planned.reused_parts, planned.seen_head, overwrite=False)
     assert (Path(out) / "manifest.json").read_bytes() == head
+
+
+def test_an_earlier_version_file_replaced_by_another_valid_manifest_is_refused(checkpoints, tmp_path):
+    """Each version is reached from the head through the digests of the versions after it."""
+    out = tmp_path / "switches"
+    other = tmp_path / "other"
+    _build(_zoo(checkpoints, "four", FOUR), str(out))
+    _build(_zoo(checkpoints, "five", FIVE), str(out))
+    _build(_zoo(checkpoints, "five", FIVE), str(other))  # a valid version-1 manifest, of another set
+    (out / "versions" / "v00001.json").write_bytes((other / "manifest.json").read_bytes())
+    with pytest.raises(ArtifactError, match="v00001.json: this is not the manifest version 2 was built on"):
+        ArtifactReader(str(out), version=1)
+    assert ArtifactReader(str(out)).version == 2  # the head is unaffected
+    rows = Registry(str(out)).query("select version, valid from versions order by version").to_pylist()
+    assert rows == [{"version": 1, "valid": False}, {"version": 2, "valid": True}]

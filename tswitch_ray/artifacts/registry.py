@@ -40,7 +40,7 @@ from tswitch_ray.artifacts.schema import (
     RESULTS_NAME,
     RESULTS_SCHEMA,
 )
-from tswitch_ray.artifacts.versions import VERSIONS_DIR, version_of, version_record
+from tswitch_ray.artifacts.versions import VersionStore, version_of, version_path, version_record
 from tswitch_ray.errors import ArtifactError, ConfigError
 from tswitch_ray.io.fs import normalize_uri, open_fs, uri_of
 
@@ -203,7 +203,7 @@ class Registry:
         results = sorted(f for f in files if f.rsplit("/", 1)[-1] == RESULTS_NAME)
         art_rows, sw_rows = self._scan_manifests(manifests, listing)
         self._register("artifacts", pa.Table.from_pylist(art_rows, schema=ARTIFACTS_SCHEMA))
-        self._register("versions", pa.Table.from_pylist(self._scan_versions(art_rows, files), schema=VERSIONS_SCHEMA))
+        self._register("versions", pa.Table.from_pylist(self._scan_versions(art_rows), schema=VERSIONS_SCHEMA))
         self._register("switches", pa.Table.from_pylist(sw_rows, schema=SWITCHES_SCHEMA))
         self._register("results", self._scan_results(results))
 
@@ -237,43 +237,31 @@ class Registry:
                 sws.extend(_switch_rows(m, uri))
         return arts, sws
 
-    def _scan_versions(self, arts: list[dict[str, Any]], files: list[str]) -> list[dict[str, Any]]:
-        """One row per committed version of each set: the head, and each ``versions/v<N>.json`` below it."""
+    def _scan_versions(self, arts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One row per committed version of each set: the head, and each earlier version reached from it
+        through the ``previous`` digests (a version file that is not the one committed is listed invalid)."""
         rows = []
-        by_folder: dict[str, list[str]] = {}
-        for f in files:
-            folder, _, name = f.rpartition("/")
-            if folder.endswith(f"/{VERSIONS_DIR}") and name.startswith("v") and name.endswith(".json"):
-                by_folder.setdefault(folder[: -len(VERSIONS_DIR) - 1], []).append(f)
         for art in arts:
-            head = art["version"]
-            folder = self.fs._strip_protocol(art["uri"]).rstrip("/")
-            rows.append(self._version_row(None, art["uri"], head, art["problem"]))
-            for path in sorted(by_folder.get(folder, [])):
-                try:
-                    n = int(path.rsplit("/v", 1)[-1][: -len(".json")])
-                except ValueError:
-                    continue
-                if n < head:  # the head's own file is the head; one above it is a crashed build's leftover
-                    rows.append(self._version_row(path, art["uri"], head, None))
+            store = VersionStore(art["uri"], self.storage_options)
+            try:
+                head = json.loads(store.head_raw() or b"{}")
+            except ValueError:
+                continue  # an unreadable head is already among the problems
+            if not isinstance(head, dict):
+                continue
+            rows.append(self._version_row(art["uri"], version_record(head), True, art["problem"]))
+            for v, _, body, problem in store.history(head):
+                if problem is not None:
+                    self.problems.append((uri_of(self.fs, f"{store.root}/{version_path(v)}"), problem))
+                rows.append(self._version_row(art["uri"], {**version_record(body), "version": v}, False, problem))
         return rows
 
-    def _version_row(self, path: str | None, uri: str, head: int, problem: str | None) -> dict[str, Any]:
-        where = f"{uri}/{MANIFEST_NAME}" if path is None else uri_of(self.fs, path)
-        body: dict[str, Any] = {}
-        try:
-            raw = self.fs.cat_file(path or f"{self.fs._strip_protocol(uri).rstrip('/')}/{MANIFEST_NAME}")
-            body = json.loads(raw)
-            if path is not None:
-                load_manifest(raw, uri)
-        except (OSError, ValueError, ArtifactError) as exc:
-            problem = problem or str(exc)
-            self.problems.append((where, str(exc)))
-        rec = version_record(body if isinstance(body, dict) else {})
+    @staticmethod
+    def _version_row(uri: str, rec: dict[str, Any], current: bool, problem: str | None) -> dict[str, Any]:
         return {"uri": uri, **{k: rec[k] for k in ("version", "run_key", "tasks", "added", "removed", "replaced",
                                                     "kept")},
-                "current": rec["version"] == head and path is None, "created_at": _timestamp(rec["created_at"]),
-                "n_tasks": len(rec["tasks"]), "valid": problem is None, "problem": problem}
+                "current": current, "created_at": _timestamp(rec["created_at"]), "n_tasks": len(rec["tasks"]),
+                "valid": problem is None, "problem": problem}
 
     def _problem(self, raw: bytes, folder: str, uri: str, listing: dict[str, Any]) -> str | None:
         """Why the reader would refuse the set (its message), or None when it is valid."""

@@ -28,7 +28,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tswitch_ray.artifacts.integrity import MANIFEST_DIGEST_KEY, rows_digest
+from tswitch_ray.artifacts.integrity import (
+    MANIFEST_DIGEST_KEY,
+    manifest_digest,
+    rows_digest,
+)
 from tswitch_ray.artifacts.manifest import (
     MANIFEST_COLUMNS,
     PartInfo,
@@ -112,14 +116,46 @@ class VersionStore:
         if not isinstance(version, int) or version < 1 or version > latest:
             raise ArtifactError(f"{self.uri}: version {version} was not committed; the set has versions 1 to "
                                 f"{latest} (`tswitch registry versions {self.uri}` lists them).")
-        if version == latest:
-            return raw
-        try:
-            body = self.fs.cat_file(f"{self.root}/{version_path(version)}")
-        except FileNotFoundError:
-            raise ArtifactError(f"{self.uri}: version {version}'s manifest {version_path(version)} is missing "
-                                "(removed, or dropped by a build with overwrite).") from None
-        return body
+        return raw if version == latest else self._walk_back(json.loads(raw), version)
+
+    def _walk_back(self, head: dict[str, Any], version: int) -> bytes:
+        """Version ``version``'s bytes, reached from ``head`` through each version's ``previous`` digest."""
+        data = b""
+        for _, data, _, problem in self.history(head, stop=version):
+            if problem is not None:
+                raise ArtifactError(problem)
+        return data
+
+    def history(self, head: dict[str, Any], stop: int = 1) -> list[tuple[int, bytes, dict[str, Any], str | None]]:
+        """(version, bytes, body, problem) of each version below ``head``, newest first, down to ``stop``.
+
+        Each is reached through the ``previous`` digest of the one after it: a version file replaced by any
+        other manifest, even one consistent with its own digest, is not the committed one (``problem`` says
+        so, and every older version, no longer reachable, gets a problem too)."""
+        out: list[tuple[int, bytes, dict[str, Any], str | None]] = []
+        newer: dict[str, Any] | None = head
+        for v in range(version_of(head) - 1, stop - 1, -1):
+            where = f"{self.uri}/{version_path(v)}"
+            data, body, problem = b"", {}, None
+            try:
+                data = self.fs.cat_file(f"{self.root}/{version_path(v)}")
+                body = json.loads(data)
+            except FileNotFoundError:
+                problem = f"{where}: version {v}'s manifest is missing (removed, or dropped by a build with overwrite)."
+            except ValueError as exc:
+                problem = f"{where}: not a valid artifact manifest (not JSON: {exc})."
+            if problem is None and newer is None:
+                problem = f"{where}: a newer version's manifest is unusable, so this one cannot be checked."
+            elif problem is None:
+                link = newer.get("previous") if isinstance(newer.get("previous"), dict) else {}
+                if not isinstance(body, dict) or link.get("version") != v or \
+                        link.get("manifest_sha256") != body.get(MANIFEST_DIGEST_KEY) or \
+                        manifest_digest(body) != body.get(MANIFEST_DIGEST_KEY):
+                    problem = (f"{where}: this is not the manifest version {v + 1} was built on (the version file "
+                               "was replaced or edited after it was committed); do not use it.")
+            out.append((v, data, body if isinstance(body, dict) else {}, problem))
+            newer = body if problem is None else None
+        return out
 
     # --- committing -------------------------------------------------------------
     def start(self) -> None:
