@@ -375,3 +375,39 @@ def test_an_earlier_version_file_replaced_by_another_valid_manifest_is_refused(c
     assert ArtifactReader(str(out)).version == 2  # the head is unaffected
     rows = Registry(str(out)).query("select version, valid from versions order by version").to_pylist()
     assert rows == [{"version": 1, "valid": False}, {"version": 2, "valid": True}]
+
+
+def test_an_all_task_merge_is_made_again_only_when_its_tasks_or_checkpoints_changed(checkpoints, tmp_path, monkeypatch):
+    import tswitch_ray.distributed.merge as merge_mod
+    from tswitch_ray.distributed.merge import MergeConfig, run_merge
+
+    root = tmp_path / "zoo"
+    root.mkdir()
+    for f in ("base", "t1", "t2"):
+        (root / f"{f}.safetensors").write_bytes((checkpoints / f"{f}.safetensors").read_bytes())
+    zoo = _zoo(root, "two", {"t1": "t1", "t2": "t2"})
+    out = tmp_path / "ties"
+    cfg = MergeConfig(zoo=zoo, method="ties", out=str(out), executor="local", show_progress=False)
+    first = run_merge(cfg)
+    marker, merged = (out / "merge.json").read_bytes(), (out / "merged.safetensors").read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(merge_mod, "make_executor", _no_work)
+        again = run_merge(cfg)
+        assert again.up_to_date and again.outputs == first.outputs and again.bytes_read == 0
+        r = CliRunner().invoke(app, ["merge", "--zoo", zoo, "--method", "ties", "--out", str(out), "--executor",
+                                     "local", "-q"], catch_exceptions=False, terminal_width=200)
+        assert r.exit_code == 0 and "up to date" in r.output, r.output
+    assert (out / "merge.json").read_bytes() == marker and (out / "merged.safetensors").read_bytes() == merged
+
+    # t2 retrained in place (same name, new content and stamp): the merge is made again.
+    target = root / "t2.safetensors"
+    target.write_bytes((checkpoints / "t6.safetensors").read_bytes())
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = run_merge(cfg)
+    assert not third.up_to_date and (out / "merged.safetensors").read_bytes() != merged
+    # A zoo that gained a task is another merge: refused in place unless overwrite, as any other identity.
+    grown = _zoo(root, "three", {"t1": "t1", "t2": "t2", "t3": "t2"})
+    with pytest.raises(ArtifactError, match="refusing to replace"):
+        run_merge(cfg.model_copy(update={"zoo": grown}))
+    assert not run_merge(cfg.model_copy(update={"zoo": grown, "overwrite": True})).up_to_date

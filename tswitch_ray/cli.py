@@ -289,6 +289,9 @@ def merge(
     opts = _method_options(option)  # run_merge checks the method, its kind and options before any work
     cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, overwrite=overwrite, run=run)
     s = run_merge(cfg)
+    if s.up_to_date:
+        out.print(f"up to date: {s.out} holds the {s.method} merge of these tasks and checkpoints; nothing to do.")
+        return
     for p in s.outputs:
         out.print(f"wrote {p}")
     out.print(f"{s.shards} shards, {_bytes(s.bytes_read)} read, {s.seconds:.1f} s "
