@@ -33,11 +33,11 @@ from pydantic import ConfigDict, Field
 
 from tswitch_ray.distributed.executor import WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, merge_memory_bytes, plan_digest, plan_shards
+from tswitch_ray.distributed.merge_reuse import merge_is_current
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.io.atomic import FileDigest
 from tswitch_ray.io.safetensors import SafetensorsStreamWriter, all_or_none, concat_safetensors, safetensors_bytes
-from tswitch_ray.distributed.merge_reuse import merge_is_current
 from tswitch_ray.io.sink import FolderSink
 from tswitch_ray.methods import get_method
 from tswitch_ray.options import RunContext, RunOptions, WithRunOptions
