@@ -158,11 +158,13 @@ def test_interrupted_process_resumes(small_zoo, tmp_path):
         proc.kill()
     assert proc.returncode != 0, (outs.decode()[-2000:], err.decode()[-2000:])
     assert not (Path(out) / "manifest.json").exists()
-    done_before = len(list(Path(out).rglob("part-*.parquet.sha256")))
-    assert done_before == 1
+    # One part per (task, shard): the first shard's three tasks are staged, nothing of the next one.
+    sidecars = list(Path(out).rglob("part-*.parquet.sha256"))
+    done_before = len({p.name for p in sidecars})
+    assert done_before == 1 and len(sidecars) == 3
     summary = run_build(BuildConfig(zoo=small_zoo, out=out, alphas=[0.5, 0.9], executor="local", show_progress=False,
                                     shard_bytes=2**20))
-    assert summary.shards_reused == done_before
+    assert summary.shards_reused == done_before and summary.parts_reused == len(sidecars)
     clean = str(tmp_path / "clean" / "switches")
     run_build(BuildConfig(zoo=small_zoo, out=clean, alphas=[0.5, 0.9], executor="local", show_progress=False,
                           shard_bytes=2**20))
@@ -281,8 +283,14 @@ def test_s3_in_and_out(small_zoo, s3_bucket, tmp_path, ray_local):
     def rows(data: bytes) -> pa.Table:
         return pq.read_table(io.BytesIO(data)).replace_schema_metadata(None)
 
-    remote = {p.rsplit("/", 1)[1]: rows(fs.cat_file(p)) for p in fs.find(f"{bucket}/switches") if p.endswith(".parquet")}
-    here = {k.rsplit("/", 1)[1]: rows(v) for k, v in _parts(local).items()}
+    def by_task_and_shard(tables: list[tuple[str, pa.Table]]) -> dict[tuple[str, str], pa.Table]:
+        # A part holds one task's rows of one shard, in a folder named by the task's key (which hashes the
+        # checkpoint's location, so it differs between local and s3).
+        return {(t.column("task")[0].as_py(), name.rsplit("/", 1)[1]): t for name, t in tables}
+
+    remote = by_task_and_shard([(p, rows(fs.cat_file(p))) for p in fs.find(f"{bucket}/switches")
+                                if p.endswith(".parquet")])
+    here = by_task_and_shard([(k, rows(v)) for k, v in _parts(local).items()])
     assert remote.keys() == here.keys()
     assert all(remote[k].equals(here[k]) for k in here)
 

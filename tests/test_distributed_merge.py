@@ -180,13 +180,17 @@ def test_cli_merge_through_ray(small_zoo, tmp_path, references, ray_local, metho
     _assert_equal(references, small_zoo, method, options, out)
 
 
-def test_merge_rerun_overwrites_and_is_identical(small_zoo, tmp_path):
+def test_merge_rerun_is_up_to_date_and_overwrite_remakes_it_identically(small_zoo, tmp_path):
     out = tmp_path / "again"
     cfg = dict(zoo=small_zoo, method="emr", out=str(out), executor="local", shard_bytes=SMALL_SHARD,
                show_progress=False)
     run_merge(MergeConfig(**cfg))
     first = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
-    run_merge(MergeConfig(**cfg))
+    marker = (out / "merge.json").read_bytes()
+    assert run_merge(MergeConfig(**cfg)).up_to_date  # same tasks and checkpoints: nothing to do
+    assert (out / "merge.json").read_bytes() == marker
+    again = run_merge(MergeConfig(**cfg, overwrite=True))
+    assert not again.up_to_date
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == first
 
 

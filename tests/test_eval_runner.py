@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -310,3 +311,29 @@ def test_unwritable_work_dir_fails_before_any_work(tiny_demo_zoo, switches, tmp_
                   methods=[MethodSpec(method="ta", options={"scale": 0.3})])
     with pytest.raises(ArtifactError, match="cannot write evaluation results"):
         run_eval(cfg, show_progress=False)
+
+
+def test_a_merge_is_made_again_when_the_zoo_gains_a_task(tiny_demo_zoo, switches, tmp_path):
+    """A merge depends on every task: one committed for a smaller zoo, and the cells scored on it, do not answer."""
+    two = Path(tiny_demo_zoo).with_name("zoo-two-tasks.yaml")
+    m = yaml.safe_load(Path(tiny_demo_zoo).read_text())
+    m["tasks"] = m["tasks"][:2]
+    two.write_text(yaml.safe_dump(m))
+    spec = MethodSpec(method="ta", options={"scale": 0.3})
+    work = tmp_path / "w"
+    small = _config(two, switches, work, methods=[spec], executor="local")
+    messages: list[str] = []
+    run_eval(small, show_progress=False, say=messages.append)
+    marker = work / "merges" / spec.key() / "merge.json"
+    assert json.loads(marker.read_text())["tasks"] == ["digits", "glyphs"]
+    messages.clear()
+    grown = run_eval(_config(tiny_demo_zoo, switches, work, methods=[spec], executor="local"), show_progress=False,
+                     say=messages.append)
+    assert any(msg.startswith("merging") for msg in messages), messages
+    assert any("scoring 3 of 3 (method, task) cells (0 cached)" in msg for msg in messages), messages
+    assert json.loads(marker.read_text())["tasks"] == ["digits", "glyphs", "signs"]
+    assert [r["task"] for r in grown.rows] == ["digits", "glyphs", "signs"]
+    messages.clear()
+    run_eval(_config(tiny_demo_zoo, switches, work, methods=[spec], executor="local"), show_progress=False,
+             say=messages.append)
+    assert not any(msg.startswith("merging") for msg in messages), messages  # unchanged: reused

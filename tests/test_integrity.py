@@ -113,9 +113,29 @@ def write_manifest(out: Path, m: dict, redigest: bool) -> None:
     (out / "manifest.json").write_text(json.dumps(m, indent=1))
 
 
-def part_holding(out: Path, tensor: str) -> Path:
-    (part,) = [p for p in manifest_of(out)["parts"] if tensor in p["tensors"]]
+def part_holding(out: Path, tensor: str, task: str = "cars") -> Path:
+    """The part holding ``task``'s rows of ``tensor`` (a part holds one task's rows of one shard)."""
+    (part,) = [p for p in manifest_of(out)["parts"] if tensor in p["tensors"] and p["tasks"] == [task]]
     return out / part["path"]
+
+
+def forge_from(donor: Path, victim: Path, task: str) -> None:
+    """Overwrite ``victim`` with ``donor``'s rows relabelled as ``task``, every row digest recomputed (each row
+    consistent on its own), at ``victim``'s byte size; trailing rows are left out if the donor's are larger."""
+    rows = pq.read_table(donor).to_pylist()
+    for row in rows:
+        row["task"] = task
+        row["row_sha256"] = doc_row_digest(row)
+        assert row["payload_sha256"] == doc_payload_digest(row)
+    schema = pq.read_schema(victim).remove_metadata()
+    while True:
+        try:
+            write_same_size(victim, pa.Table.from_pylist(rows, schema=schema))
+            return
+        except AssertionError:
+            if len(rows) == 1:
+                raise
+            rows = rows[:-1]
 
 
 def write_same_size(path: Path, table: pa.Table) -> None:
@@ -167,14 +187,8 @@ def test_part_replaced_by_one_with_another_tasks_switches_is_refused(pristine, t
     out = copy_set(pristine, "tensor", tmp_path / "set")
     part = part_holding(out, "embed.weight")
     rel = part.relative_to(out).as_posix()
-    rows = pq.read_table(part).to_pylist()
-    swap = {"cars": "dtd", "dtd": "cars"}
-    for row in rows:  # every "cars" row now carries dtd's switch, and the other way round
-        row["task"] = swap[row["task"]]
-        row["row_sha256"] = doc_row_digest(row)  # ... with its row digest recomputed: consistent row by row
-        assert row["payload_sha256"] == doc_payload_digest(row)
-    rows.sort(key=lambda r: (r["task"], r["alpha"], r["tensor"]))
-    write_same_size(part, pa.Table.from_pylist(rows, schema=pq.read_schema(part).remove_metadata()))
+    # cars' part now carries dtd's switches relabelled "cars", each row's digest recomputed.
+    forge_from(part_holding(out, "embed.weight", "dtd"), part, "cars")
 
     from tswitch_ray.artifacts import ArtifactReader
 
@@ -183,19 +197,19 @@ def test_part_replaced_by_one_with_another_tasks_switches_is_refused(pristine, t
         reader.switch("cars", 0.5, "embed.weight")
     assert rel in str(exc.value) and "replaced" in str(exc.value)
     with pytest.raises(ArtifactError, match=rel):
-        list(ArtifactReader(str(out)).iter_switches("dtd", 0.9))
+        list(ArtifactReader(str(out)).iter_switches("cars", 0.9))
     with pytest.raises(ArtifactError, match=rel):
         ArtifactReader(str(out), verify="full")
     reconstruct_refused(out, tmp_path, rel, "replaced")
 
 
-def test_row_whose_task_was_edited_is_refused(pristine, tmp_path):
+def test_row_whose_key_was_edited_is_refused(pristine, tmp_path):
     out = copy_set(pristine, "tensor", tmp_path / "set")
     part = part_holding(out, "embed.weight")
     rows = pq.read_table(part).to_pylist()
     key = {(r["task"], r["alpha"], r["tensor"]): i for i, r in enumerate(rows)}
-    i, j = key[("cars", 0.5, "embed.weight")], key[("dtd", 0.5, "embed.weight")]
-    rows[i]["task"], rows[j]["task"] = "dtd", "cars"  # relabelled in place; every digest column untouched
+    i, j = key[("cars", 0.5, "embed.weight")], key[("cars", 0.9, "embed.weight")]
+    rows[i]["alpha"], rows[j]["alpha"] = 0.9, 0.5  # relabelled in place; every digest column untouched
     write_same_size(part, pa.Table.from_pylist(rows, schema=pq.read_schema(part).remove_metadata()))
 
     from tswitch_ray.artifacts import ArtifactReader
@@ -276,12 +290,7 @@ def test_registry_verify_parts_finds_a_forged_part(pristine, tmp_path):
     root = tmp_path / "root"
     out = copy_set(pristine, "tensor", root / "set")
     part = part_holding(out, "embed.weight")
-    rows = pq.read_table(part).to_pylist()
-    for row in rows:
-        row["task"] = {"cars": "dtd", "dtd": "cars"}[row["task"]]
-        row["row_sha256"] = doc_row_digest(row)
-    rows.sort(key=lambda r: (r["task"], r["alpha"], r["tensor"]))
-    write_same_size(part, pa.Table.from_pylist(rows, schema=pq.read_schema(part).remove_metadata()))
+    forge_from(part_holding(out, "embed.weight", "dtd"), part, "cars")
 
     from tswitch_ray.artifacts import Registry
 

@@ -174,11 +174,12 @@ def test_build_with_other_options_is_refused_before_any_work(tiny_zoo, tmp_path,
     out = str(tmp_path / "switches")
     run_build(BuildConfig(zoo=tiny_zoo, out=out, alphas=[0.5], executor="local", show_progress=False))
     committed = (tmp_path / "switches" / "manifest.json").read_bytes()
+    staged = sorted((tmp_path / "switches" / "parts").rglob("*"))
     monkeypatch.setattr(build_mod, "make_executor", _no_work)
     with pytest.raises(ArtifactError) as ei:
         run_build(BuildConfig(zoo=tiny_zoo, out=out, alphas=[0.9], executor="local", show_progress=False))
     _assert_one_paragraph(ei.value, out, "refusing to replace")
-    assert len(list((tmp_path / "switches" / "parts").iterdir())) == 1  # nothing staged for the refused run
+    assert sorted((tmp_path / "switches" / "parts").rglob("*")) == staged  # nothing staged for the refused run
     assert (tmp_path / "switches" / "manifest.json").read_bytes() == committed
 
 

@@ -183,7 +183,7 @@ def build(
                                       "value tied with the cut) or 'exact' (default for scope 'model': drop the "
                                       "floor(α·n) smallest, ties at the cut dropped too). 'authors' needs scope 'tensor'."),
     knob: str = typer.Option("rms", "--knob", help="Switch knob: 'rms' (authors' code) or 'mean' (least squares)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed artifact set built with other options."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed artifact set built with other options (its versions are dropped)."),
     shard_mb: int = typer.Option(8, "--shard-mb", help="Target shard size in MiB of one checkpoint."),
     run: RunOptions = ...,
 ) -> None:
@@ -191,7 +191,11 @@ def build(
 
     Streams the checkpoints tensor by tensor, shards them over Ray, writes
     Parquet parts and commits a manifest last. Rerunning an interrupted build
-    with the same command reuses the finished shards.
+    with the same command reuses the finished shards. Onto an --out built from
+    the same base with the same options, only the tasks added or whose
+    checkpoint changed are computed and a new version of the set is committed
+    (the others' parts are referenced, not copied); with nothing changed the
+    build prints "up to date" and does nothing.
     """
     from tswitch_ray.distributed.build import BuildConfig, run_build
 
@@ -200,8 +204,14 @@ def build(
     cfg = BuildConfig(zoo=zoo, out=out_uri, alphas=alpha, scope=scope, cut=cut, knob=knob, overwrite=overwrite,
                       shard_bytes=shard_mb * 2**20, run=run)
     s = run_build(cfg)
+    if s.up_to_date:
+        out.print(f"up to date: {s.out} version {s.version} already holds these {s.tasks} tasks built with these "
+                  "options; nothing to do.")
+        return
     t = Table(title=f"build committed: {s.out}", show_header=False)
+    t.add_row("version", str(s.version))
     t.add_row("tasks x α", f"{s.tasks} x {s.alphas}")
+    t.add_row("tasks computed / reused", _task_counts(s))
     t.add_row("scope, cut", f"{s.scope}, {s.cut}")
     t.add_row("shards (reused)", f"{s.shards} ({s.shards_reused})")
     t.add_row("bytes read", _bytes(s.bytes_read))
@@ -220,6 +230,13 @@ def build(
     out.print(t)
 
 
+def _task_counts(s: Any) -> str:
+    """The build line of what a version computed and what it kept from the previous one."""
+    line = (f"{len(s.tasks_computed)} / {len(s.tasks_reused)} (parts {s.parts_computed} / {s.parts_reused})"
+            + (f"; removed {', '.join(s.tasks_removed)}" if s.tasks_removed else ""))
+    return line + (f"; computed {', '.join(s.tasks_computed)}" if s.tasks_reused and s.tasks_computed else "")
+
+
 @app.command(epilog="Example: `tswitch reconstruct --artifacts .tswitch/demo/switches --task digits --alpha 0.6 "
                      "--out digits.safetensors`")
 @user_errors
@@ -230,12 +247,15 @@ def reconstruct(
     alpha: float = typer.Option(..., "--alpha", "-a", help="One of the artifact set's α."),
     out_file: str = typer.Option(..., "--out", "-o", help="Output .safetensors (local or URL)."),
     zoo: Optional[str] = typer.Option(None, "--zoo", help="Zoo manifest, if it moved since the build (θ0 is read from it)."),
+    version: Optional[int] = typer.Option(None, "--version",
+                                          help="Version of the artifact set to read (default: the latest)."),
     run: RunOptions = ...,
 ) -> None:
     """Write θ0 + λ·M⊙S for one task and α as a full state dict."""
     from tswitch_ray.reconstruct import reconstruct_task
 
-    path = reconstruct_task(artifacts, task, alpha, out_file, zoo_uri=zoo, storage_options=run.storage_options)
+    path = reconstruct_task(artifacts, task, alpha, out_file, zoo_uri=zoo, storage_options=run.storage_options,
+                            version=version)
     out.print(f"wrote {path}")
 
 
@@ -290,6 +310,9 @@ def merge(
     opts = _method_options(option)  # run_merge checks the method, its kind and options before any work
     cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, overwrite=overwrite, run=run)
     s = run_merge(cfg)
+    if s.up_to_date:
+        out.print(f"up to date: {s.out} holds the {s.method} merge of these tasks and checkpoints; nothing to do.")
+        return
     for p in s.outputs:
         out.print(f"wrote {p}")
     out.print(f"{s.shards} shards, {_bytes(s.bytes_read)} read, {s.seconds:.1f} s "
@@ -356,6 +379,27 @@ def registry_query(
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is unknown; use one of {', '.join(FORMATS)}.")
     render_query(Registry(root, storage_options=run.storage_options).query(sql), fmt, out)
+
+
+@registry_app.command("versions", epilog="Example: `tswitch registry versions .tswitch/demo/switches`")
+@user_errors
+@with_run_options(execution=False)
+def registry_versions(
+    root: str = typer.Argument(..., help="An artifact set, or a root under which artifact sets live."),
+    run: RunOptions = ...,
+) -> None:
+    """List the committed versions of artifact sets and the tasks each added, removed, replaced and kept."""
+    from tswitch_ray.artifacts.registry import Registry
+
+    table = Registry(root, storage_options=run.storage_options).query(
+        "select uri, version, current, created_at, n_tasks, added, removed, replaced, len(kept) as kept, valid "
+        "from versions order by uri, version")
+    for uri in dict.fromkeys(table.column("uri").to_pylist()):
+        t = Table(*table.column_names[1:], title=uri)
+        for row in table.to_pylist():
+            if row.pop("uri") == uri:
+                t.add_row(*(", ".join(v) if isinstance(v, list) else str(v) for v in row.values()))
+        out.print(t)
 
 
 def _print_eval(result: Any) -> None:

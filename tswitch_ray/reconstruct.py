@@ -47,10 +47,11 @@ def check_built_from(reader: ArtifactReader, zoo: Zoo, zoo_fingerprint: str | No
 
 
 def open_switches(artifacts_uri: str, zoo_uri: str | None = None, storage_options: dict[str, Any] | None = None,
-                  *, zoo_fingerprint: str | None = None) -> tuple[ArtifactReader, Zoo]:
-    """The artifact set and the zoo it was built from (``zoo_uri``, else the one its manifest records),
-    after :func:`check_built_from`; ``zoo_fingerprint``: that zoo's fingerprint, if already computed."""
-    reader = ArtifactReader(artifacts_uri, storage_options=storage_options)
+                  *, zoo_fingerprint: str | None = None, version: int | None = None) -> tuple[ArtifactReader, Zoo]:
+    """The artifact set (its latest ``version`` unless one is named) and the zoo it was built from (``zoo_uri``,
+    else the one its manifest records), after :func:`check_built_from`; ``zoo_fingerprint``: that zoo's
+    fingerprint, if already computed."""
+    reader = ArtifactReader(artifacts_uri, storage_options=storage_options, version=version)
     zoo = load_zoo(zoo_uri or reader.manifest["zoo"]["uri"], storage_options=storage_options)
     check_built_from(reader, zoo, zoo_fingerprint)
     return reader, zoo
@@ -131,14 +132,15 @@ def iter_reconstructed(reader: ArtifactReader, zoo: Zoo, task: str, alpha: float
 
 
 def reconstruct_task(artifacts_uri: str, task: str, alpha: float, out: str, zoo_uri: str | None = None,
-                     storage_options: dict[str, Any] | None = None) -> str:
+                     storage_options: dict[str, Any] | None = None, version: int | None = None) -> str:
     """Write the full state dict θ0 + λ·Mt⊙St for ``task`` at ``alpha`` to ``out`` (safetensors).
 
     θ0 comes from the zoo recorded in the manifest (or ``zoo_uri``), whose
     fingerprint must match the one the switches were built from. One tensor
-    is in memory at a time.
+    is in memory at a time. ``version``: that committed version of the set
+    (default: the latest).
     """
-    reader, zoo = open_switches(artifacts_uri, zoo_uri, storage_options)
+    reader, zoo = open_switches(artifacts_uri, zoo_uri, storage_options, version=version)
     alpha = match_alpha(list(reader.manifest["alphas"]), alpha, artifacts_uri)
     if task not in reader.manifest["tasks"]:
         raise ArtifactError(f"{artifacts_uri}: no task {task!r}; tasks are {reader.manifest['tasks']}.")

@@ -122,7 +122,8 @@ def build_manifest(uri: str, run_key: str, default_name: str, given: dict[str, A
         codec=given.get("codec") or CODEC_NAME,
         knobs=knob_entries if scope == "model" else None,
         tensors=sorted(expected) if not tensors else list(tensors),
-        parts=[{k: v for k, v in p.to_dict().items() if k not in ("tasks", "alphas", "run_key")} for p in infos],
+        # A part's tasks stay listed: readers open only the parts of the task they read.
+        parts=[{k: v for k, v in p.to_dict().items() if k not in ("alphas", "run_key")} for p in infos],
         switches=list(summary.values()),
         totals=totals,
         extra=dict(given.get("extra") or {}),
@@ -259,7 +260,9 @@ def _check_consistent(m: Manifest, where: str) -> None:
             raise bad(f"field 'knobs' lacks {lacking[:5]}")
     if m.cut == "authors" and m.scope != "tensor":
         raise bad(f"field 'cut' is 'authors' but field 'scope' is {m.scope!r}; the authors' cut is per tensor")
-    prefix = f"{PARTS_DIR}/{m.run_key}/"
+    # A version lists the parts it keeps from earlier versions where they are:
+    # any parts/<key>/ folder of this set, never a path outside it.
     for p in m.parts:
-        if not p.path.startswith(prefix) or ".." in p.path.split("/") or "\\" in p.path:
-            raise bad(f"field 'parts' lists {p.path!r}, which is not a part of run {m.run_key!r} ({prefix}...)")
+        bits = p.path.split("/")
+        if len(bits) != 3 or bits[0] != PARTS_DIR or ".." in bits or "" in bits or "\\" in p.path or ":" in p.path:
+            raise bad(f"field 'parts' lists {p.path!r}, which is not a part of this set ({PARTS_DIR}/<key>/<file>)")

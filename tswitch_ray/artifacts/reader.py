@@ -20,17 +20,16 @@ import pyarrow.parquet as pq
 
 from tswitch_ray.artifacts.encoding import EncodedSwitch, decode_switch, payload_sha256
 from tswitch_ray.artifacts.integrity import row_digest, rows_digest
-from tswitch_ray.artifacts.manifest import ALPHA_TOL, load_manifest
+from tswitch_ray.artifacts.manifest import ALPHA_TOL
 from tswitch_ray.artifacts.schema import (
-    MANIFEST_NAME,
     METADATA_COLUMNS,
     PART_SCHEMA,
-    PARTS_DIR,
     PAYLOAD_COLUMNS,
     ROW_DIGEST_COLUMNS,
     Manifest,
     PartEntry,
 )
+from tswitch_ray.artifacts.versions import VersionStore, committed_manifest, version_of
 from tswitch_ray.errors import ArtifactError
 from tswitch_ray.io.atomic import sha256_hex
 from tswitch_ray.io.fs import open_fs
@@ -40,12 +39,15 @@ def check_parts_present(fs: Any, root: str, uri: str, m: Manifest,
                         listing: dict[str, Any] | None = None) -> None:
     """Every part ``m`` lists exists under ``root`` with its recorded size (``listing``: path -> size, if known)."""
     if listing is None:
-        run_dir = f"{root}/{PARTS_DIR}/{m.run_key}"
-        fs.invalidate_cache(run_dir)
-        try:
-            listing = {p.rstrip("/"): d.get("size") for p, d in fs.find(run_dir, detail=True).items()}
-        except FileNotFoundError:
-            listing = {}
+        listing = {}
+        # One listing per parts folder: a version's parts may lie in the folders of earlier versions' tasks.
+        for folder in sorted({p.path.rsplit("/", 1)[0] for p in m.parts}):
+            fs.invalidate_cache(f"{root}/{folder}")
+            try:
+                found = fs.find(f"{root}/{folder}", detail=True)
+            except FileNotFoundError:
+                continue
+            listing.update({p.rstrip("/"): d.get("size") for p, d in found.items()})
     for part in m.parts:
         path = f"{root}/{part.path}"
         if path not in listing:
@@ -71,24 +73,17 @@ class ArtifactReader:
     committed row digests (``rows_sha256``), each decoded payload against its
     ``payload_sha256``; a part read whole is hashed against the manifest.
     ``verify="full"`` also hashes every part file at open (reads the whole
-    set once); :meth:`verify` does that on demand.
+    set once); :meth:`verify` does that on demand. ``version``: read that
+    committed version of the set (docs/ARTIFACTS.md "Versions"); the latest by default.
     """
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None,
-                 verify: Literal["rows", "full"] = "rows") -> None:
+                 verify: Literal["rows", "full"] = "rows", version: int | None = None) -> None:
         self.uri = uri.rstrip("/") or uri
         self.storage_options = storage_options or {}
         self.fs, self.root = open_fs(uri, self.storage_options)
-        mpath = f"{self.root}/{MANIFEST_NAME}"
-        try:
-            self.fs.invalidate_cache(mpath)
-            raw = self.fs.cat_file(mpath)
-        except FileNotFoundError as exc:
-            raise ArtifactError(
-                f"{self.uri}: no committed artifact set ({MANIFEST_NAME} missing). The build was never committed, "
-                "is still running, or the URI is wrong; staged parts without a manifest are ignored."
-            ) from exc
-        self.manifest, self._m = load_manifest(raw, self.uri)
+        raw = VersionStore(self.uri, self.storage_options).manifest_raw(version)
+        self.manifest, self._m = committed_manifest(raw, self.uri, version)
         check_parts_present(self.fs, self.root, self.uri, self._m)
         self._knobs = {(k.task, self._alpha(k.alpha)): k.knob for k in (self._m.knobs or [])}
         self._tensor_parts: dict[str, list[PartEntry]] = {}
@@ -107,6 +102,11 @@ class ArtifactReader:
     @property
     def alphas(self) -> list[float]:
         return list(self._m.alphas)
+
+    @property
+    def version(self) -> int:
+        """The version of the set this reader reads (1 for sets built before versions existed)."""
+        return version_of(self.manifest)
 
     @property
     def scope(self) -> str:
@@ -264,9 +264,15 @@ class ArtifactReader:
         shape = tuple(row["shape"])
         return mask.reshape(shape), positive.reshape(shape), self._knob_of(row, where)
 
+    @staticmethod
+    def _holds(part: PartEntry, task: str) -> bool:
+        """Whether ``part`` may hold rows of ``task`` (parts of older sets list no tasks: any may)."""
+        return part.tasks is None or task in part.tasks
+
     def _find_row(self, task: str, alpha: float, tensor: str,
                   columns: list[str] | None) -> tuple[dict[str, Any], PartEntry]:
         parts = self._tensor_parts.get(tensor) if self._tensor_parts else self._m.parts
+        parts = [p for p in parts or [] if self._holds(p, task)]
         if not parts:
             raise ArtifactError(f"{self.uri}: tensor {tensor!r} is not in this artifact set.")
         flt = [("task", "==", task), ("alpha", "==", alpha), ("tensor", "==", tensor)]
@@ -286,6 +292,8 @@ class ArtifactReader:
         task, a = self._task(task), self._alpha(alpha)
         flt = [("task", "==", task), ("alpha", "==", a)]
         for p in self._m.parts:
+            if not self._holds(p, task):
+                continue
             t = self._read(p, None, flt)
             for batch in t.to_batches(max_chunksize=1):
                 for row in batch.to_pylist():

@@ -9,7 +9,11 @@
   inconsistent, a part missing or of another size) is listed with
   ``valid = false`` and the reader's message;
 * ``switches`` — one row per (valid set, task, alpha),
-* ``results`` — the union of every results table, with ``uri`` = its folder.
+* ``results`` — the union of every results table, with ``uri`` = its folder;
+* ``versions`` — one row per committed version of each set (docs/ARTIFACTS.md
+  "Versions"): its number, whether it is the ``current`` (latest) one, and the
+  tasks it ``added``, ``removed``, ``replaced`` (checkpoint changed) and ``kept``
+  against the version before it.
 
 Only the manifests, the listing and the result tables are read, never the
 switch payloads, unless ``verify_parts`` (then every part of every set is
@@ -36,6 +40,7 @@ from tswitch_ray.artifacts.schema import (
     RESULTS_NAME,
     RESULTS_SCHEMA,
 )
+from tswitch_ray.artifacts.versions import VersionStore, version_of, version_path, version_record
 from tswitch_ray.errors import ArtifactError, ConfigError
 from tswitch_ray.io.fs import normalize_uri, open_fs, uri_of
 
@@ -61,6 +66,25 @@ ARTIFACTS_SCHEMA = pa.schema(
         ("ratio", pa.float64()),
         ("bits_per_element", pa.float64()),
         ("created_at", pa.timestamp("us", tz="UTC")),
+        ("valid", pa.bool_()),
+        ("problem", pa.string()),
+        ("version", pa.int64()),
+    ]
+)
+
+VERSIONS_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("version", pa.int64()),
+        ("current", pa.bool_()),
+        ("run_key", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("n_tasks", pa.int64()),
+        ("tasks", pa.list_(pa.string())),
+        ("added", pa.list_(pa.string())),
+        ("removed", pa.list_(pa.string())),
+        ("replaced", pa.list_(pa.string())),
+        ("kept", pa.list_(pa.string())),
         ("valid", pa.bool_()),
         ("problem", pa.string()),
     ]
@@ -122,6 +146,7 @@ def _artifact_row(m: dict[str, Any], uri: str, folder: str, problem: str | None)
         "created_at": _timestamp(m.get("created_at")),
         "valid": problem is None,
         "problem": problem,
+        "version": version_of(m),
     }
 
 
@@ -181,6 +206,7 @@ class Registry:
         results = sorted(f for f in files if f.rsplit("/", 1)[-1] == RESULTS_NAME)
         art_rows, sw_rows = self._scan_manifests(manifests, listing)
         self._register("artifacts", pa.Table.from_pylist(art_rows, schema=ARTIFACTS_SCHEMA))
+        self._register("versions", pa.Table.from_pylist(self._scan_versions(art_rows), schema=VERSIONS_SCHEMA))
         self._register("switches", pa.Table.from_pylist(sw_rows, schema=SWITCHES_SCHEMA))
         self._register("results", self._scan_results(results))
 
@@ -213,6 +239,32 @@ class Registry:
             if problem is None:
                 sws.extend(_switch_rows(m, uri))
         return arts, sws
+
+    def _scan_versions(self, arts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One row per committed version of each set: the head, and each earlier version reached from it
+        through the ``previous`` digests (a version file that is not the one committed is listed invalid)."""
+        rows = []
+        for art in arts:
+            store = VersionStore(art["uri"], self.storage_options)
+            try:
+                head = json.loads(store.head_raw() or b"{}")
+            except ValueError:
+                continue  # an unreadable head is already among the problems
+            if not isinstance(head, dict):
+                continue
+            rows.append(self._version_row(art["uri"], version_record(head), True, art["problem"]))
+            for v, _, body, problem in store.history(head):
+                if problem is not None:
+                    self.problems.append((uri_of(self.fs, f"{store.root}/{version_path(v)}"), problem))
+                rows.append(self._version_row(art["uri"], {**version_record(body), "version": v}, False, problem))
+        return rows
+
+    @staticmethod
+    def _version_row(uri: str, rec: dict[str, Any], current: bool, problem: str | None) -> dict[str, Any]:
+        return {"uri": uri, **{k: rec[k] for k in ("version", "run_key", "tasks", "added", "removed", "replaced",
+                                                    "kept")},
+                "current": current, "created_at": _timestamp(rec["created_at"]), "n_tasks": len(rec["tasks"]),
+                "valid": problem is None, "problem": problem}
 
     def _problem(self, raw: bytes, folder: str, uri: str, listing: dict[str, Any]) -> str | None:
         """Why the reader would refuse the set (its message), or None when it is valid."""

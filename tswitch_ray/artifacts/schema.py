@@ -93,6 +93,7 @@ class PartEntry(BaseModel):
     bytes: int
     payload_bytes: int = 0
     tensors: list[str] = Field(default_factory=list)
+    tasks: list[str] | None = None  # the tasks whose rows the part holds (one, since versions exist)
 
 
 class ZooRef(BaseModel):

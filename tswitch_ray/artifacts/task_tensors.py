@@ -4,8 +4,8 @@ What a task keeps as its own (heads matched by the zoo's ``task_specific``
 globs, and non-float buffers that differ from the base's) is neither switched
 nor merged: it is stored exactly, under the task's own tensor name, at::
 
-    OUT/parts/<run_key>/task-<task>.parquet          zstd; one row per tensor
-    OUT/parts/<run_key>/task-<task>.parquet.sha256   sidecar: the manifest entry, JSON
+    OUT/parts/<task_key>/task-<task>.parquet          zstd; one row per tensor
+    OUT/parts/<task_key>/task-<task>.parquet.sha256   sidecar: the manifest entry, JSON
 
 and listed in the manifest's ``task_tensors``. The links of docs/ARTIFACTS.md
 "Integrity" hold here too: each row's ``row_sha256`` binds its key (task,
@@ -52,9 +52,9 @@ ROW_GROUP_BYTES = 64 * 2**20
 ENTRY_KEYS = ("task", "path", "sha256", "bytes", "rows", "rows_sha256", "data_bytes", "tensors")
 
 
-def part_path(run_key: str, task: str) -> str:
+def part_path(task_key: str, task: str) -> str:
     """The part's path relative to the artifact set's root."""
-    return f"{PARTS_DIR}/{run_key}/task-{task}.parquet"
+    return f"{PARTS_DIR}/{task_key}/task-{task}.parquet"
 
 
 def row_digest(row: dict[str, Any]) -> str:
@@ -97,7 +97,7 @@ def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_task_tensors(fs: Any, root: str, run_key: str, task: str,
+def write_task_tensors(fs: Any, root: str, task_key: str, task: str,
                        tensors: list[tuple[str, str, str, torch.Tensor]]) -> dict[str, Any]:
     """Stage ``tensors`` (``(zoo name, stored name, role, tensor)``) of ``task``; returns the manifest entry.
 
@@ -108,7 +108,7 @@ def write_task_tensors(fs: Any, root: str, run_key: str, task: str,
     if not rows:
         raise ValueError(f"task {task!r}: no task-specific tensors to write")
     data = _parquet_bytes(rows)
-    entry = {"task": task, "path": part_path(run_key, task), "sha256": sha256_hex(data), "bytes": len(data),
+    entry = {"task": task, "path": part_path(task_key, task), "sha256": sha256_hex(data), "bytes": len(data),
              "rows": len(rows), "rows_sha256": rows_digest(r["row_sha256"] for r in rows),
              "data_bytes": sum(r["nbytes"] for r in rows), "tensors": [r["name"] for r in rows]}
     path = f"{root}/{entry['path']}"
@@ -117,9 +117,9 @@ def write_task_tensors(fs: Any, root: str, run_key: str, task: str,
     return entry
 
 
-def staged_task_tensors(fs: Any, root: str, run_key: str, task: str) -> dict[str, Any] | None:
-    """The entry of ``task``'s staged part of run ``run_key`` when part and sidecar verify, else None."""
-    path = f"{root}/{part_path(run_key, task)}"
+def staged_task_tensors(fs: Any, root: str, task_key: str, task: str) -> dict[str, Any] | None:
+    """The entry of ``task``'s staged part under ``task_key`` when part and sidecar verify, else None."""
+    path = f"{root}/{part_path(task_key, task)}"
     try:
         entry = json.loads(fs.cat_file(path + ".sha256"))
         data = fs.cat_file(path)

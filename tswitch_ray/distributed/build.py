@@ -20,16 +20,18 @@ Scope "model" needs thresholds over each task's whole task vector:
 
 So the data is read twice (plus the sample), not three times.
 
-Shards are idempotent: a part already staged under the same resume key is
+A part holds one task's rows of one shard, staged under that task's key
+(distributed/incremental.py): a part already staged under the same key is
 reused, so an interrupted run restarted with the same command recomputes only
-what is missing. Nothing is visible to readers before the manifest commit.
+what is missing, and a build of a zoo that gained, lost or changed tasks
+computes only the tasks whose key is new and commits a new version of the set
+that lists the other tasks' committed parts (artifacts/versions.py). Nothing
+is visible to readers before the manifest commit.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import sys
 import time
@@ -44,9 +46,11 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from tswitch_ray import __version__
 from tswitch_ray.artifacts import ArtifactWriter
 from tswitch_ray.artifacts.encoding import encode_kept
+from tswitch_ray.artifacts.versions import VersionStore
 from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
-from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_digest, plan_shards
+from tswitch_ray.distributed.incremental import BuildKeys, VersionPlan, build_keys, plan_version, staged_parts
+from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_shards
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.distributed.task_parts import manifest_fields, stage_task_parts
 from tswitch_ray.errors import ZooError
@@ -147,6 +151,16 @@ class BuildSummary:
     key_maps: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Bytes of the per-task parts (task-specific tensors, changed buffers), stored losslessly.
     task_tensor_bytes: int = 0
+    # Versions (distributed/incremental.py): the version committed (or found
+    # up to date), the tasks computed and the tasks whose committed parts it
+    # reuses, and the (task, shard) parts this run encoded or reused.
+    version: int = 1
+    up_to_date: bool = False
+    tasks_computed: list[str] = field(default_factory=list)
+    tasks_reused: list[str] = field(default_factory=list)
+    tasks_removed: list[str] = field(default_factory=list)
+    parts_computed: int = 0
+    parts_reused: int = 0
 
     @property
     def ratio(self) -> float:
@@ -165,6 +179,8 @@ class ShardContext(RunContext):
     knob_mode: str
     run: RunOptions
     cut: str = "exact"
+    # (task, key) of the tasks this build computes; a task's parts stage under its key.
+    task_keys: tuple[tuple[str, str], ...] = ()
 
 
 @functools.lru_cache(maxsize=4)
@@ -238,15 +254,15 @@ def _read_sample(reader: CheckpointReader, name: str, spans: list[tuple[int, int
     return torch.cat(parts).to(device)
 
 
-def shard_sample(ctx: ShardContext, shard: Shard) -> dict[str, Any]:
-    """Phase 0 of scope "model": per task, coarse histograms of a ~1/32 sample of this shard."""
+def shard_sample(ctx: ShardContext, shard: Shard, tasks: Sequence[str]) -> dict[str, Any]:
+    """Phase 0 of scope "model": per task of ``tasks``, coarse histograms of a ~1/32 sample of this shard."""
     zoo = _open_zoo(ctx.zoo_uri, ctx.run, ctx.run_key)
     device = _device(ctx)
-    passes = {task: WindowPass(RefineRequest()) for task in zoo.task_names}
+    passes = {task: WindowPass(RefineRequest()) for task in tasks}
     for name in shard.tensors:
         spans = _sample_spans(zoo.base.infos()[name].numel)
         base = _sample_base(zoo, name, spans, device)
-        for task in zoo.task_names:
+        for task in tasks:
             theta = _read_sample(zoo.tasks[task], name, spans, device)
             passes[task].add(task_vector(theta, base, name), _label(zoo, task, name))
     return {task: p.result()[0] for task, p in passes.items()}
@@ -261,11 +277,11 @@ def shard_histograms(ctx: ShardContext, shard: Shard, windows: dict[str, RefineR
     """Pass 1 of scope "model": per task, coarse histograms and the in-window bit patterns of this shard."""
     zoo = _open_zoo(ctx.zoo_uri, ctx.run, ctx.run_key)
     device = _device(ctx)
-    passes = {task: WindowPass(windows[task]) for task in zoo.task_names}
+    passes = {task: WindowPass(windows[task]) for task in windows}
     buf = _TauBuffer(device)
     for name in shard.tensors:
         base = _read_base(zoo, name, device)
-        for task in zoo.task_names:
+        for task in windows:
             passes[task].add(_read_tau(zoo, task, name, base, device, buf), _label(zoo, task, name))
     return {task: p.result() for task, p in passes.items()}
 
@@ -284,23 +300,23 @@ def shard_fine_histograms(ctx: ShardContext, shard: Shard, requests: dict[str, A
     return out
 
 
-def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, list[Thresholds]] | None) -> dict[tuple[str, float], KeptStats]:
-    """Final pass: switches of every task and α for this shard, written as one Parquet part.
+def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, list[Thresholds]] | None,
+                 tasks: Sequence[str]) -> dict[tuple[str, float], KeptStats]:
+    """Final pass: switches of every task of ``tasks`` and α for this shard, one Parquet part per task.
 
     Returns the kept statistics per (task, α) so the driver can compute
     scope-"model" knobs without reading anything back.
     """
-    writer = ArtifactWriter(ctx.out, ctx.run_key, storage_options=ctx.storage_options)
     zoo = _open_zoo(ctx.zoo_uri, ctx.run, ctx.run_key)
     device = _device(ctx)
     totals: dict[tuple[str, float], KeptStats] = {}
-    rows: list[dict[str, Any]] = []
+    rows: dict[str, list[dict[str, Any]]] = {task: [] for task in tasks}
     scratch = SwitchScratch()
     buf = _TauBuffer(device)
     for name in shard.tensors:
         info = zoo.base.infos()[name]
         base = _read_base(zoo, name, device)
-        for task in zoo.task_names:
+        for task in tasks:
             tau = _read_tau(zoo, task, name, base, device, buf)
             if global_thresholds is not None:
                 ths = global_thresholds[task]
@@ -311,10 +327,12 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
                 key = (task, th.alpha)
                 totals[key] = sw.stats if key not in totals else totals[key] + sw.stats
                 enc = encode_kept(numel, sw.positions, sw.positive, dropped_pos=sw.dropped)
-                rows.append(_row(task, name, info, th, sw.stats, enc, ctx))
+                rows[task].append(_row(task, name, info, th, sw.stats, enc, ctx))
             del tau
         del base
-    writer.write(shard.shard_id, rows)
+    keys = dict(ctx.task_keys)
+    for task in tasks:
+        ArtifactWriter(ctx.out, keys[task], storage_options=ctx.storage_options).write(shard.shard_id, rows.pop(task))
     return totals
 
 
@@ -363,75 +381,93 @@ def _row(task: str, name: str, info: Any, th: Thresholds, stats: KeptStats, enc:
 
 # --- driver -------------------------------------------------------------------
 
+def build_options(cfg: BuildConfig) -> dict[str, Any]:
+    """The options every version of an artifact set shares (with the base and the plan: its build key)."""
+    options = {"alphas": cfg.alphas, "scope": cfg.scope, "knob": cfg.knob, "codec": CODEC}
+    if cfg.cut != "exact":  # only then: sets built with the one rule of earlier versions keep their keys
+        options["cut"] = cfg.cut
+    return options
+
+
 def run_key_for(zoo: Zoo, cfg: BuildConfig, shards: Sequence[Shard]) -> str:
-    """Resume key: same zoo, tasks, options, codec and plan -> same staged parts."""
-    payload = {
-        "fingerprint": zoo.fingerprint(),
-        "tasks": [(t, zoo.tasks[t].uri) for t in zoo.task_names],
-        "files": zoo.files_identity(),  # a task checkpoint replaced in place must not reuse stale parts
-        "alphas": cfg.alphas,
-        "scope": cfg.scope,
-        "knob": cfg.knob,
-        "codec": CODEC,
-        "plan": plan_digest(list(shards)),
-    }
-    layout = zoo.layout_identity()
-    if layout is not None:  # only then: the keys of builds without task-specific tensors or key rules are unchanged
-        payload["layout"] = layout
-    if cfg.cut != "exact":
-        # Only when not "exact", the one rule of earlier versions: their
-        # staged and committed sets keep their keys, and are reused, not rebuilt.
-        payload["cut"] = cfg.cut
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    """Resume key of a version: same base, options, plan and tasks (by name and files) -> the same key."""
+    return build_keys(zoo, build_options(cfg), shards).run_key
 
 
 def run_build(cfg: BuildConfig) -> BuildSummary:
-    """Build switch artifacts for every task and α of a zoo; atomic commit at the end."""
+    """Build switch artifacts for every task and α of a zoo; atomic commit at the end.
+
+    When ``cfg.out`` holds a set built with the same base and options, only
+    the tasks it lacks (or whose checkpoint changed) are computed and a new
+    version is committed; an identical rerun does nothing. Both are decided
+    before any work, as is the refusal of a set that cannot get a version.
+    """
     t0 = time.perf_counter()
     timer = PhaseTimer()
     timer.start("plan")
-    zoo, shards, run_key = _plan(cfg)
-    writer = ArtifactWriter(cfg.out, run_key, storage_options=cfg.run.storage_options, overwrite=cfg.overwrite)
-    writer.start()  # before any work: the output is writable and holds no other run's committed set
-    existing = set(writer.existing_parts())
-    todo = [s for s in shards if s.shard_id not in existing]
-    ctx = ShardContext(zoo_uri=cfg.zoo, out=cfg.out, run_key=run_key, alphas=tuple(cfg.alphas), scope=cfg.scope,
-                       knob_mode=cfg.knob, run=cfg.run, cut=cfg.cut)
+    zoo, shards, keys = _plan(cfg)
+    store = VersionStore(cfg.out, cfg.run.storage_options)
+    plan = plan_version(store, keys, cfg.overwrite)
+    if plan.up_to_date:
+        timer.stop()
+        return _summary(cfg, zoo, shards, plan, plan.previous or {}, {}, 0, None, t0, timer)
+    staged = staged_parts(cfg.out, cfg.run.storage_options, plan, shards)
+    todo = {s.shard_id: [t for t in plan.compute if s.shard_id not in staged[t]] for s in shards}
+    todo = {sid: tasks for sid, tasks in todo.items() if tasks}
+    ctx = ShardContext(zoo_uri=cfg.zoo, out=cfg.out, run_key=keys.run_key, alphas=tuple(cfg.alphas), scope=cfg.scope,
+                       knob_mode=cfg.knob, run=cfg.run, cut=cfg.cut,
+                       task_keys=tuple((t, keys.task_keys[t]) for t in plan.compute))
     timer.start("start-up")
-    executor = make_executor(cfg.run)
+    # A version that only drops tasks (or finds every part staged) encodes nothing: no Ray to start for it.
+    executor = make_executor(cfg.run) if todo else LocalExecutor()
     try:
-        totals = _encode_shards(cfg, executor, ctx, zoo, shards, todo, writer, timer)
-        own = manifest_fields(zoo, stage_task_parts(executor, ctx, zoo))
+        per_shard = _encode_shards(cfg, executor, ctx, shards, todo, timer)
+        totals = _knob_totals(cfg, plan, staged, per_shard)
+        body = _manifest(cfg, zoo, keys.run_key, shards, totals, plan)
+        _add_task_parts(body, zoo, stage_task_parts(executor, ctx, zoo, keys.task_keys))
         timer.start("commit")
-        manifest = _manifest(cfg, zoo, run_key, shards, writer, totals)
-        manifest.update(own)
-        if own.get("task_tensors"):
-            manifest["totals"]["task_tensors_bytes"] = sum(e["bytes"] for e in own["task_tensors"])
-        committed = writer.complete(manifest)
+        manifest = store.commit(
+            keys.run_key, body,
+            computed={keys.task_keys[t]: [s.shard_id for s in shards] for t in plan.compute},
+            reused=plan.reused_parts, seen_head=plan.seen_head, overwrite=cfg.overwrite)
         stats = executor.stats
     finally:
         timer.start("shutdown")
         executor.close()
         timer.stop()
+    computed = sum(len({t for t, _ in per_task}) for per_task in per_shard.values())
+    return _summary(cfg, zoo, shards, plan, manifest, todo, computed, stats, t0, timer)
+
+
+def _summary(cfg: BuildConfig, zoo: Zoo, shards: Sequence[Shard], plan: VersionPlan, manifest: dict[str, Any],
+             todo: dict[int, list[str]], computed: int, stats: Any, t0: float, timer: PhaseTimer) -> BuildSummary:
+    totals = manifest.get("totals") or {}
     return BuildSummary(
         out=cfg.out,
-        run_key=run_key,
+        run_key=plan.keys.run_key,
         shards=len(shards),
         shards_reused=len(shards) - len(todo),
         tasks=len(zoo.task_names),
         alphas=cfg.alphas,
         scope=cfg.scope,
         cut=cfg.cut,
-        bytes_read=stats.bytes_read,
+        bytes_read=stats.bytes_read if stats is not None else 0,
         seconds=time.perf_counter() - t0,
-        fp32_bytes=manifest["totals"]["fp32_bytes"],
-        encoded_bytes=manifest["totals"]["encoded_bytes"],
-        peak_rss_by_worker=stats.peak_rss_by_worker,
+        fp32_bytes=int(totals.get("fp32_bytes", 0)),
+        encoded_bytes=int(totals.get("encoded_bytes", 0)),
+        peak_rss_by_worker=stats.peak_rss_by_worker if stats is not None else {},
         phase_seconds=dict(timer.seconds),
-        storage_by_alpha=_storage_by_alpha(committed["switches"]),
+        version=plan.version,
+        up_to_date=plan.up_to_date,
+        tasks_computed=list(plan.compute),
+        tasks_reused=list(plan.reuse),
+        tasks_removed=list(plan.changes["removed"]),
+        parts_computed=computed,
+        parts_reused=len(zoo.task_names) * len(shards) - computed,
+        storage_by_alpha=_storage_by_alpha(manifest.get("switches") or []),
         key_maps={t: {"rules": lay["rules"], "detected": lay["detected"]}
-                  for t, lay in own.get("layouts", {}).items() if lay["rules"]},
-        task_tensor_bytes=manifest["totals"].get("task_tensors_bytes", 0),
+                  for t, lay in (manifest.get("layouts") or {}).items() if lay["rules"]},
+        task_tensor_bytes=int(totals.get("task_tensors_bytes", 0)),
     )
 
 
@@ -444,40 +480,58 @@ def _storage_by_alpha(switches: Sequence[dict[str, Any]]) -> dict[float, tuple[i
     return dict(sorted(out.items()))
 
 
-def _plan(cfg: BuildConfig) -> tuple[Zoo, list[Shard], str]:
-    """The zoo (validated), its shards and the run's resume key."""
+def _add_task_parts(body: dict[str, Any], zoo: Zoo, entries: list[dict[str, Any]]) -> None:
+    """Add the task-specific tensors' entries and key layouts (distributed/task_parts.py) to a manifest body."""
+    body.update(manifest_fields(zoo, entries))
+    if entries:
+        body.setdefault("totals", {})["task_tensors_bytes"] = sum(e["bytes"] for e in entries)
+
+
+def _plan(cfg: BuildConfig) -> tuple[Zoo, list[Shard], BuildKeys]:
+    """The zoo (validated), its shards and the build's keys."""
     zoo = load_zoo(cfg.zoo, storage_options=cfg.run.storage_options)
     zoo.validate()
     shards = plan_shards(zoo.tensor_infos(), cfg.shard_bytes)
     if not shards:
         raise ZooError(f"{cfg.zoo}: no floating-point tensors selected by include/exclude; nothing to build.")
-    return zoo, shards, run_key_for(zoo, cfg, shards)
+    return zoo, shards, build_keys(zoo, build_options(cfg), shards)
 
 
-def _encode_shards(cfg: BuildConfig, executor: LocalExecutor, ctx: ShardContext, zoo: Zoo, shards: list[Shard],
-                   todo: list[Shard], writer: ArtifactWriter, timer: PhaseTimer) -> dict[tuple[str, float], KeptStats]:
-    """The threshold passes (scope "model") and the encode pass over ``todo``; the kept statistics per (task, α)."""
-    n_models = len(zoo.task_names) + 1
+def _encode_shards(cfg: BuildConfig, executor: LocalExecutor, ctx: ShardContext, shards: list[Shard],
+                   todo: dict[int, list[str]], timer: PhaseTimer) -> dict[int, dict[tuple[str, float], KeptStats]]:
+    """The threshold passes (scope "model") and the encode pass over ``todo`` (shard id -> its tasks to encode);
+    the kept statistics per shard and (task, α)."""
     thresholds: dict[str, list[Thresholds]] | None = None
-    passes = 2 + SAMPLE_FRACTION if (cfg.scope == "model" and todo) else 1
-    with ShardProgress(total_bytes=int(passes * n_models * sum(s.nbytes for s in todo)),
+    by_id = {s.shard_id: s for s in shards}
+    work = [(by_id[sid], tasks) for sid, tasks in sorted(todo.items())]
+    need = [t for t, _ in ctx.task_keys if any(t in tasks for tasks in todo.values())]
+    passes = 1 + SAMPLE_FRACTION if (cfg.scope == "model" and need) else 0  # sample and histograms; encode below
+    encode_bytes = sum((1 + len(tasks)) * s.nbytes for s, tasks in work)
+    with ShardProgress(total_bytes=int(passes * (1 + len(need)) * sum(s.nbytes for s in shards) + encode_bytes),
                        enabled=cfg.run.show_progress, timer=timer) as progress:
-        if cfg.scope == "model" and todo:
-            thresholds = _model_thresholds(executor, ctx, shards, zoo.task_names, cfg.alphas, n_models, progress)
+        if cfg.scope == "model" and need:
+            thresholds = _model_thresholds(executor, ctx, shards, need, cfg.alphas, 1 + len(need), progress)
         progress.set_phase("encode")
         # Scope "model" encodes in the reverse order of its histogram
         # pass: the shards read last are the likeliest to be still in
         # the page cache when the zoo is larger than what the machine
         # keeps cached (LRU), so fewer bytes come from disk twice.
-        order = todo[::-1] if thresholds is not None else todo
-        items = [WorkItem(s.shard_id, (ctx, s, thresholds), n_models * s.nbytes, build_memory_bytes(s)) for s in order]
-        per_shard = dict(executor.map(shard_encode, items, progress.advance))
-    reused = [s.shard_id for s in shards if s.shard_id not in per_shard]
-    if cfg.scope == "model" and reused:
-        # Reused parts of an interrupted run count towards the task knobs too.
-        staged = writer.existing_parts()
-        for shard_id in reused:
-            per_shard[shard_id] = _staged_totals(writer, staged[shard_id])
+        order = work[::-1] if thresholds is not None else work
+        items = [WorkItem(s.shard_id, (ctx, s, thresholds, tasks), (1 + len(tasks)) * s.nbytes, build_memory_bytes(s))
+                 for s, tasks in order]
+        return dict(executor.map(shard_encode, items, progress.advance))
+
+
+def _knob_totals(cfg: BuildConfig, plan: VersionPlan, staged: dict[str, dict[int, Any]],
+                 per_shard: dict[int, dict[tuple[str, float], KeptStats]]) -> dict[tuple[str, float], KeptStats]:
+    """Scope "model": kept statistics per (task, α) of the computed tasks, their staged parts included."""
+    if cfg.scope != "model":
+        return {}
+    per_shard = {sid: dict(v) for sid, v in per_shard.items()}
+    for task in plan.compute:
+        writer = ArtifactWriter(cfg.out, plan.keys.task_keys[task], storage_options=cfg.run.storage_options)
+        for shard_id, part in staged[task].items():
+            per_shard.setdefault(shard_id, {}).update(_staged_totals(writer, part))
     # Float sums in shard order, not in completion order: the knobs
     # are then the same bits whatever the scheduling.
     totals: dict[tuple[str, float], KeptStats] = {}
@@ -491,8 +545,8 @@ def _model_thresholds(executor: LocalExecutor, ctx: ShardContext, shards: Sequen
                       alphas: list[float], n_models: int, progress: ShardProgress) -> dict[str, list[Thresholds]]:
     progress.set_phase("sample")
     sample: dict[str, Any] = {}
-    items = [WorkItem(s.shard_id, (ctx, s), int(n_models * s.nbytes * SAMPLE_FRACTION), build_memory_bytes(s))
-             for s in shards]
+    items = [WorkItem(s.shard_id, (ctx, s, list(tasks)), int(n_models * s.nbytes * SAMPLE_FRACTION),
+                      build_memory_bytes(s)) for s in shards]
     for _, per_task in executor.map(shard_sample, items, progress.advance):
         for task, h in per_task.items():
             sample[task] = h if task not in sample else sample[task] + h
@@ -521,18 +575,16 @@ def _model_thresholds(executor: LocalExecutor, ctx: ShardContext, shards: Sequen
     return {t: resolve_thresholds(hist[t], fine[t], alphas) for t in tasks}
 
 
-def _manifest(cfg: BuildConfig, zoo: Zoo, run_key: str, shards: Sequence[Shard], writer: ArtifactWriter,
-              totals: dict[tuple[str, float], KeptStats]) -> dict[str, Any]:
+def _manifest(cfg: BuildConfig, zoo: Zoo, run_key: str, shards: Sequence[Shard],
+              totals: dict[tuple[str, float], KeptStats], plan: VersionPlan) -> dict[str, Any]:
     infos = zoo.tensor_infos()
     numel = sum(int(np.prod(infos[n].shape)) for s in shards for n in s.tensors)
-    parts = writer.existing_parts(verify=False)  # commit verifies every part right after
-    encoded_bytes = sum(p.payload_bytes for p in parts.values())
     knobs = None
     if cfg.scope == "model":
-        knobs = [
-            {"task": t, "alpha": a, "knob": knob(totals[(t, a)], cfg.knob), "kept": totals[(t, a)].kept}
-            for t in zoo.task_names for a in cfg.alphas
-        ]
+        kept = {(k["task"], float(k["alpha"])): k for k in plan.reused_knobs()}
+        knobs = [kept.get((t, a)) or {"task": t, "alpha": a, "knob": knob(totals[(t, a)], cfg.knob),
+                                      "kept": totals[(t, a)].kept}
+                 for t in zoo.task_names for a in cfg.alphas]
     return {
         "format": "tswitch-ray/switches",
         "format_version": 1,
@@ -547,12 +599,13 @@ def _manifest(cfg: BuildConfig, zoo: Zoo, run_key: str, shards: Sequence[Shard],
         "codec": CODEC,
         "knobs": knobs,
         "tensors": [n for s in shards for n in s.tensors],
+        # encoded_bytes and the rest are the writer's, from the committed parts.
         "totals": {
             "numel_per_task": numel,
             "fp32_bytes": 4 * numel * len(zoo.task_names) * len(cfg.alphas),
-            "encoded_bytes": encoded_bytes,
         },
         "extra": {"shards": len(shards)},
+        **plan.manifest_fields(),
     }
 
 

@@ -61,9 +61,9 @@ from tswitch_ray.eval.reporting import (
     summarise,
     write_report,
 )
-from tswitch_ray.io.atomic import atomic_write_fs, exists, read_bytes
+from tswitch_ray.io.atomic import atomic_write_fs, exists, read_bytes, remove_tree
 from tswitch_ray.io.fs import open_fs
-from tswitch_ray.io.sink import probe_writable, verify_marker
+from tswitch_ray.io.sink import probe_writable
 from tswitch_ray.methods import get_method_info
 from tswitch_ray.options import RunContext, RunOptions
 from tswitch_ray.tracking import Tracker
@@ -298,7 +298,8 @@ def run_eval(cfg: EvalConfig, show_progress: bool | None = None, say: Callable[[
 def _merge_stage(plan: EvalPlan, show_progress: bool, say: Callable[[str], None]) -> dict[str, str]:
     """Merge every method the registry marks ``merged_by_eval``, once (a committed merge is reused);
     the merge output folder of each, by method key."""
-    from tswitch_ray.distributed.merge import MERGE_MARKER, MergeConfig, run_merge
+    from tswitch_ray.distributed.merge import MERGE_FORMAT, MERGE_MARKER, MergeConfig, merge_sink, run_merge
+    from tswitch_ray.distributed.merge_reuse import merge_is_current
 
     cfg = plan.cfg
     merge_dirs: dict[str, str] = {}
@@ -307,11 +308,17 @@ def _merge_stage(plan: EvalPlan, show_progress: bool, say: Callable[[str], None]
             continue
         out = f"{plan.work_root}/merges/{s.key()}"
         merge_dirs[s.key()] = out
-        if verify_marker(out, MERGE_MARKER, cfg.run.storage_options) is not None:  # committed earlier; outputs checked
+        # A merge committed earlier (outputs checked) is reused while its tasks and checkpoints are the zoo's;
+        # one made before the zoo gained, lost or changed a task is made again (this folder is the eval's own).
+        merge = MergeConfig(zoo=cfg.zoo, method=s.method, out=out, options=s.options, overwrite=True,
+                            run=cfg.run.model_copy(update={"show_progress": show_progress}))
+        if merge_is_current(out, MERGE_MARKER, MERGE_FORMAT, merge_sink(merge, plan.zoo, "-").identity,
+                            plan.zoo.files_identity(), cfg.run.storage_options) is not None:
             continue
         say(f"merging {s.display}")
-        run_merge(MergeConfig(zoo=cfg.zoo, method=s.method, out=out, options=s.options,
-                              run=cfg.run.model_copy(update={"show_progress": show_progress})), zoo=plan.zoo)
+        # Cells scored on an earlier merge in this folder do not answer for the new one.
+        remove_tree(f"{plan.work_root}/cells/{s.key()}", cfg.run.storage_options)
+        run_merge(merge, zoo=plan.zoo)
     return merge_dirs
 
 

@@ -33,6 +33,7 @@ from pydantic import ConfigDict, Field
 
 from tswitch_ray.distributed.executor import WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, merge_memory_bytes, plan_digest, plan_shards
+from tswitch_ray.distributed.merge_reuse import merge_is_current
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.io.atomic import FileDigest
@@ -73,6 +74,8 @@ class MergeSummary:
     peak_rss_by_worker: dict[str, int] = field(default_factory=dict)
     # Wall seconds per phase, in run order: plan, start-up, statistics r/R (per round), merge, shutdown, write.
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # The committed merge had the same method, options, tasks and checkpoint files: nothing was done.
+    up_to_date: bool = False
 
 
 @functools.lru_cache(maxsize=4)
@@ -168,14 +171,22 @@ def run_merge(cfg: MergeConfig, zoo: Zoo | None = None) -> MergeSummary:
     key = hashlib.sha256(json.dumps([zoo.fingerprint(), list(zoo.task_names), cfg.method, cfg.options,
                                      plan_digest(shards)], sort_keys=True, default=str).encode()).hexdigest()[:16]
     sink = merge_sink(cfg, zoo, f"{cfg.method}-{key}")
+    inputs = zoo.files_identity()
+    current = None if cfg.overwrite else merge_is_current(sink.uri, MERGE_MARKER, MERGE_FORMAT, sink.identity, inputs,
+                                                          cfg.run.storage_options)
+    if current is not None:
+        timer.stop()
+        return MergeSummary(out=sink.uri, method=cfg.method, shards=len(shards), bytes_read=0,
+                            outputs=[f"{sink.uri}/{o['path']}" for o in current["outputs"]],
+                            seconds=time.perf_counter() - t0, phase_seconds=dict(timer.seconds), up_to_date=True)
     sink.start()  # before any work: the folder is writable and holds no other committed merge
     try:
         ctx = MergeContext(zoo_uri=cfg.zoo, method=cfg.method, options=dict(cfg.options), staging=sink.staging_uri,
-                           run=cfg.run, files_identity=zoo.files_identity())
+                           run=cfg.run, files_identity=inputs)
         parts, stats = _merge_parts(cfg, ctx, method, zoo, shards, timer)
         timer.start("write")
         models = list(zoo.task_names) if method.per_task else ["merged"]
-        outputs = _commit(sink, cfg, zoo, models, parts, [nm for s in shards for nm in s.tensors])
+        outputs = _commit(sink, cfg, zoo, models, parts, [nm for s in shards for nm in s.tensors], inputs)
     except BaseException:
         sink.failed()
         raise
@@ -225,7 +236,7 @@ def _merge_parts(cfg: MergeConfig, ctx: MergeContext, method: Any, zoo: Zoo, sha
 
 
 def _commit(sink: FolderSink, cfg: MergeConfig, zoo: Zoo, models: list[str], parts: list[FileDigest],
-            merged: list[str]) -> list[str]:
+            merged: list[str], inputs: str) -> list[str]:
     """Stage the pass-through tensors, then verify every part and publish one file per model; returns the outputs."""
     infos = zoo.tensor_infos()
     passthrough = {nm: zoo.base.read(nm) for nm in infos if nm not in set(merged)}
@@ -243,7 +254,9 @@ def _commit(sink: FolderSink, cfg: MergeConfig, zoo: Zoo, models: list[str], par
                                               metadata=meta, storage_options=cfg.run.storage_options))
         return outputs
 
-    marker = sink.complete(parts, publish, details={"zoo": {"name": zoo.name, "uri": _absolute(cfg.zoo)}})
+    # ``inputs``: the checkpoint files' sizes and stamps, which a rerun compares (distributed/merge_reuse.py).
+    marker = sink.complete(parts, publish, details={"zoo": {"name": zoo.name, "uri": _absolute(cfg.zoo)},
+                                                    "inputs": inputs})
     return [f"{sink.uri}/{o['path']}" for o in marker["outputs"]]
 
 

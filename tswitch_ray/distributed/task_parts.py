@@ -2,9 +2,10 @@
 
 One work item per task reads that task's task-specific tensors and non-float
 buffers (a buffer equal to the base's is not stored: reconstruct copies the
-base's) and stages them as ``parts/<run_key>/task-<task>.parquet``
-(:mod:`tswitch_ray.artifacts.task_tensors`). Like shards, a part already
-staged under the run key is reused. The driver then lists the entries, and
+base's) and stages them as ``parts/<task_key>/task-<task>.parquet``
+(:mod:`tswitch_ray.artifacts.task_tensors`), beside that task's switch parts.
+Like them, a part already staged under the task's key is reused, so a new
+version of a grown zoo reads only its new tasks' own tensors. The driver then lists the entries, and
 each task's key layout, in the manifest.
 """
 
@@ -19,15 +20,15 @@ from tswitch_ray.io.fs import open_fs
 from tswitch_ray.zoo import Zoo, load_zoo
 
 
-def stage_task_part(ctx: Any, task: str) -> dict[str, Any] | None:
+def stage_task_part(ctx: Any, task: str, task_key: str) -> dict[str, Any] | None:
     """Stage ``task``'s own tensors (``ctx``: the build's ShardContext); its manifest entry, None if it has none."""
     fs, root = open_fs(ctx.out, ctx.storage_options)
-    staged = staged_task_tensors(fs, root, ctx.run_key, task)
+    staged = staged_task_tensors(fs, root, task_key, task)
     if staged is not None:
         return staged
     zoo = load_zoo(ctx.zoo_uri, storage_options=ctx.run.storage_options)
     tensors = zoo.read_own_tensors(task)
-    return write_task_tensors(fs, root, ctx.run_key, task, tensors) if tensors else None
+    return write_task_tensors(fs, root, task_key, task, tensors) if tensors else None
 
 
 def own_bytes(zoo: Zoo, task: str) -> int:
@@ -35,11 +36,11 @@ def own_bytes(zoo: Zoo, task: str) -> int:
     return sum(infos[name].nbytes for name, _ in zoo.own_tensor_names(task))
 
 
-def stage_task_parts(executor: LocalExecutor, ctx: Any, zoo: Zoo) -> list[dict[str, Any]]:
+def stage_task_parts(executor: LocalExecutor, ctx: Any, zoo: Zoo, task_keys: dict[str, str]) -> list[dict[str, Any]]:
     """Every task's entry, in the zoo's task order (tasks with nothing of their own have none)."""
     sizes = {t: own_bytes(zoo, t) for t in zoo.task_names}
     todo = [t for t in zoo.task_names if zoo.own_tensor_names(t)]
-    items = [WorkItem(i, (ctx, t), sizes[t], TASK_OVERHEAD_BYTES + 3 * sizes[t]) for i, t in enumerate(todo)]
+    items = [WorkItem(i, (ctx, t, task_keys[t]), sizes[t], TASK_OVERHEAD_BYTES + 3 * sizes[t]) for i, t in enumerate(todo)]
     by_index = dict(executor.map(stage_task_part, items))
     return [by_index[i] for i in range(len(todo)) if by_index[i] is not None]
 

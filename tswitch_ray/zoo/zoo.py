@@ -343,18 +343,31 @@ class Zoo:
         folders contribute every file in them.
         """
         h = hashlib.sha256(b"tswitch-files-v1")
-        uris = [self.base.uri] + [self.tasks[t].uri for t in self.task_names]
-        for uri in uris:
-            fs, path = open_fs(uri, self._storage_options)
-            try:
-                infos = [fs.info(f) for f in sorted(fs.find(path))] if fs.isdir(path) else [fs.info(path)]
-            except FileNotFoundError as e:
-                raise ZooError(f"{self._where()}: checkpoint {uri} does not exist.") from e
-            for info in infos:
-                stamp = [info.get(k) for k in ("mtime", "ETag", "LastModified", "last_modified", "created") if
-                         info.get(k) is not None]
-                h.update(f"{info.get('name')}\t{info.get('size')}\t{stamp}\n".encode())
+        for uri in [self.base.uri] + [self.tasks[t].uri for t in self.task_names]:
+            h.update(self._stamps(uri))
         return h.hexdigest()
+
+    def checkpoint_identity(self, which: str) -> str:
+        """sha256 over the path, size and modification stamp of one checkpoint's files (``"base"`` or a task).
+
+        What an incremental build compares per task: a task whose files did
+        not change keeps its committed switches (:meth:`files_identity` is
+        the same over every checkpoint).
+        """
+        return hashlib.sha256(b"tswitch-files-v1" + self._stamps(self.reader(which).uri)).hexdigest()
+
+    def _stamps(self, uri: str) -> bytes:
+        fs, path = open_fs(uri, self._storage_options)
+        try:
+            infos = [fs.info(f) for f in sorted(fs.find(path))] if fs.isdir(path) else [fs.info(path)]
+        except FileNotFoundError as e:
+            raise ZooError(f"{self._where()}: checkpoint {uri} does not exist.") from e
+        out = []
+        for info in infos:
+            stamp = [info.get(k) for k in ("mtime", "ETag", "LastModified", "last_modified", "created") if
+                     info.get(k) is not None]
+            out.append(f"{info.get('name')}\t{info.get('size')}\t{stamp}\n")
+        return "".join(out).encode()
 
     def __repr__(self) -> str:
         return f"Zoo({self.name!r}, base={self.base.uri!r}, tasks={self.task_names})"
