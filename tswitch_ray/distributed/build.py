@@ -49,7 +49,7 @@ from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_execu
 from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_digest, plan_shards
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ZooError
-from tswitch_ray.io.checkpoints import CheckpointReader, dtype_to_torch
+from tswitch_ray.io.checkpoints import CheckpointReader, TaskVectorSource, dtype_to_torch
 from tswitch_ray.io.tables import read_table
 from tswitch_ray.options import RunContext, RunOptions, WithRunOptions
 from tswitch_ray.switch import (
@@ -64,6 +64,7 @@ from tswitch_ray.switch import (
 from tswitch_ray.switch.binarize import SwitchScratch, kept_switches
 from tswitch_ray.switch.thresholds import RefineRequest, Thresholds, WindowPass, covers, window_request
 from tswitch_ray.zoo import Zoo, load_zoo
+from tswitch_ray.zoo.taskvectors import read_task_vector
 
 # Sample of scope "model" (phase 0): SAMPLE_CHUNKS evenly spaced slices of
 # every tensor, SAMPLE_FRACTION of its elements in all; tensors up to
@@ -177,8 +178,7 @@ def _read_tau(zoo: Zoo, task: str, name: str, base: Any, device: Any, buf: _TauB
     # histograms for scope "model", tensor_thresholds for scope "tensor")
     # already counts the non-finite buckets and raises ZooError naming the
     # tensor and the files (see _label).
-    theta = zoo.tasks[task].read(name).to(device)
-    return task_vector(theta, base, name, out=buf.fit(theta.numel()))
+    return read_task_vector(zoo.tasks[task], name, base, out=buf.fit(base.numel()))
 
 
 def _read_base(zoo: Zoo, name: str, device: Any) -> Any:
@@ -230,9 +230,16 @@ def shard_sample(ctx: ShardContext, shard: Shard) -> dict[str, Any]:
     for name in shard.tensors:
         spans = _sample_spans(zoo.base.infos()[name].numel)
         base = _sample_base(zoo, name, spans, device)
+        full_base = None
         for task in zoo.task_names:
-            theta = _read_sample(zoo.tasks[task], name, spans, device)
-            passes[task].add(task_vector(theta, base, name), _label(zoo, task, name))
+            if isinstance(zoo.tasks[task], TaskVectorSource):
+                # An adapter's τ is exact, not θt rounded to the stored dtype: sample it from its τ.
+                full_base = _read_base(zoo, name, device) if full_base is None else full_base
+                flat = read_task_vector(zoo.tasks[task], name, full_base).reshape(-1)
+                tau = torch.cat([flat[a:b] for a, b in spans])
+            else:
+                tau = task_vector(_read_sample(zoo.tasks[task], name, spans, device), base, name)
+            passes[task].add(tau, _label(zoo, task, name))
     return {task: p.result()[0] for task, p in passes.items()}
 
 
