@@ -253,3 +253,35 @@ def test_adapter_zoo_build_merge_reconstruct_eval(llama_zoo, tmp_path):
                           show_progress=False))
     for task in merged:
         _logits(load_file(str(tmp_path / "emr" / f"{task}.safetensors")))
+
+
+def test_adapter_on_bf16_base_stays_bf16(tmp_path):
+    """The usual LLM case: a bf16 base, fp32 adapter factors (peft's default). τ is s·B·A in fp32, outputs are bf16."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(torch.bfloat16).save_pretrained(
+        str(tmp_path / "base"))
+    bf16_llama = lambda: _llama().to(torch.bfloat16)  # noqa: E731
+    merged = _adapter(tmp_path / "base", tmp_path / "ad", 5, peft.LoraConfig(r=4, lora_alpha=8,
+                      target_modules=["q_proj", "up_proj"]), model_fn=bf16_llama)
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({"name": "bf", "base": "base",
+                                                        "tasks": [{"name": "ad", "uri": "ad"}]}))
+    zoo = load_zoo(str(tmp_path / "zoo.yaml"))
+    w = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.mlp.up_proj.lora_"
+    assert w[key + "A.weight"].dtype == torch.float32
+    name = "model.layers.0.mlp.up_proj.weight"
+    theta0 = zoo.base.read(name)
+    assert theta0.dtype == torch.bfloat16
+    assert torch.equal(read_task_vector(zoo.tasks["ad"], name, theta0), (w[key + "B.weight"] @ w[key + "A.weight"]) * 2)
+    assert zoo.tasks["ad"].read(name).dtype == torch.bfloat16
+    torch.testing.assert_close(zoo.tasks["ad"].read(name).float(), merged[name].float(), rtol=0, atol=2e-3)
+    run_build(BuildConfig(zoo=str(tmp_path / "zoo.yaml"), out=str(tmp_path / "sw"), alphas=[0.5], executor="local",
+                          show_progress=False))
+    reconstruct_task(str(tmp_path / "sw"), "ad", 0.5, str(tmp_path / "rec.safetensors"))
+    rec = load_file(str(tmp_path / "rec.safetensors"))
+    assert {t.dtype for t in rec.values()} == {torch.bfloat16}
+    assert torch.equal(rec["model.layers.0.self_attn.k_proj.weight"], zoo.base.read("model.layers.0.self_attn.k_proj.weight"))
+    run_merge(MergeConfig(zoo=str(tmp_path / "zoo.yaml"), method="ties", out=str(tmp_path / "ties"), executor="local",
+                          show_progress=False))
+    ties = load_file(str(tmp_path / "ties" / "merged.safetensors"))
+    assert {t.dtype for t in ties.values()} == {torch.bfloat16} and list(ties) == list(rec)
