@@ -55,8 +55,8 @@ def lora_task_vector(lora_a: torch.Tensor, lora_b: torch.Tensor, alpha: float, u
                      transpose: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """τ = s · B·A of one LoRA-adapted weight, computed and returned in float32.
 
-    docs/MATH.md "LoRA task vectors" (Hu et al. 2021, eq. 3; rsLoRA, Kalajdzievski
-    2023): ``lora_a`` is A (r × in), ``lora_b`` is B (out × r), r = A's rows, and
+    docs/MATH.md "LoRA task vectors" (Hu et al., LoRA, eq. 3 and Sec. 4.1; rsLoRA,
+    Kalajdzievski 2023): ``lora_a`` is A (r × in), ``lora_b`` is B (out × r), r = A's rows, and
     the scaling s = α/r, or α/√r with rsLoRA: the update peft's
     ``merge_and_unload`` adds to the base weight, kept in fp32 instead of being
     rounded into the weight's dtype. ``transpose``: the weight is stored (in ×
