@@ -199,6 +199,13 @@ def test_unsupported_adapters_are_refused(llama_zoo, tmp_path):
              model_fn=wide)
     with pytest.raises(ZooError, match=r"q_proj\.weight.*\[32, 32\]"):
         open_task(str(tmp_path / "other"), base).infos()
+    # PiSSA-style inits rewrite W0 as well: s·B·A alone is not the update on this base.
+    import shutil
+    shutil.copytree(root / "plain", tmp_path / "pissa")
+    cfg = json.loads((tmp_path / "pissa" / "adapter_config.json").read_text())
+    (tmp_path / "pissa" / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(ZooError, match="changes the base weights too"):
+        open_task(str(tmp_path / "pissa"), base).infos()
     # An adapter folder without weights.
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))

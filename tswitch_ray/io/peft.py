@@ -51,7 +51,9 @@ _LINEAR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>
 _EMBEDDING = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
 _BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>[^.]+)$")
 _SAVED = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<param>[^.]+)$")
-_REFUSED_KEYS = ("lora_magnitude_vector", "trainable_tokens_", "lora_bias")
+_REFUSED = re.compile(r"lora_magnitude_vector|trainable_tokens_|\.lora_(?:A|B|embedding_A|embedding_B)(?:\.[^.]+)?\.bias$")
+# init_lora_weights values that rewrite W0 when the adapter is created (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 class LoraSettings(BaseModel):
@@ -72,6 +74,11 @@ class LoraSettings(BaseModel):
     trainable_token_indices: Any = None
     target_parameters: Any = None
     layer_replication: Any = None
+    init_lora_weights: Any = True
+    use_qalora: bool = False
+    use_bdlora: Any = None
+    kasa_config: Any = None
+    velora_config: Any = None
 
     def refusal(self) -> str | None:
         """Why τ cannot be read from this adapter as s · B·A, or None."""
@@ -81,6 +88,12 @@ class LoraSettings(BaseModel):
             (bool(self.trainable_token_indices), "it trains token rows (trainable_token_indices), not supported"),
             (bool(self.target_parameters), "it targets parameters (target_parameters), not supported"),
             (bool(self.layer_replication), "it replicates layers (layer_replication), so it has another architecture"),
+            (isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower().startswith(_BASE_CHANGING_INITS),
+             f"it was initialised with {self.init_lora_weights!r}, which changes the base weights too, so s · B·A is "
+             "not its update on this base (peft's save_pretrained(path_initial_model_for_weight_conversion=...) "
+             "writes one that is)"),
+            (self.use_qalora or bool(self.use_bdlora) or self.kasa_config is not None or self.velora_config is not None,
+             "it is a LoRA variant (QALoRA, block-diagonal LoRA, KaSA or VeLoRA) whose update is not s · B·A"),
         ]
         return next((why for bad, why in reasons if bad), None)
 
@@ -170,7 +183,8 @@ class PeftAdapterReader:
 
     # -- the reader protocol ----------------------------------------------
     def infos(self) -> dict[str, TensorInfo]:
-        self.plan  # noqa: B018 - header-level checks run here, where the zoo validates its tasks
+        # The adapter's keys are planned (and checked against the base) here, where the zoo validates its tasks.
+        _ = self.plan
         return self.base.infos()
 
     def task_vector(self, name: str, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -266,12 +280,13 @@ def plan_adapter(settings: LoraSettings, adapter: dict[str, TensorInfo], base: d
             raise ZooError(
                 f"adapter file {adapter_uri}: tensor {key!r} changes {name!r}, which base checkpoint {base_uri} "
                 f"does not have (its first tensors: {', '.join(list(base)[:3])}); the adapter was trained on "
-                "another model, or the base is saved with another key layout."
+                "another model, the base is saved with another key layout, or the tensor is a tied weight the "
+                "base file leaves out (an lm_head tied to the embedding)."
             )
         return name
 
     for key in adapter:
-        if any(mark in key for mark in _REFUSED_KEYS):
+        if _REFUSED.search(key):
             raise ZooError(f"adapter file {adapter_uri}: tensor {key!r} is a DoRA magnitude, LoRA bias or "
                            "trainable-token delta, which is not supported.")
         bare = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
