@@ -292,3 +292,22 @@ def test_adapter_on_bf16_base_stays_bf16(tmp_path):
                           show_progress=False))
     ties = load_file(str(tmp_path / "ties" / "merged.safetensors"))
     assert {t.dtype for t in ties.values()} == {torch.bfloat16} and list(ties) == list(rec)
+
+
+def test_cli_build_refuses_a_dora_adapter_cleanly(llama_zoo, tmp_path):
+    from typer.testing import CliRunner
+
+    from tswitch_ray.cli import app
+
+    root, _ = llama_zoo
+    _adapter(root / "base", tmp_path / "dora", 3, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"],
+                                                                  use_dora=True))
+    manifest = {"name": "d", "base": str(root / "base"), "tasks": [{"name": "plain", "uri": str(root / "plain")},
+                                                                  {"name": "dora", "uri": "dora"}]}
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(manifest))
+    res = CliRunner().invoke(app, ["build", "--zoo", str(tmp_path / "zoo.yaml"), "--out", str(tmp_path / "sw"),
+                                   "--executor", "local", "--quiet"], catch_exceptions=False)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    flat = " ".join(res.stderr.split())
+    assert flat.startswith("error:") and "DoRA adapter (use_dora: true)" in flat and str(tmp_path / "dora") in flat
+    assert not list(tmp_path.rglob("manifest.json"))
