@@ -51,7 +51,8 @@ _LINEAR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>
 _EMBEDDING = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
 _BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>[^.]+)$")
 _SAVED = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<param>[^.]+)$")
-_REFUSED = re.compile(r"lora_magnitude_vector|trainable_tokens_|\.lora_(?:A|B|embedding_A|embedding_B)(?:\.[^.]+)?\.bias$")
+# DoRA magnitudes, trainable-token deltas and LoRA biases: updates other than s · B·A.
+_REFUSED = re.compile(r"lora_magnitude_vector|trainable_tokens_|\.lora_(?:A|B|embedding_[AB])(?:\.[^.]+)?\.bias$")
 # init_lora_weights values that rewrite W0 when the adapter is created (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA).
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -64,18 +65,18 @@ class LoraSettings(BaseModel):
     peft_type: str
     r: int
     lora_alpha: float
-    use_rslora: bool = False
-    fan_in_fan_out: bool = False
-    use_dora: bool = False
-    lora_bias: bool = False
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
-    modules_to_save: list[str] | None = None
+    # Flags older peft versions do not write, or write as null: absent and null both mean off.
+    use_rslora: bool | None = False
+    fan_in_fan_out: bool | None = False
+    use_dora: bool | None = False
+    lora_bias: bool | None = False
+    use_qalora: bool | None = False
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
     trainable_token_indices: Any = None
     target_parameters: Any = None
     layer_replication: Any = None
     init_lora_weights: Any = True
-    use_qalora: bool = False
     use_bdlora: Any = None
     kasa_config: Any = None
     velora_config: Any = None
@@ -83,24 +84,25 @@ class LoraSettings(BaseModel):
     def refusal(self) -> str | None:
         """Why τ cannot be read from this adapter as s · B·A, or None."""
         reasons = [
-            (self.use_dora, "it is a DoRA adapter (use_dora: true), whose update is not s · B·A"),
-            (self.lora_bias, "it trains a LoRA bias (lora_bias: true), which is not supported"),
+            (bool(self.use_dora), "it is a DoRA adapter (use_dora: true), whose update is not s · B·A"),
+            (bool(self.lora_bias), "it trains a LoRA bias (lora_bias: true), which is not supported"),
             (bool(self.trainable_token_indices), "it trains token rows (trainable_token_indices), not supported"),
             (bool(self.target_parameters), "it targets parameters (target_parameters), not supported"),
             (bool(self.layer_replication), "it replicates layers (layer_replication), so it has another architecture"),
-            (isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower().startswith(_BASE_CHANGING_INITS),
+            (str(self.init_lora_weights).lower().startswith(_BASE_CHANGING_INITS),
              f"it was initialised with {self.init_lora_weights!r}, which changes the base weights too, so s · B·A is "
              "not its update on this base (peft's save_pretrained(path_initial_model_for_weight_conversion=...) "
              "writes one that is)"),
-            (self.use_qalora or bool(self.use_bdlora) or self.kasa_config is not None or self.velora_config is not None,
+            (any((self.use_qalora, self.use_bdlora, self.kasa_config, self.velora_config)),
              "it is a LoRA variant (QALoRA, block-diagonal LoRA, KaSA or VeLoRA) whose update is not s · B·A"),
         ]
         return next((why for bad, why in reasons if bad), None)
 
     def rank_alpha(self, module: str) -> tuple[int, float]:
         """r and α of ``module`` as peft resolves them (``get_pattern_key``: the first pattern matching a suffix)."""
-        return (self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r),
-                self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha))
+        ranks, alphas = self.rank_pattern or {}, self.alpha_pattern or {}
+        return (ranks.get(_pattern_key(ranks, module), self.r),
+                alphas.get(_pattern_key(alphas, module), self.lora_alpha))
 
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str:
@@ -205,7 +207,7 @@ class PeftAdapterReader:
     def _lora_tau(self, name: str, mod: LoraModule, base: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         a = self.weights.read(mod.a_key).to(base.device)
         b = self.weights.read(mod.b_key).to(base.device)
-        tau = lora_task_vector(a, b, mod.alpha, self.settings.use_rslora, mod.transpose, out=out)
+        tau = lora_task_vector(a, b, mod.alpha, bool(self.settings.use_rslora), mod.transpose, out=out)
         del a, b
         if mod.base_layer_key is not None:
             # The adapter carries its own copy of the weight under the update (peft does for embeddings).
@@ -327,7 +329,7 @@ def _module(settings: LoraSettings, name: str, keys: dict[str, str], adapter: di
     if len(a.shape) != 2 or len(b.shape) != 2:
         raise ZooError(f"adapter file {uri}: {keys['A']!r} has shape {list(a.shape)}; only LoRA on linear and "
                        "embedding layers (2-D factors) is supported, not on convolutions.")
-    transpose = embedding or settings.fan_in_fan_out
+    transpose = embedding or bool(settings.fan_in_fan_out)
     shape = (b.shape[0], a.shape[1])[::-1] if transpose else (b.shape[0], a.shape[1])
     if a.shape[0] != rank or b.shape[1] != rank or shape != base.shape:
         raise ZooError(
