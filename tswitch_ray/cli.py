@@ -319,20 +319,27 @@ def merge(
               f"({', '.join(f'{name} {sec:.1f} s' for name, sec in s.phase_seconds.items())})")
 
 
-@zoo_app.command("synth", epilog="Example: `tswitch zoo synth --arch vit-b-32 --tasks 8 --dtype fp16 --out zoo-b32`")
+@zoo_app.command("synth", epilog="Examples: `tswitch zoo synth --arch vit-b-32 --tasks 8 --dtype fp16 --out zoo-b32`; "
+                                  "`tswitch zoo synth --arch llama-1b --layers 4 --tasks 8 --out zoo-llama`")
 @user_errors
 def zoo_synth(
-    arch: str = typer.Option("vit-b-32", "--arch", help="vit-b-32, vit-b-16 or vit-l-14 (open_clip vision tower shapes)."),
+    arch: str = typer.Option("vit-b-32", "--arch", help="vit-b-32, vit-b-16 or vit-l-14 (open_clip vision tower "
+                             "shapes); llama-1b, llama-8b-embed or llama-tiny (HF Llama checkpoint folders)."),
     tasks: int = typer.Option(8, "--tasks", help="Number of fine-tuned checkpoints."),
-    dtype: str = typer.Option("fp16", "--dtype", help="fp16 or fp32."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp16, fp32 or bf16 [default: fp16; bf16 for llama-*]."),
     out_dir: str = typer.Option(..., "--out", "-o", help="Output folder."),
     seed: int = typer.Option(0, "--seed"),
     layers: Optional[int] = typer.Option(None, "--layers", help="Truncate to this many transformer blocks (fast tests)."),
+    tied: Optional[bool] = typer.Option(None, "--tied/--untied", help="llama-*: tie lm_head to the embedding "
+                                        "(no lm_head.weight in the files) [default: the preset's]."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="llama-*: bytes per safetensors shard "
+                                             "[default: 2 GiB]."),
 ) -> None:
-    """Generate a synthetic zoo: real safetensors with real ViT tensor names and shapes, heavy-tailed task vectors."""
+    """Generate a synthetic zoo: real safetensors with real ViT or Llama tensor names and shapes, fine-tune-like task vectors."""
     from tswitch_ray.zoo.synth import synth_zoo
 
-    path = synth_zoo(arch, tasks, dtype, out_dir, seed=seed, layers=layers)
+    dtype = dtype or ("bf16" if arch.startswith("llama") else "fp16")
+    path = synth_zoo(arch, tasks, dtype, out_dir, seed=seed, layers=layers, tied=tied, shard_bytes=shard_size)
     out.print(f"wrote {path}")
 
 

@@ -54,7 +54,7 @@ from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_shar
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.distributed.task_parts import manifest_fields, stage_task_parts
 from tswitch_ray.errors import ZooError
-from tswitch_ray.io.checkpoints import CheckpointReader, dtype_to_torch
+from tswitch_ray.io.checkpoints import CheckpointReader, TaskVectorSource, dtype_to_torch
 from tswitch_ray.io.tables import read_table
 from tswitch_ray.options import RunContext, RunOptions, WithRunOptions
 from tswitch_ray.switch import (
@@ -69,6 +69,7 @@ from tswitch_ray.switch import (
 from tswitch_ray.switch.binarize import SwitchScratch, kept_switches
 from tswitch_ray.switch.thresholds import Cut, RefineRequest, Thresholds, WindowPass, covers, resolve_cut, window_request
 from tswitch_ray.zoo import Zoo, load_zoo
+from tswitch_ray.zoo.taskvectors import read_task_vector
 
 # Sample of scope "model" (phase 0): SAMPLE_CHUNKS evenly spaced slices of
 # every tensor, SAMPLE_FRACTION of its elements in all; tensors up to
@@ -209,8 +210,7 @@ def _read_tau(zoo: Zoo, task: str, name: str, base: Any, device: Any, buf: _TauB
     # histograms for scope "model", tensor_thresholds for scope "tensor")
     # already counts the non-finite buckets and raises ZooError naming the
     # tensor and the files (see _label).
-    theta = zoo.tasks[task].read(name).to(device)
-    return task_vector(theta, base, name, out=buf.fit(theta.numel()))
+    return read_task_vector(zoo.tasks[task], name, base, out=buf.fit(base.numel()))
 
 
 def _read_base(zoo: Zoo, name: str, device: Any) -> Any:
@@ -262,9 +262,16 @@ def shard_sample(ctx: ShardContext, shard: Shard, tasks: Sequence[str]) -> dict[
     for name in shard.tensors:
         spans = _sample_spans(zoo.base.infos()[name].numel)
         base = _sample_base(zoo, name, spans, device)
+        full_base = None
         for task in tasks:
-            theta = _read_sample(zoo.tasks[task], name, spans, device)
-            passes[task].add(task_vector(theta, base, name), _label(zoo, task, name))
+            if isinstance(zoo.tasks[task], TaskVectorSource):
+                # An adapter's τ is exact, not θt rounded to the stored dtype: sample it from its τ.
+                full_base = _read_base(zoo, name, device) if full_base is None else full_base
+                flat = read_task_vector(zoo.tasks[task], name, full_base).reshape(-1)
+                tau = torch.cat([flat[a:b] for a, b in spans])
+            else:
+                tau = task_vector(_read_sample(zoo.tasks[task], name, spans, device), base, name)
+            passes[task].add(tau, _label(zoo, task, name))
     return {task: p.result()[0] for task, p in passes.items()}
 
 

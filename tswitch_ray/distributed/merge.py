@@ -41,8 +41,8 @@ from tswitch_ray.io.safetensors import SafetensorsStreamWriter, all_or_none, con
 from tswitch_ray.io.sink import FolderSink
 from tswitch_ray.methods import get_method
 from tswitch_ray.options import RunContext, RunOptions, WithRunOptions
-from tswitch_ray.switch import task_vector
 from tswitch_ray.zoo import Zoo, check_finite, load_zoo
+from tswitch_ray.zoo.taskvectors import read_task_vector
 
 # The commit marker of a merge output folder, written last (docs/ARTIFACTS.md "Merge outputs").
 MERGE_MARKER = "merge.json"
@@ -107,7 +107,7 @@ def _load(ctx: MergeContext, name: str, check: bool = True) -> tuple[Zoo, torch.
     base = zoo.base.read(name).to(device)
     taus = []
     for task in zoo.task_names:
-        tau = task_vector(zoo.tasks[task].read(name).to(device), base, name)
+        tau = read_task_vector(zoo.tasks[task], name, base)
         if check:
             check_finite(tau, zoo.tasks[task].uri, name)
         taus.append(tau)

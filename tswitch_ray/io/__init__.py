@@ -11,7 +11,9 @@
 * :mod:`~tswitch_ray.io.safetensors` - the safetensors header parser, lazy
   readers, atomic and streaming writers, concatenation of parts.
 * :mod:`~tswitch_ray.io.readers` - :func:`~tswitch_ray.io.readers.open_checkpoint`,
-  the reader for a URI (file, sharded folder or state dict).
+  the reader for a URI (file, sharded folder or state dict), and
+  :func:`~tswitch_ray.io.readers.open_task`, which also opens PEFT adapter folders.
+* :mod:`~tswitch_ray.io.peft` - a LoRA adapter folder as a task: τ = s · B·A per module.
 * :mod:`~tswitch_ray.io.faults` - storage, network and Ray faults translated
   into one-paragraph user errors naming the URI.
 * :mod:`~tswitch_ray.io.tables` - whole Parquet files, written atomically.

@@ -124,6 +124,18 @@ class CheckpointReader(Protocol):
         ...
 
 
+@runtime_checkable
+class TaskVectorSource(Protocol):
+    """A task that yields its task vector τ directly (a LoRA adapter: s · B·A), not only its weights θt.
+
+    Readers without this method are dense checkpoints: τ = θt − θ0 from ``read``.
+    """
+
+    def task_vector(self, name: str, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """τ of tensor ``name`` in float32 on ``base``'s device; ``base`` is θ0 of that tensor."""
+        ...
+
+
 def bytes_to_tensor(data: bytes | bytearray, info: TensorInfo) -> torch.Tensor:
     """A tensor of ``info``'s shape and dtype over ``data`` (its stored little-endian bytes)."""
     tdtype = dtype_to_torch(info.dtype)

@@ -13,6 +13,7 @@ from typing import Any
 from tswitch_ray.errors import ZooError
 from tswitch_ray.io.checkpoints import TORCH_EXTENSIONS, CheckpointReader, TorchStateDictReader
 from tswitch_ray.io.fs import access_checked, join_uri, open_fs
+from tswitch_ray.io.peft import PeftAdapterReader, is_adapter_folder
 from tswitch_ray.io.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsReader, ShardedSafetensorsReader
 
 
@@ -24,6 +25,8 @@ def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> 
     * a folder with ``model.safetensors.index.json`` or ``model.safetensors``
       (or the index file itself) -> :class:`~tswitch_ray.io.safetensors.ShardedSafetensorsReader`
     * a folder with ``pytorch_model.bin`` -> :class:`TorchStateDictReader`
+
+    A PEFT adapter folder is a task, not a checkpoint: see :func:`open_task`.
 
     File URIs are dispatched on their extension without touching storage
     (a missing file is reported on first use); folders are probed.
@@ -59,3 +62,12 @@ def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> 
         f"checkpoint {uri} has an unknown format: expected a .safetensors file, a .pt/.pth/.bin state dict, "
         "or an HF checkpoint folder."
     )
+
+
+def open_task(uri: str, base: CheckpointReader, storage_options: dict[str, Any] | None = None) -> CheckpointReader:
+    """The reader of a zoo task: a PEFT LoRA adapter folder (``adapter_config.json``), read against
+    ``base`` (:class:`~tswitch_ray.io.peft.PeftAdapterReader`), or else any checkpoint :func:`open_checkpoint` opens."""
+    low = uri.rstrip("/").lower()
+    if not low.endswith((".safetensors", INDEX_FILE, *TORCH_EXTENSIONS)) and is_adapter_folder(uri, storage_options):
+        return PeftAdapterReader(uri, base, storage_options)
+    return open_checkpoint(uri, storage_options)

@@ -20,7 +20,7 @@ from tswitch_ray.switch.select import (
     resolve,
 )
 from tswitch_ray.switch.select import fine_histograms as bucket_fine_histograms
-from tswitch_ray.switch.taskvec import task_vector
+from tswitch_ray.switch.taskvec import lora_task_vector, task_vector
 from tswitch_ray.switch.thresholds import (
     RefineRequest,
     SignedFine,
@@ -57,6 +57,7 @@ __all__ = [
     "kept_stats",
     "knob",
     "kth_smallest",
+    "lora_task_vector",
     "p_discard",
     "reconstruct",
     "refine_buckets",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tswitch_ray.errors import ZooError
@@ -47,3 +49,34 @@ def task_vector(theta_t: torch.Tensor, theta_0: torch.Tensor, name: str | None =
     # sub_ widens theta_0 to fp32 on the fly (exact), so no second temporary.
     out.sub_(theta_0)
     return out
+
+
+def lora_task_vector(lora_a: torch.Tensor, lora_b: torch.Tensor, alpha: float, use_rslora: bool = False,
+                     transpose: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """τ = s · B·A of one LoRA-adapted weight, computed and returned in float32.
+
+    docs/MATH.md "LoRA task vectors" (Hu et al., LoRA, eq. 3 and Sec. 4.1; rsLoRA,
+    Kalajdzievski 2023): ``lora_a`` is A (r × in), ``lora_b`` is B (out × r), r = A's rows, and
+    the scaling s = α/r, or α/√r with rsLoRA: the update peft's
+    ``merge_and_unload`` adds to the base weight, kept in fp32 instead of being
+    rounded into the weight's dtype. ``transpose``: the weight is stored (in ×
+    out), as GPT-2's Conv1D (peft's ``fan_in_fan_out``) and embeddings are.
+    ``out``: a flat float32 buffer of at least τ's size to compute into (the
+    result is a view of it).
+    """
+    rank = lora_a.shape[0]
+    if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_b.shape[1] != rank or rank == 0:
+        raise ZooError(
+            f"LoRA factors of shapes A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not form a "
+            "rank-r update B·A (A must be r × in, B out × r, both 2-D)."
+        )
+    scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    # Same order as peft's get_delta_weight: (B·A), then × s.
+    delta = lora_b.to(torch.float32) @ lora_a.to(torch.float32)
+    if transpose:
+        delta = delta.T
+    if out is None:
+        return delta.mul_(scaling).contiguous()
+    view = out[: delta.numel()].view(delta.shape)
+    torch.mul(delta, scaling, out=view)
+    return view

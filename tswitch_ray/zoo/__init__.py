@@ -3,7 +3,9 @@
 * :func:`load_zoo` / :class:`Zoo` - a base and N task checkpoints from a
   ``zoo.yaml`` (local, file://, memory:// or s3://), validated with clear
   :class:`~tswitch_ray.errors.ZooError` messages.
-* :func:`synth_zoo` - synthetic zoos with open_clip ViT vision-tower shapes.
+* :func:`synth_zoo` - synthetic zoos with open_clip ViT vision-tower shapes, or Llama-shaped
+  sharded HF folders (:mod:`~tswitch_ray.zoo.synth_llm`).
+* :func:`~tswitch_ray.zoo.taskvectors.read_task_vector` - τ of a task and tensor, dense or LoRA adapter.
 * :func:`convert_checkpoint` - explicit pickle -> safetensors conversion.
 * :class:`KeyRules` / :class:`MappedReader` - a checkpoint's key layout
   (``prefix``/``rename``, or a detected prefix) and the reader that applies it.

@@ -1,4 +1,4 @@
-"""Synthetic model zoos with the tensor layout of open_clip's ViT vision towers.
+"""Synthetic model zoos with the tensor layout of open_clip's ViT vision towers (and Llama's: synth_llm.py).
 
 Real zoos (ViT-B/32 x 8 tasks, the 30-ViT benchmark) cannot be downloaded
 here, so tests and benchmarks run on synthetic ones of the same shapes:
@@ -38,6 +38,7 @@ from tswitch_ray.errors import ConfigError
 from tswitch_ray.io.atomic import atomic_write
 from tswitch_ray.io.fs import join_uri
 from tswitch_ray.io.safetensors import SafetensorsStreamWriter, all_or_none
+from tswitch_ray.zoo.synth_llm import LLM_ARCHS, synth_llm_zoo
 
 # open_clip model configs (ViT-*-*.json): vision width, depth, patch size,
 # image size and joint embedding dim.
@@ -59,7 +60,7 @@ def vision_tower_layout(arch: str, layers: int | None = None) -> list[tuple[str,
     ``layers`` keeps only the first ``layers`` residual blocks.
     """
     if arch not in ARCHS:
-        raise ConfigError(f"unknown synthetic architecture {arch!r}; choose one of {', '.join(ARCHS)}.")
+        raise ConfigError(f"unknown synthetic architecture {arch!r}; choose one of {', '.join([*ARCHS, *LLM_ARCHS])}.")
     cfg = ARCHS[arch]
     depth = cfg["layers"] if layers is None else layers
     if not 0 <= depth <= cfg["layers"]:
@@ -139,8 +140,14 @@ def synth_zoo(
     layers: int | None = None,
     storage_options: dict[str, Any] | None = None,
     name: str | None = None,
+    tied: bool | None = None,
+    shard_bytes: int | None = None,
 ) -> str:
     """Write a synthetic zoo to ``out_dir`` (local path or fsspec URL); returns the manifest URI.
+
+    ``arch`` ``llama-1b``, ``llama-8b-embed`` or ``llama-tiny`` writes a
+    Llama-shaped zoo of HF checkpoint folders instead (bf16 by default;
+    ``tied``, ``shard_bytes``: see :func:`~tswitch_ray.zoo.synth_llm.synth_llm_zoo`).
 
     Files: ``zoo.yaml``, ``base.safetensors`` and ``task_XX.safetensors``
     (task names ``task_XX``, 1-based). ``arch`` is ``vit-b-32``, ``vit-b-16``
@@ -148,6 +155,13 @@ def synth_zoo(
     truncates the depth for fast tests. Memory stays at one tensor whatever
     the zoo size (a 30-task ViT-B/16 fp16 zoo is ~5 GB on disk).
     """
+    if arch in LLM_ARCHS:
+        extra = {} if shard_bytes is None else {"shard_bytes": shard_bytes}
+        return synth_llm_zoo(arch, n_tasks, dtype, out_dir, seed=seed, layers=layers, tied=tied,
+                             storage_options=storage_options, name=name, **extra)
+    if tied is not None or shard_bytes is not None:
+        raise ConfigError(f"tied embeddings and shards are options of the LLM architectures ({', '.join(LLM_ARCHS)}), "
+                          f"not of {arch}.")
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r} for a synthetic zoo; choose fp16, fp32 or bf16.")
     if n_tasks < 1:

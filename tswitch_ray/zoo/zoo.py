@@ -13,7 +13,7 @@ import torch
 
 from tswitch_ray.errors import ZooError
 from tswitch_ray.io.checkpoints import CheckpointReader, TensorInfo
-from tswitch_ray.io.readers import open_checkpoint
+from tswitch_ray.io.readers import open_checkpoint, open_task
 from tswitch_ray.io.fs import open_fs
 from tswitch_ray.zoo.keymap import (
     KeyRules,
@@ -75,7 +75,7 @@ class Zoo:
         cls, manifest: ZooManifest, manifest_uri: str, storage_options: dict[str, Any] | None = None
     ) -> Zoo:
         base = open_checkpoint(resolve_uri(manifest_uri, manifest.base), storage_options)
-        tasks = {t.name: open_checkpoint(resolve_uri(manifest_uri, t.uri), storage_options) for t in manifest.tasks}
+        tasks = {t.name: open_task(resolve_uri(manifest_uri, t.uri), base, storage_options) for t in manifest.tasks}
         return cls(manifest.name, base, tasks, manifest.include, manifest.exclude, manifest_uri, storage_options,
                    task_specific=manifest.task_specific, key_rules={t.name: t.key_rules() for t in manifest.tasks},
                    base_rules=manifest.base_key_rules())
@@ -93,10 +93,11 @@ class Zoo:
     ) -> Zoo:
         """A zoo without a manifest file (URIs must be absolute or relative to the cwd); ``layout``:
         ``task_specific``, ``key_rules``, ``base_rules`` as for the constructor."""
+        base_reader = open_checkpoint(base, storage_options)
         return cls(
             name,
-            open_checkpoint(base, storage_options),
-            {k: open_checkpoint(v, storage_options) for k, v in tasks.items()},
+            base_reader,
+            {k: open_task(v, base_reader, storage_options) for k, v in tasks.items()},
             include,
             exclude,
             storage_options=storage_options,
