@@ -96,7 +96,7 @@ def _check(family: str, tmp_path: Path, methods: list[tuple[str, dict]]) -> None
     root = tmp_path / "zoo"
     zoo_uri = _zoo(root, family)
     zoo = load_zoo(zoo_uri)
-    assert isinstance(zoo.base, ShardedSafetensorsReader)
+    assert isinstance(zoo.base.inner, ShardedSafetensorsReader)
     assert (root / "base" / "model.safetensors.index.json").exists()
     assert {i.dtype for i in zoo.base.infos().values()} == {"BF16"}
     base_sd, task_sds = _states(zoo_uri)
