@@ -146,3 +146,27 @@ def test_head_of_another_shape_than_its_config_is_a_clear_error(tmp_path):
     (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ZooError, match=r"t: head tensor classifier\.weight has shape \(2, 32\), its config\.json \(num_labels 4\) gives \(4, 32\)"):
         adapter_from_spec({"kind": "hf_sequence_classifier", "base": "t", "tasks": {"x": "t"}}, str(tmp_path))
+
+
+def test_eval_refuses_an_unsupported_model_type_before_any_merge(tmp_path):
+    import yaml
+    from transformers import BertForSequenceClassification
+
+    from tswitch_ray.distributed.eval_runner import run_eval
+    from tswitch_ray.eval.config import EvalConfig, MethodSpec
+    from tswitch_ray.eval.datasets import write_token_parquet
+    from tswitch_ray.tracking import TrackingConfig
+
+    for i, name in enumerate(["base", "a", "b"]):
+        torch.manual_seed(i)
+        BertForSequenceClassification(_text_config("bert", 2)).save_pretrained(str(tmp_path / name))
+        write_token_parquet(str(tmp_path / f"{name}.parquet"), [[2, 5, 7]], [1])
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({"name": "z", "base": "base", "tasks": [{"name": t, "uri": t} for t in "ab"]}))
+    cfg = EvalConfig(zoo=str(tmp_path / "zoo.yaml"), work_dir=str(tmp_path / "work"), executor="local",
+                     adapter={"kind": "hf_image_classifier", "base": "base", "tasks": {"a": "a", "b": "b"}},
+                     data={t: {"eval": str(tmp_path / f"{t}.parquet")} for t in "ab"},
+                     methods=[MethodSpec(method="ta")], tracking=TrackingConfig(enabled=False))
+    with pytest.raises(ConfigError, match=r"eval config 'eval', adapter: .*base/config\.json: model_type 'bert' is not supported "
+                                          r"by the 'hf_image_classifier' adapter \(AutoModelForImageClassification\); supported model types: .*vit"):
+        run_eval(cfg, show_progress=False)
+    assert not (tmp_path / "work").exists()  # nothing merged, nothing written

@@ -201,3 +201,25 @@ def test_merge_as_hf_folders(tmp_path, method):
             torch.testing.assert_close(model(pixel_values=x).logits, ref(pixel_values=x).logits, rtol=0, atol=0)
     if method == "emr":
         assert _loaded(ViTForImageClassification, tmp_path / "hf" / "t2").config.num_labels == 7
+
+
+def test_hf_output_bad_requests_write_nothing(tmp_path):
+    """No config.json to copy (a zoo of bare safetensors files), a bad shard size or format: exit 2, nothing written."""
+    from test_build_reconstruct import make_state, write_zoo
+
+    zoo = write_zoo(tmp_path / "zoo", make_state(0), "safetensors")
+    arts = _build(zoo, tmp_path / "sw")
+    cases = [
+        (["reconstruct", "--artifacts", arts, "--task", "cars", "--alpha", "0.5", "--format", "hf", "--out", tmp_path / "o1"],
+         "no config.json"),
+        (["reconstruct", "--artifacts", arts, "--task", "cars", "--alpha", "0.5", "--format", "hf", "--max-shard-size", "lots",
+          "--out", tmp_path / "o2"], "shard size 'lots' is not a size"),
+        (["reconstruct", "--artifacts", arts, "--task", "cars", "--alpha", "0.5", "--format", "onnx", "--out", tmp_path / "o3"],
+         "--format 'onnx': use safetensors or hf"),
+        (["merge", "--zoo", zoo, "--method", "ta", "--executor", "local", "--format", "hf", "--out", tmp_path / "o4"], "no config.json"),
+    ]
+    for args, needle in cases:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+        assert r.exit_code == 2 and needle in " ".join(r.output.split()), r.output
+        assert "Traceback" not in r.output
+        assert not Path(args[-1]).exists()
