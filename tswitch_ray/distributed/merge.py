@@ -14,7 +14,10 @@ method, options or zoo is refused (unless ``overwrite``); parts stage under
 ``OUT/.staging/``; once every part verifies against the checksum its worker
 recorded, ``OUT/merged.safetensors`` (or ``OUT/<task>.safetensors``) is
 written and ``OUT/merge.json`` (:data:`MERGE_MARKER`) last. A failed merge
-removes its staging and leaves no marker.
+removes its staging and leaves no marker. With ``output_format: hf`` each
+output model is instead a Hugging Face folder ``OUT/merged/`` or
+``OUT/<task>/`` that ``from_pretrained`` loads
+(:mod:`tswitch_ray.io.hf_folder`), published from the same staged parts.
 """
 
 from __future__ import annotations
