@@ -35,7 +35,8 @@ import torch
 from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.io.atomic import FileDigest, atomic_write_fs, sha256_hex
 from tswitch_ray.io.fs import open_fs
-from tswitch_ray.io.safetensors import INDEX_FILE, SINGLE_FILE, concat_safetensors, safetensors_bytes
+from tswitch_ray.io.checkpoints import dtype_name
+from tswitch_ray.io.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsStreamWriter, concat_safetensors
 from tswitch_ray.io.sink import FolderSink
 
 # transformers 4's default; one shard of tensors is held in memory while a stream is written.
@@ -108,9 +109,12 @@ def tied_targets(config_json: bytes) -> dict[str, str]:
     cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
     if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel) or "model_type" not in raw:
         return {}
-    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "transformers_version")})
-    with torch.device("meta"):
-        model = cls(config)
+    try:
+        config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "transformers_version")})
+        with torch.device("meta"):
+            model = cls(config)
+    except (ValueError, KeyError, TypeError, AttributeError):  # a config this transformers cannot build: tie nothing
+        return {}
     return dict(getattr(model, "all_tied_weights_keys", None) or {})
 
 
@@ -161,9 +165,14 @@ class HFFolderWriter:
         self._total += nbytes
 
     def _flush(self) -> None:
-        data = safetensors_bytes(self._buffer, self.metadata)
-        digest = self.sink.write(self._path(f".part-{len(self._shards):05d}.safetensors"), data)
-        self._shards.append((digest, list(self._buffer)))
+        """Stage the buffered shard, tensor by tensor (no second copy of it in memory)."""
+        layout = [(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in self._buffer.items()]
+        uri = self.sink.staged(self._path(f".part-{len(self._shards):05d}.safetensors"))
+        with SafetensorsStreamWriter(uri, layout, storage_options=self.sink.storage_options, metadata=self.metadata,
+                                     hashed=True) as writer:
+            for name, tensor in self._buffer.items():
+                writer.write(name, tensor)
+        self._shards.append((writer.digest(), list(self._buffer)))
         self._buffer, self._buffered = {}, 0
 
     def finish(self) -> list[FileDigest]:
