@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from tswitch_ray.cli import app
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "EVAL.md"
-_BLOCK = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.S | re.M)
+_BLOCK = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 def _blocks() -> tuple[dict[str, str], list[list[str]]]:

@@ -15,10 +15,14 @@ import pytest
 import torch
 
 from tswitch_ray.errors import ConfigError, ZooError
-from tswitch_ray.eval.adapters import adapter_from_spec, read_hf_folder_tensors, supported_model_types
+from tswitch_ray.eval.adapters import (
+    adapter_from_spec,
+    read_hf_folder_tensors,
+    supported_model_types,
+)
 
 ATOL = 1e-5
-_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+_SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def _text_config(model_type: str, num_labels: int):
@@ -122,7 +126,12 @@ def test_image_classifier_matches_transformers(tmp_path, model_type):
 
 
 def test_unsupported_and_mixed_model_types_are_refused(tmp_path):
-    from transformers import BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, RobertaForSequenceClassification
+    from transformers import (
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        RobertaForSequenceClassification,
+    )
 
     GPT2ForSequenceClassification(GPT2Config(vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=16)).save_pretrained(str(tmp_path / "gpt2"))
     with pytest.raises(ConfigError, match=r"gpt2/config\.json: model_type 'gpt2' is not supported by the 'hf_sequence_classifier' "

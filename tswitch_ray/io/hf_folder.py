@@ -34,9 +34,15 @@ import torch
 
 from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.io.atomic import FileDigest, atomic_write_fs, sha256_hex
-from tswitch_ray.io.fs import open_fs
 from tswitch_ray.io.checkpoints import dtype_name
-from tswitch_ray.io.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsStreamWriter, concat_safetensors
+from tswitch_ray.io.fs import open_fs
+from tswitch_ray.io.safetensors import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    SafetensorsReader,
+    SafetensorsStreamWriter,
+    concat_safetensors,
+)
 from tswitch_ray.io.sink import FolderSink
 
 # transformers 4's default; one shard of tensors is held in memory while a stream is written.
@@ -225,7 +231,9 @@ def publish_from_parts(sink: FolderSink, rel: str, parts: Sequence[str], order: 
     base = f"{sink.uri}/{rel.strip('/')}"
     meta = {"format": "pt", **dict(metadata or {})}
     names = _shard_names(len(groups))
-    outputs = [concat_safetensors(parts, f"{base}/{fname}", order=group, metadata=meta, storage_options=storage_options)
+    owner = {n: part for part in parts for n in SafetensorsReader(part, storage_options).infos()}
+    outputs = [concat_safetensors(sorted({owner[n] for n in group}), f"{base}/{fname}", order=group, metadata=meta,
+                                  storage_options=storage_options)  # only the parts this shard's tensors are in
                for group, fname in zip(groups, names)]
     extra = dict(files)
     if len(groups) > 1:

@@ -46,11 +46,18 @@ from tswitch_ray.eval.adapters.heads import (
     load_heads_dir,
     save_head,
 )
+from tswitch_ray.eval.adapters.hf_classifier import (
+    HFClassifierAdapter,
+    check_model_types,
+    supported_model_types,
+)
 from tswitch_ray.eval.adapters.hf_clip import HFCLIPVisionAdapter
-from tswitch_ray.eval.adapters.hf_classifier import HFClassifierAdapter, check_model_types, supported_model_types
 from tswitch_ray.eval.adapters.hf_files import read_hf_folder_tensors, read_json
 from tswitch_ray.eval.adapters.hf_sequence import HFSequenceClassifierAdapter
-from tswitch_ray.eval.adapters.hf_vit import HFImageClassifierAdapter, HFViTClassifierAdapter
+from tswitch_ray.eval.adapters.hf_vit import (
+    HFImageClassifierAdapter,
+    HFViTClassifierAdapter,
+)
 from tswitch_ray.eval.adapters.open_clip import (
     OpenClipVisionAdapter,
     resolve_open_clip_config,
@@ -62,12 +69,16 @@ from tswitch_ray.eval.adapters.preprocess import (
     collate_images,
     collate_tokens,
 )
-from tswitch_ray.eval.adapters.spec import ADAPTER_KINDS, HF_CLASSIFIER_KINDS, adapter_from_spec
+from tswitch_ray.eval.adapters.spec import (
+    ADAPTER_KINDS,
+    HF_CLASSIFIER_KINDS,
+    adapter_from_spec,
+)
 
 __all__ = [
     "ADAPTER_KINDS",
-    "HF_CLASSIFIER_KINDS",
     "HEAD_SUFFIX",
+    "HF_CLASSIFIER_KINDS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "AdapterBase",

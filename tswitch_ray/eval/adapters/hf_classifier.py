@@ -18,16 +18,25 @@ nothing from a checkpoint folder runs (no ``from_pretrained`` code path, never
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.eval.adapters.base import AdapterBase, hf_key_map
-from tswitch_ray.eval.adapters.hf_files import preprocessor_config, read_json, task_head_tensors
-from tswitch_ray.eval.adapters.preprocess import Preprocess, collate_images, collate_tokens
+from tswitch_ray.eval.adapters.hf_files import (
+    preprocessor_config,
+    read_json,
+    task_head_tensors,
+)
+from tswitch_ray.eval.adapters.preprocess import (
+    Preprocess,
+    collate_images,
+    collate_tokens,
+)
 from tswitch_ray.io.fs import resolve_uri
 
 # Text model types whose sequence classifiers are tested end to end (MiniLM checkpoints are model_type "bert").
@@ -45,13 +54,18 @@ def supported_model_types(modality: str) -> tuple[str, ...]:
     """The ``model_type`` values the adapter of ``modality`` (``"text"`` / ``"image"``) accepts."""
     if modality == "text":
         return SEQUENCE_MODEL_TYPES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
 
     return tuple(sorted(t for t in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES if t not in _IMAGE_EXCLUDED))
 
 
 def _auto_class(modality: str) -> Any:
-    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
 
     return AutoModelForSequenceClassification if modality == "text" else AutoModelForImageClassification
 
@@ -189,7 +203,7 @@ class HFClassifierAdapter(AdapterBase):
 
     @classmethod
     def from_folders(cls, base: str, task_folders: Mapping[str, str], storage_options: Mapping[str, Any] | None = None,
-                     *, kind: str | None = None, modality: str | None = None) -> "HFClassifierAdapter":
+                     *, kind: str | None = None, modality: str | None = None) -> HFClassifierAdapter:
         modality = modality or cls.modality
         kind = kind or cls.kind
         raws = check_model_types(base, task_folders, kind, modality, storage_options)

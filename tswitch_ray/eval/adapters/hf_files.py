@@ -9,7 +9,8 @@ build reads: ``model.safetensors``, sharded safetensors with their index, or a
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tswitch_ray.eval.adapters.hf_classifier import SEQUENCE_MODEL_TYPES, HFClassifierAdapter
+from tswitch_ray.eval.adapters.hf_classifier import (
+    SEQUENCE_MODEL_TYPES,
+    HFClassifierAdapter,
+)
 
 
 @dataclass
