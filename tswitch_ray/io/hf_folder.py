@@ -88,7 +88,13 @@ def config_files(folder: str, storage_options: Mapping[str, Any] | None = None) 
         raise ZooError(f"{folder}: no config.json; a Hugging Face folder output copies the configuration of the "
                        "checkpoint's save_pretrained folder, so the task (or the base) must be one.")
     keep = [n for n in sorted(names) if (n.endswith(".json") and n not in _NOT_COPIED) or n in _DATA_FILES]
-    return {n: fs.cat_file(posixpath.join(path, n)) for n in keep}
+    files = {n: fs.cat_file(posixpath.join(path, n)) for n in keep}
+    try:
+        if not isinstance(json.loads(files["config.json"]), dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ZooError(f"{folder}/config.json: not a valid config ({e}); the output would not load.") from None
+    return files
 
 
 def first_config_files(checkpoint_uris: Sequence[str], storage_options: Mapping[str, Any] | None = None) -> dict[str, bytes]:
