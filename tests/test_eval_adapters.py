@@ -320,7 +320,7 @@ def test_hf_vit_task_folder_without_classifier(tmp_path):
     from transformers import ViTModel
 
     ViTModel(_tiny_vit_cfg(2)).save_pretrained(str(tmp_path / "base"))
-    with pytest.raises(ZooError, match=r"base: checkpoint has no classifier\.\* tensors"):
+    with pytest.raises(ZooError, match=r"base: checkpoint has no vit\.\* tensors \(a bare base model\)"):
         adapter_from_spec({"kind": "hf_vit_classifier", "base": "base", "tasks": {"x": "base"}}, str(tmp_path))
     with pytest.raises(ConfigError, match="needs 'tasks'"):
         adapter_from_spec({"kind": "hf_vit_classifier", "base": "base"}, str(tmp_path))
@@ -379,11 +379,3 @@ def test_hf_sequence_classifier_adapter_matches_transformers(tmp_path):
 
     long_row = adapter.collate([list(range(3, 100))])
     assert long_row.shape == (1, 38)  # max_position_embeddings - pad - 1
-
-
-def test_hf_sequence_classifier_rejects_other_families(tmp_path):
-    from transformers import BertConfig, BertModel
-
-    BertModel(BertConfig(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(str(tmp_path / "bert"))
-    with pytest.raises(ConfigError, match=r"model_type 'bert' is not supported"):
-        adapter_from_spec({"kind": "hf_sequence_classifier", "base": "bert", "tasks": {"x": "bert"}}, str(tmp_path))

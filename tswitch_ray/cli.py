@@ -237,25 +237,36 @@ def _task_counts(s: Any) -> str:
     return line + (f"; computed {', '.join(s.tasks_computed)}" if s.tasks_reused and s.tasks_computed else "")
 
 
-@app.command(epilog="Example: `tswitch reconstruct --artifacts .tswitch/demo/switches --task digits --alpha 0.6 "
-                     "--out digits.safetensors`")
+@app.command(epilog="Examples: `tswitch reconstruct --artifacts .tswitch/demo/switches --task digits --alpha 0.6 "
+                     "--out digits.safetensors`; `tswitch reconstruct --artifacts switches --task sst2 --alpha 0.6 "
+                     "--format hf --out sst2/` (a folder from_pretrained loads)")
 @user_errors
 @with_run_options(execution=False)
 def reconstruct(
     artifacts: str = typer.Option(..., "--artifacts", help="Committed artifact URI."),
     task: str = typer.Option(..., "--task", "-t", help="Task name."),
     alpha: float = typer.Option(..., "--alpha", "-a", help="One of the artifact set's α."),
-    out_file: str = typer.Option(..., "--out", "-o", help="Output .safetensors (local or URL)."),
+    out_file: str = typer.Option(..., "--out", "-o", help="Output .safetensors (local or URL); with --format hf, a folder."),
     zoo: Optional[str] = typer.Option(None, "--zoo", help="Zoo manifest, if it moved since the build (θ0 is read from it)."),
     version: Optional[int] = typer.Option(None, "--version",
                                           help="Version of the artifact set to read (default: the latest)."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors: one file; hf: a Hugging Face folder "
+                            "(the task's config files, shards with an index over --max-shard-size, reconstruct.json last)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="With --format hf: the largest shard (5GB, 500MB, 2GiB)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="With --format hf: replace another committed reconstruction there."),
     run: RunOptions = ...,
 ) -> None:
     """Write θ0 + λ·M⊙S for one task and α as a full state dict."""
-    from tswitch_ray.reconstruct import reconstruct_task
+    from tswitch_ray.reconstruct import reconstruct_task, reconstruct_task_hf
 
-    path = reconstruct_task(artifacts, task, alpha, out_file, zoo_uri=zoo, storage_options=run.storage_options,
-                            version=version)
+    if fmt == "hf":
+        path = reconstruct_task_hf(artifacts, task, alpha, out_file, zoo_uri=zoo, storage_options=run.storage_options,
+                                   max_shard_size=max_shard_size, overwrite=overwrite, version=version)
+    elif fmt == "safetensors":
+        path = reconstruct_task(artifacts, task, alpha, out_file, zoo_uri=zoo, storage_options=run.storage_options,
+                                version=version)
+    else:
+        raise ConfigError(f"--format {fmt!r}: use safetensors or hf.")
     out.print(f"wrote {path}")
 
 
@@ -281,7 +292,8 @@ class _MergeCommand(typer.core.TyperCommand):
 
 
 _MERGE_EXAMPLES = (f"Examples: `tswitch merge --zoo {_DEMO_ZOO} --method ties --out merged/ -O k=20 -O scale=0.3`; "
-                   f"`tswitch merge --zoo {_DEMO_ZOO} --method emr --out emr/`")
+                   f"`tswitch merge --zoo {_DEMO_ZOO} --method emr --out emr/`; "
+                   "`tswitch merge --zoo zoo.yaml --method ta --format hf --out ta/` (ta/merged/ loads with from_pretrained)")
 
 
 def _method_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -302,13 +314,19 @@ def merge(
     option: Optional[list[str]] = typer.Option(None, "--option", "-O",
                                                help="Method option KEY=VALUE (repeatable); see the methods below."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed merge of another method, options or zoo."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors: one file per model; hf: a Hugging Face folder "
+                            "per model (OUT/merged/ or OUT/TASK/: config files, shards with an index) from_pretrained loads."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="With --format hf: the largest shard (5GB, 500MB, 2GiB)."),
     run: RunOptions = ...,
 ) -> None:
     """Merge a zoo with one method, streamed and sharded over Ray."""
     from tswitch_ray.distributed.merge import MergeConfig, run_merge
 
+    if fmt not in ("safetensors", "hf"):
+        raise ConfigError(f"--format {fmt!r}: use safetensors or hf.")
     opts = _method_options(option)  # run_merge checks the method, its kind and options before any work
-    cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, overwrite=overwrite, run=run)
+    cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, overwrite=overwrite, run=run,
+                      output_format=fmt, max_shard_size=max_shard_size)
     s = run_merge(cfg)
     if s.up_to_date:
         out.print(f"up to date: {s.out} holds the {s.method} merge of these tasks and checkpoints; nothing to do.")

@@ -1,5 +1,5 @@
 """`tswitch reconstruct`: θ0 + λ·M⊙S for one task and α, under the task's own names and with its own
-task-specific tensors and buffers, streamed to a safetensors file."""
+task-specific tensors and buffers, streamed to a safetensors file or a Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -151,3 +151,42 @@ def reconstruct_task(artifacts_uri: str, task: str, alpha: float, out: str, zoo_
         for name, tensor in iter_reconstructed(reader, zoo, task, alpha, layout):
             writer.write(name, tensor)
     return out
+
+
+# The commit marker of a reconstructed Hugging Face folder, written last (docs/ARTIFACTS.md "Reconstructed folders").
+RECONSTRUCT_MARKER = "reconstruct.json"
+
+
+def reconstruct_task_hf(artifacts_uri: str, task: str, alpha: float, out: str, zoo_uri: str | None = None,
+                        storage_options: dict[str, Any] | None = None, *, max_shard_size: int | str = "5GB",
+                        overwrite: bool = False, version: int | None = None) -> str:
+    """Write ``task`` at ``alpha`` (the set's latest version unless ``version``) as a folder ``from_pretrained``
+    loads (:mod:`tswitch_ray.io.hf_folder`).
+
+    The tensors are :func:`iter_reconstructed`'s, whatever it yields, one shard in memory; the folder is
+    committed by :data:`RECONSTRUCT_MARKER`, written last, and a folder holding another committed
+    reconstruction is refused before any work unless ``overwrite``.
+    """
+    from tswitch_ray.io.hf_folder import HFFolderWriter, first_config_files, parse_size
+    from tswitch_ray.io.sink import FolderSink
+
+    parse_size(max_shard_size)  # a bad size is refused before anything is read
+    reader, zoo = open_switches(artifacts_uri, zoo_uri, storage_options, version=version)
+    alpha = match_alpha(list(reader.manifest["alphas"]), alpha, artifacts_uri)
+    if task not in reader.manifest["tasks"]:
+        raise ArtifactError(f"{artifacts_uri}: no task {task!r}; tasks are {reader.manifest['tasks']}.")
+    files = first_config_files([zoo.tasks[task].uri, zoo.base.uri], storage_options)  # the task's config, else the base's
+    sink = FolderSink(out, marker=RECONSTRUCT_MARKER, fmt="tswitch-ray/reconstruct", staging_key=f"reconstruct-{task}",
+                      identity={"task": task, "alpha": alpha, "artifacts": artifacts_uri, "output_format": "hf"},
+                      what="reconstructed model", storage_options=storage_options, overwrite=overwrite)
+    sink.start()
+    try:
+        meta = {"tswitch_task": task, "tswitch_alpha": repr(alpha), "tswitch_artifacts": artifacts_uri}
+        writer = HFFolderWriter(sink, files, max_shard_size=max_shard_size, metadata=meta)
+        for name, tensor in iter_reconstructed(reader, zoo, task, alpha):
+            writer.write(name, tensor)
+        sink.complete(writer.finish(), writer.publish)
+    except BaseException:
+        sink.failed()
+        raise
+    return sink.uri

@@ -5,7 +5,8 @@ bar, per-method summary) is ``eval/reporting.py``, how a cell is scored is
 ``eval/scoring.py``. Stages, each one function of :func:`run_eval`:
 
 1. **Check** (:func:`_prepare`) everything that can fail cheaply before any
-   work: methods and options, tasks present in the zoo and the data, artifacts
+   work: methods and options, tasks present in the zoo and the data, the
+   adapter built once (its kind, supported model types, every task's head), artifacts
    built from this zoo's base model (its fingerprint is computed here, once
    per evaluation, and handed to every cell in the :class:`EvalContext`), the
    tracking server answering, the work dir writable.
@@ -181,6 +182,7 @@ def _prepare(cfg: EvalConfig) -> EvalPlan:
     tasks = list(cfg.tasks or zoo.task_names)
     adapter_spec, adapter_base, data = _open_data(cfg)
     _check(cfg, specs, tasks, zoo.task_names, data)
+    _check_adapter(cfg, adapter_spec, adapter_base)
     fingerprint = _check_artifacts(cfg, specs, tasks, zoo)
     work_dir = cfg.work_dir or str(Path("runs") / cfg.name)
     fs, root = open_fs(work_dir, cfg.run.storage_options)
@@ -221,6 +223,18 @@ def _check(cfg: EvalConfig, specs: Sequence[MethodSpec], tasks: Sequence[str], z
     no_data = [t for t in tasks if t not in data]
     if no_data:
         raise ConfigError(f"eval config {cfg.name!r}: no eval data for task(s) {', '.join(no_data)}.")
+
+
+def _check_adapter(cfg: EvalConfig, spec: Mapping[str, Any], base: str) -> None:
+    """The adapter is built once here, so an unknown kind, an unsupported model type or a task folder
+    without its head is refused before any merge runs (the scoring tasks build their own)."""
+    from tswitch_ray.errors import TSwitchError
+    from tswitch_ray.eval.adapters import adapter_from_spec
+
+    try:
+        adapter_from_spec(dict(spec), base, cfg.run.storage_options)
+    except TSwitchError as exc:
+        raise type(exc)(f"eval config {cfg.name!r}, adapter: {exc}") from exc
 
 
 def _check_artifacts(cfg: EvalConfig, specs: Sequence[MethodSpec], tasks: Sequence[str], zoo: Zoo) -> str | None:

@@ -14,7 +14,10 @@ method, options or zoo is refused (unless ``overwrite``); parts stage under
 ``OUT/.staging/``; once every part verifies against the checksum its worker
 recorded, ``OUT/merged.safetensors`` (or ``OUT/<task>.safetensors``) is
 written and ``OUT/merge.json`` (:data:`MERGE_MARKER`) last. A failed merge
-removes its staging and leaves no marker.
+removes its staging and leaves no marker. With ``output_format: hf`` each
+output model is instead a Hugging Face folder ``OUT/merged/`` or
+``OUT/<task>/`` that ``from_pretrained`` loads
+(:mod:`tswitch_ray.io.hf_folder`), published from the same staged parts.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import ConfigDict, Field
@@ -59,6 +62,9 @@ class MergeConfig(WithRunOptions):
     out: str
     options: dict[str, Any] = Field(default_factory=dict)
     shard_bytes: int = 32 * 2**20
+    # "hf": each output model is a Hugging Face folder OUT/<model>/ that from_pretrained loads (io/hf_folder.py).
+    output_format: Literal["safetensors", "hf"] = "safetensors"
+    max_shard_size: str = "5GB"  # the largest file of an "hf" output folder
     # Replace a committed merge of another method, options or zoo in ``out``.
     overwrite: bool = False
 
@@ -170,6 +176,8 @@ def run_merge(cfg: MergeConfig, zoo: Zoo | None = None) -> MergeSummary:
         raise ZooError(f"{cfg.zoo}: no floating-point tensors selected; nothing to merge.")
     key = hashlib.sha256(json.dumps([zoo.fingerprint(), list(zoo.task_names), cfg.method, cfg.options,
                                      plan_digest(shards)], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    models = list(zoo.task_names) if method.per_task else ["merged"]
+    hf_files = _hf_config_files(cfg, zoo, models)  # a missing config.json is refused before any work
     sink = merge_sink(cfg, zoo, f"{cfg.method}-{key}")
     inputs = zoo.files_identity()
     current = None if cfg.overwrite else merge_is_current(sink.uri, MERGE_MARKER, MERGE_FORMAT, sink.identity, inputs,
@@ -185,8 +193,7 @@ def run_merge(cfg: MergeConfig, zoo: Zoo | None = None) -> MergeSummary:
                            run=cfg.run, files_identity=inputs)
         parts, stats = _merge_parts(cfg, ctx, method, zoo, shards, timer)
         timer.start("write")
-        models = list(zoo.task_names) if method.per_task else ["merged"]
-        outputs = _commit(sink, cfg, zoo, models, parts, [nm for s in shards for nm in s.tensors], inputs)
+        outputs = _commit(sink, cfg, zoo, models, parts, [nm for s in shards for nm in s.tensors], inputs, hf_files)
     except BaseException:
         sink.failed()
         raise
@@ -200,6 +207,8 @@ def merge_sink(cfg: MergeConfig, zoo: Zoo, staging_key: str) -> FolderSink:
     """The sink of a merge output folder; its identity is what a rerun must match to replace it."""
     identity = {"method": cfg.method, "options": cfg.options, "zoo_fingerprint": zoo.fingerprint(),
                 "tasks": list(zoo.task_names)}
+    if cfg.output_format != "safetensors":  # safetensors outputs keep the identity they always had
+        identity["output_format"] = cfg.output_format
     return FolderSink(cfg.out, marker=MERGE_MARKER, fmt=MERGE_FORMAT, identity=identity, staging_key=staging_key,
                       what="merge outputs", storage_options=cfg.run.storage_options, overwrite=cfg.overwrite)
 
@@ -235,14 +244,57 @@ def _merge_parts(cfg: MergeConfig, ctx: MergeContext, method: Any, zoo: Zoo, sha
         executor.close()
 
 
+def _hf_config_files(cfg: MergeConfig, zoo: Zoo, models: list[str]) -> dict[str, dict[str, bytes]] | None:
+    """For ``output_format: hf``, each output model's configuration files: a task's own, the base's for "merged"."""
+    if cfg.output_format != "hf":
+        return None
+    from tswitch_ray.io.hf_folder import first_config_files, parse_size
+
+    parse_size(cfg.max_shard_size)
+    uris = {m: [zoo.tasks[m].uri] if m in zoo.tasks else [] for m in models}
+    return {m: first_config_files(uris[m] + [zoo.base.uri], cfg.run.storage_options) for m in models}
+
+
+def _stage_unselected(sink: FolderSink, zoo: Zoo, models: list[str]) -> tuple[list[FileDigest], dict[str, dict[str, int]]]:
+    """For ``hf`` outputs: the base tensors the zoo's globs leave out (e.g. ``classifier.*``) staged per output
+    model, from the task's own checkpoint for a per-task output (its head), else the base's; their bytes per model.
+
+    A Hugging Face folder must hold every weight its class has, so a model loads into its own class."""
+    rest = [n for n in zoo.base.infos() if n not in zoo.tensor_infos()]
+    parts, sizes = [], {}
+    for model in models:
+        src = zoo.tasks.get(model, zoo.base)
+        have = src.infos()
+        tensors = {n: (src if n in have else zoo.base).read(n) for n in rest}
+        sizes[model] = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+        if tensors:
+            parts.append(sink.write(f"{model}/part-unselected.safetensors", safetensors_bytes(tensors)))
+    return parts, sizes
+
+
+def _publish_hf(sink: FolderSink, cfg: MergeConfig, zoo: Zoo, model: str, parts: list[str],
+                files: Mapping[str, bytes], extra_sizes: Mapping[str, int], meta: Mapping[str, str]) -> list[FileDigest]:
+    """One output model as the Hugging Face folder OUT/<model>/, tensors in the base file's order."""
+    from tswitch_ray.io.hf_folder import publish_from_parts
+
+    sizes = {**{n: i.nbytes for n, i in zoo.tensor_infos().items()}, **extra_sizes}
+    order = [n for n in zoo.base.infos() if n in sizes]
+    return publish_from_parts(sink, model, parts, order, sizes, files, max_shard_size=cfg.max_shard_size,
+                              metadata=meta, storage_options=cfg.run.storage_options)
+
+
 def _commit(sink: FolderSink, cfg: MergeConfig, zoo: Zoo, models: list[str], parts: list[FileDigest],
-            merged: list[str], inputs: str) -> list[str]:
+            merged: list[str], inputs: str, hf_files: Mapping[str, Mapping[str, bytes]] | None = None) -> list[str]:
     """Stage the pass-through tensors, then verify every part and publish one file per model; returns the outputs."""
     infos = zoo.tensor_infos()
     passthrough = {nm: zoo.base.read(nm) for nm in infos if nm not in set(merged)}
     if passthrough:
         data = safetensors_bytes(passthrough)
         parts = parts + [sink.write(f"{model}/part-passthrough.safetensors", data) for model in models]
+    extra_sizes: dict[str, dict[str, int]] = {}
+    if hf_files is not None:
+        unselected, extra_sizes = _stage_unselected(sink, zoo, models)
+        parts = parts + unselected
     meta = {"tswitch_method": cfg.method, "tswitch_options": json.dumps(cfg.options, sort_keys=True),
             "tswitch_zoo_fingerprint": zoo.fingerprint()}
 
@@ -250,6 +302,9 @@ def _commit(sink: FolderSink, cfg: MergeConfig, zoo: Zoo, models: list[str], par
         outputs = []
         for model in models:
             model_parts = sorted(p.uri for p in parts if f"/{model}/part-" in p.uri)
+            if hf_files is not None:
+                outputs += _publish_hf(sink, cfg, zoo, model, model_parts, hf_files[model], extra_sizes[model], meta)
+                continue
             outputs.append(concat_safetensors(model_parts, f"{sink.uri}/{model}.safetensors", order=list(infos),
                                               metadata=meta, storage_options=cfg.run.storage_options))
         return outputs

@@ -1,7 +1,9 @@
-"""Per-task classification heads: the linear head file format and RoBERTa's two-layer head.
+"""Per-task classification heads: the linear head file format (CLIP-family zoos).
 
 Heads are never merged: they belong to their task and live outside the merged
 weights, so every adapter keeps a ``{task: head}`` map next to its backbone.
+Hugging Face ``*For*Classification`` zoos keep each head inside its task's
+folder instead (:mod:`.hf_classifier`).
 """
 
 from __future__ import annotations
@@ -66,22 +68,6 @@ class LinearHead(nn.Module):
         if self.classes is not None:
             md["classes"] = json.dumps(self.classes)
         return md
-
-
-class SequenceHead(nn.Module):
-    """RoBERTa's classification head (``dense`` -> tanh -> ``out_proj``) on the ``<s>`` features."""
-
-    def __init__(self, hidden: int, num_labels: int) -> None:
-        super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
-        self.out_proj = nn.Linear(hidden, num_labels)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.out_proj.out_features)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(torch.tanh(self.dense(features)))
 
 
 def save_head(uri: str, head: LinearHead, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -1,63 +1,66 @@
-"""Reading Hugging Face ``save_pretrained`` folders: tensors, JSON configs, image statistics, task classifiers.
+"""Reading Hugging Face ``save_pretrained`` folders: tensors, JSON configs, image statistics, task heads.
 
-Shared by the three Hugging Face families; every byte goes through
-:mod:`tswitch_ray.io`.
+Shared by the Hugging Face families. Tensors are read with
+:func:`~tswitch_ray.io.readers.open_checkpoint`, so a folder may hold what the
+build reads: ``model.safetensors``, sharded safetensors with their index, or a
+``pytorch_model.bin`` (loaded weights-only, never running pickled code).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from tswitch_ray.errors import ZooError
 from tswitch_ray.io.atomic import exists, read_bytes
 from tswitch_ray.io.fs import resolve_uri
-from tswitch_ray.io.safetensors import read_safetensors
-
-INDEX_FILE = "model.safetensors.index.json"
+from tswitch_ray.io.readers import open_checkpoint
 
 
 def read_json(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A JSON file as a dict; ``ZooError`` naming the file when it is not valid JSON."""
     try:
-        return json.loads(read_bytes(uri, storage_options))
+        return json.loads(read_bytes(uri, dict(storage_options or {})))
     except json.JSONDecodeError as e:
         raise ZooError(f"{uri}: not valid JSON ({e}).") from e
 
 
-def read_hf_folder_tensors(folder: str, storage_options: Mapping[str, Any] | None = None, prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a HF ``save_pretrained`` folder (single file or sharded index).
+def read_hf_folder_tensors(folder: str, storage_options: Mapping[str, Any] | None = None, prefix: str | None = None,
+                           *, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a HF ``save_pretrained`` folder (single file, sharded index or ``pytorch_model.bin``).
 
-    With ``prefix``, only shards holding keys starting with it are read.
+    With ``prefix`` (or ``keep``), only those keys are read; a sharded folder
+    then opens only the shards that hold them.
     """
-    so = dict(storage_options or {})
-    if exists(resolve_uri(folder, INDEX_FILE), so):
-        weight_map: dict[str, str] = json.loads(read_bytes(resolve_uri(folder, INDEX_FILE), so))["weight_map"]
-        files = sorted({f for k, f in weight_map.items() if prefix is None or k.startswith(prefix)})
-    else:
-        files = ["model.safetensors"]
-    out: dict[str, torch.Tensor] = {}
-    for name in files:
-        tensors, _ = read_safetensors(resolve_uri(folder, name), so)
-        out.update({k: v for k, v in tensors.items() if prefix is None or k.startswith(prefix)})
-    return out
+    reader = open_checkpoint(folder, dict(storage_options or {}))
+    wanted = keep or (lambda k: prefix is None or k.startswith(prefix))
+    return {k: reader.read(k) for k in reader.infos() if wanted(k)}
 
 
 def hf_image_stats(folder: str, storage_options: Mapping[str, Any] | None, default_mean: Sequence[float], default_std: Sequence[float]) -> tuple[tuple, tuple]:
     """``(image_mean, image_std)`` of the folder's ``preprocessor_config.json``, else the defaults."""
+    cfg = preprocessor_config(folder, storage_options)
+    return tuple(cfg.get("image_mean", default_mean)), tuple(cfg.get("image_std", default_std))
+
+
+def preprocessor_config(folder: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The folder's ``preprocessor_config.json`` (empty when it has none)."""
     uri = resolve_uri(folder, "preprocessor_config.json")
-    if exists(uri, dict(storage_options or {})):
-        cfg = read_json(uri, storage_options)
-        return tuple(cfg.get("image_mean", default_mean)), tuple(cfg.get("image_std", default_std))
-    return tuple(default_mean), tuple(default_std)
+    return read_json(uri, storage_options) if exists(uri, dict(storage_options or {})) else {}
 
 
-def task_classifier(folder: str, storage_options: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
-    """A task checkpoint's ``classifier.*`` tensors, prefix stripped (its own head)."""
-    tensors = read_hf_folder_tensors(folder, storage_options, prefix="classifier.")
-    if not tensors:
-        raise ZooError(f"{folder}: checkpoint has no classifier.* tensors; each task folder must carry its own classification head.")
-    return {k[len("classifier.") :]: v for k, v in tensors.items()}
-
+def task_head_tensors(folder: str, storage_options: Mapping[str, Any] | None, backbone_prefix: str) -> dict[str, torch.Tensor]:
+    """A task checkpoint's own head: every tensor outside ``backbone_prefix`` (e.g. ``classifier.*``, DeBERTa's ``pooler.*``)."""
+    reader = open_checkpoint(folder, dict(storage_options or {}))
+    names = list(reader.infos())
+    head = [k for k in names if not k.startswith(backbone_prefix)]
+    if len(head) == len(names) or not head:
+        what = f"no {backbone_prefix}* tensors (a bare base model)" if head else f"no tensors outside {backbone_prefix}* (no head)"
+        raise ZooError(
+            f"{folder}: checkpoint has {what}; each task folder must be the task's *For*Classification model, "
+            "saved with save_pretrained, carrying its own classification head (classifier.*)."
+        )
+    return {k: reader.read(k) for k in head}

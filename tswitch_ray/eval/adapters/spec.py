@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tswitch_ray.errors import ConfigError
 from tswitch_ray.eval.adapters.base import ModelAdapter
 from tswitch_ray.eval.adapters.hf_clip import HFCLIPVisionAdapter
 from tswitch_ray.eval.adapters.hf_sequence import HFSequenceClassifierAdapter
-from tswitch_ray.eval.adapters.hf_vit import HFViTClassifierAdapter
+from tswitch_ray.eval.adapters.hf_vit import HFImageClassifierAdapter
 from tswitch_ray.eval.adapters.open_clip import OpenClipVisionAdapter
 from tswitch_ray.eval.adapters.silero import SileroVADAdapter
 from tswitch_ray.io.fs import resolve_uri
 
-ADAPTER_KINDS = ("open_clip", "hf_clip_vision", "hf_vit_classifier", "hf_sequence_classifier", "silero_vad")
+ADAPTER_KINDS = ("open_clip", "hf_clip_vision", "hf_image_classifier", "hf_vit_classifier", "hf_sequence_classifier",
+                "silero_vad")
+# Kinds whose tasks are Hugging Face *For*Classification folders, each with its own head.
+HF_CLASSIFIER_KINDS = {"hf_image_classifier": HFImageClassifierAdapter, "hf_vit_classifier": HFImageClassifierAdapter,
+                       "hf_sequence_classifier": HFSequenceClassifierAdapter}
 
 
 def adapter_from_spec(spec: Mapping[str, Any], base_uri: str = "", storage_options: Mapping[str, Any] | None = None) -> ModelAdapter:
@@ -21,7 +26,8 @@ def adapter_from_spec(spec: Mapping[str, Any], base_uri: str = "", storage_optio
 
     * ``{"kind": "open_clip", "model": "ViT-B-32" | {config dict}, "heads": "heads", "tasks": [...]?, "mean": [...]?, "std": [...]?}``
     * ``{"kind": "hf_clip_vision", "folder": "base_hf", "heads": "heads", "tasks": [...]?}``
-    * ``{"kind": "hf_vit_classifier" | "hf_sequence_classifier", "base": "base_folder", "tasks": {"task": "folder", ...}}``
+    * ``{"kind": "hf_image_classifier" | "hf_sequence_classifier", "base": "base_folder", "tasks": {"task": "folder", ...}}``
+      (``hf_vit_classifier`` is the image kind's former name; docs/EVAL.md walks through one)
     * ``{"kind": "silero_vad", "heads": "heads", "tasks": [...]?}`` (the real-model zoo, :mod:`.silero`)
     """
     kind = spec.get("kind")
@@ -33,11 +39,12 @@ def adapter_from_spec(spec: Mapping[str, Any], base_uri: str = "", storage_optio
         return HFCLIPVisionAdapter.from_folder(resolve_uri(base_uri, spec["folder"]), resolve_uri(base_uri, spec.get("heads", "heads")), spec.get("tasks"), so)
     if kind == "silero_vad":
         return SileroVADAdapter.from_heads_dir(resolve_uri(base_uri, spec.get("heads", "heads")), spec.get("tasks"), so)
-    if kind in ("hf_vit_classifier", "hf_sequence_classifier"):
+    if kind in HF_CLASSIFIER_KINDS:
         tasks = spec.get("tasks")
         if not isinstance(tasks, Mapping) or not tasks:
             raise ConfigError(f"adapter spec of kind {kind!r} needs 'tasks': a mapping of task name to checkpoint folder.")
+        if not isinstance(spec.get("base"), str):
+            raise ConfigError(f"adapter spec of kind {kind!r} needs 'base': the base model's save_pretrained folder.")
         folders = {t: resolve_uri(base_uri, f) for t, f in tasks.items()}
-        cls = HFViTClassifierAdapter if kind == "hf_vit_classifier" else HFSequenceClassifierAdapter
-        return cls.from_folders(resolve_uri(base_uri, spec["base"]), folders, so)
+        return HF_CLASSIFIER_KINDS[kind].from_folders(resolve_uri(base_uri, spec["base"]), folders, so, kind=kind)
     raise ConfigError(f"adapter spec kind {kind!r} is unknown; use one of {', '.join(ADAPTER_KINDS)}.")
