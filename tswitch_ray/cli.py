@@ -314,12 +314,14 @@ def registry_query(
     sql: str = typer.Argument(..., help="SQL over the views artifacts, switches, results."),
     root: str = typer.Option(".tswitch", "--root", help="Root URI under which artifact sets and results live."),
     fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    verify_parts: bool = typer.Option(False, "--verify-parts", help="Also read and hash every part of every set "
+                                      "(a set whose parts were replaced is then listed valid = false)."),
     run: RunOptions = ...,
 ) -> None:
     """Run SQL over the artifact catalog (duckdb)."""
     from tswitch_ray.artifacts.registry import Registry
 
-    table = Registry(root, storage_options=run.storage_options).query(sql)
+    table = Registry(root, storage_options=run.storage_options, verify_parts=verify_parts).query(sql)
     if fmt == "json":
         out.print_json(json.dumps(table.to_pylist(), default=str))
     elif fmt == "csv":

@@ -27,6 +27,7 @@ what is missing. Nothing is visible to readers before the manifest commit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -43,6 +44,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from tswitch_ray import __version__
 from tswitch_ray.artifacts import ArtifactWriter
+from tswitch_ray.artifacts.writer import CommitConflict
 from tswitch_ray.artifacts.encoding import encode_kept
 from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
@@ -382,6 +384,9 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
         manifest = _manifest(cfg, zoo, run_key, shards, writer, totals)
         writer.complete(manifest)
         stats = executor.stats
+    except CommitConflict:
+        writer.failed()  # lost the commit race: these parts can never be committed here
+        raise
     finally:
         timer.start("shutdown")
         executor.close()
@@ -430,7 +435,12 @@ def _encode_shards(cfg: BuildConfig, executor: LocalExecutor, ctx: ShardContext,
         # keeps cached (LRU), so fewer bytes come from disk twice.
         order = todo[::-1] if thresholds is not None else todo
         items = [WorkItem(s.shard_id, (ctx, s, thresholds), n_models * s.nbytes, build_memory_bytes(s)) for s in order]
-        per_shard = dict(executor.map(shard_encode, items, progress.advance))
+        per_shard = {}
+        # closing: on an error the tasks still in flight are cancelled and ended before it propagates.
+        with contextlib.closing(executor.map(shard_encode, items, progress.advance)) as done:
+            for shard_id, shard_totals in done:
+                writer.check_open()  # another build committed here meanwhile: stop now, not after encoding all
+                per_shard[shard_id] = shard_totals
     reused = [s.shard_id for s in shards if s.shard_id not in per_shard]
     if cfg.scope == "model" and reused:
         # Reused parts of an interrupted run count towards the task knobs too.
