@@ -6,10 +6,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from events import ShardGate
-from faults.kit import CLI, EVENT_S, GATED_CLI, assert_clear_error, build_args, manifest_of, parts_of, wait_for
 
+from faults.kit import CLI, EVENT_S, GATED_CLI, assert_clear_error, build_args, manifest_of, parts_of, wait_for
 from tswitch_ray.io.fs import open_fs
 from tswitch_ray.io.sink import create_exclusive_fs
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from events import ShardGate, pid_alive, wait_until
+
 from faults.kit import CLI, EVENT_S, GATED_CLI, build_args, parts_of, wait_for
 
 # Ray's own fate-sharing leaves the raylet's agents running ~61 s after such a kill; the reaper's bound is seconds.
@@ -31,6 +31,11 @@ def _ray_processes(root: psutil.Process) -> dict[int, str]:
     return found
 
 
+def _with_agents(found: dict[int, str]) -> dict[int, str] | None:
+    """``found`` once both of the raylet's agents are among them, else None."""
+    return found if all(any(a in cmd for cmd in found.values()) for a in AGENTS) else None
+
+
 @pytest.mark.slow
 def test_driver_sigkilled_leaves_no_ray_process_and_rerun_completes(zoo, clean, tmp_path):
     out = tmp_path / "switches"
@@ -47,13 +52,12 @@ def test_driver_sigkilled_leaves_no_ray_process_and_rerun_completes(zoo, clean, 
         wait_for(proc, lambda: len(gate.started()) > 1, "a held shard to start")
         driver = psutil.Process(proc.pid)
         # The agents start a moment after ray.init returns; the kill must find them running.
-        ray_procs = wait_for(proc, lambda: (lambda f: f if all(any(a in c for c in f.values()) for a in AGENTS)
-                                            else None)(_ray_processes(driver)), "the raylet's agents")
+        ray_procs = wait_for(proc, lambda: _with_agents(_ray_processes(driver)), "the raylet's agents")
         sessions = list(Path(ray_tmp).glob("ray/session_2*"))
         assert len(sessions) == 1, sessions
         proc.kill()
         proc.communicate(timeout=60)
-        left = lambda: {pid: c for pid, c in ray_procs.items() if pid_alive(pid)}  # noqa: E731
+        left = lambda: {pid: c for pid, c in ray_procs.items() if pid_alive(pid)}
         try:
             wait_until(lambda: not left(), GONE_S, "every Ray process of the killed driver to exit")
         except TimeoutError:

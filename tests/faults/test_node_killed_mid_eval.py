@@ -8,9 +8,9 @@ import threading
 
 import pytest
 import ray
+from events import ShardGate, arg_key, pid_alive, wait_until
 
 import tswitch_ray.distributed.eval_runner as eval_mod
-from events import ShardGate, arg_key, pid_alive, wait_until
 from faults.kit import EVENT_S
 from tswitch_ray.distributed.build import BuildConfig, run_build
 from tswitch_ray.distributed.eval_runner import run_eval
@@ -64,7 +64,8 @@ def test_node_killed_mid_eval(tiny_demo_zoo, tmp_path, ray_cluster, monkeypatch)
                                "a cell to start on the worker node")
         cluster.remove_node(victim, allow_graceful=False)
         for record in on_victim:
-            wait_until(lambda: not pid_alive(record["pid"]), EVENT_S, f"the victim's worker {record['pid']} to exit")
+            pid = record["pid"]
+            wait_until(lambda pid=pid: not pid_alive(pid), EVENT_S, f"the victim's worker {pid} to exit")
     finally:
         gate.open()
         t.join(timeout=EVENT_S)

@@ -10,8 +10,8 @@ import uuid
 
 import fsspec
 import pytest
-
 from events import ShardGate
+
 from faults.kit import CLI, EVENT_S, GATED_CLI, assert_clear_error, build_args, wait_for
 
 # The translation layer's promise for an object store that does not answer (io/faults.py): seconds, not minutes.
@@ -51,7 +51,7 @@ def test_object_store_killed_mid_write_then_restarted(zoo, clean, weed, tmp_path
     proc = subprocess.Popen([*GATED_CLI, gate.root, "1", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        sidecars = lambda: [p for p in fs.find(bucket) if p.endswith(".parquet.sha256")]  # noqa: E731
+        sidecars = lambda: [p for p in fs.find(bucket) if p.endswith(".parquet.sha256")]
         wait_for(proc, lambda: (fs.invalidate_cache(), sidecars())[1], "the first part on the object store")
         wait_for(proc, lambda: len(gate.started()) > 1, "the next shard to start")
         staged = _parts(fs, f"{bucket}/switches")

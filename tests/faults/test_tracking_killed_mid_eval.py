@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-import tswitch_ray.distributed.eval_runner as eval_mod
 from conftest import _server
 from events import ShardGate, arg_key, wait_until
+
+import tswitch_ray.distributed.eval_runner as eval_mod
 from faults.kit import EVENT_S
 from tswitch_ray.distributed.build import BuildConfig, run_build
 from tswitch_ray.distributed.eval_runner import run_eval

@@ -44,8 +44,8 @@ from pydantic import ConfigDict, Field, field_validator
 
 from tswitch_ray import __version__
 from tswitch_ray.artifacts import ArtifactWriter
-from tswitch_ray.artifacts.writer import CommitConflict
 from tswitch_ray.artifacts.encoding import encode_kept
+from tswitch_ray.artifacts.writer import CommitConflict
 from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_digest, plan_shards

@@ -18,7 +18,6 @@ from tswitch_ray.distributed.ray_reaper import Reaper, start_reaper
 from tswitch_ray.errors import ServiceError, TSwitchError
 from tswitch_ray.options import RunOptions, redact_uri
 
-
 # How long map() waits for the tasks it cancelled (after an error) to end.
 CANCEL_WAIT_S = 30.0
 
