@@ -79,3 +79,24 @@ def test_driver_sigkilled_leaves_no_ray_process_and_rerun_completes(zoo, clean, 
     assert wait_until(lambda: not [p for p in psutil.process_iter(["cmdline"])
                                    if ray_tmp in " ".join(p.info["cmdline"] or []) and pid_alive(p.pid)],
                       GONE_S, "the rerun's Ray to exit")
+
+
+@pytest.mark.slow
+def test_a_closed_executor_stops_no_other_ray_of_its_process(ray_cluster):
+    """The watcher stops Ray processes only when its driver died: an executor closed normally leaves another Ray
+    of the same process (here a Cluster started before it) running."""
+    import ray
+
+    from tswitch_ray.distributed.executor import RayExecutor, WorkItem
+
+    cluster = ray_cluster(head_cpus=1)
+    theirs = _ray_processes(psutil.Process())
+    executor = RayExecutor(num_cpus=1)  # a local Ray of its own, with a watcher
+    watcher = executor._reaper.process
+    assert [v for _, v in executor.map(abs, [WorkItem(0, (-3,))])] == [3]
+    wait_until(lambda: _with_agents(_ray_processes(psutil.Process())), EVENT_S, "the executor's Ray agents")
+    executor.close()
+    assert watcher.wait(timeout=EVENT_S) == 0
+    assert all(pid_alive(pid) for pid in theirs), {pid: c for pid, c in theirs.items() if not pid_alive(pid)}
+    ray.init(address=cluster.address, log_to_driver=False)
+    assert ray.get(ray.remote(lambda: 7).remote()) == 7

@@ -6,7 +6,7 @@ but not the raylet's two agents (``ray::DashboardAgent``,
 ``ray::RuntimeEnvAgent``): they see the raylet die within a second, then try
 to report it to a GCS that died too and give up only after a timeout that Ray
 hard-codes to 60 s (``publish_error_to_driver``), measured here as 61 s with
-Ray 2.60 whatever ``_system_config`` says. A driver killed in a loop would
+Ray 2.60, also with a shorter ``gcs_rpc_server_reconnect_timeout_s``. A driver killed in a loop would
 pile them up.
 
 :func:`start_reaper` starts, before ``ray.init``, a small watcher process in a
@@ -16,8 +16,11 @@ when the driver exits, however it exits, the kernel closes that end and the
 watcher's read returns at once. Until then the watcher records, once a second,
 the Ray processes below the driver (the agents start a moment after
 ``ray.init`` returns); then it stops those still running (SIGTERM, SIGKILL
-after :data:`GRACE_S`) and exits. :meth:`Reaper.close` after
-``ray.shutdown()`` ends it the same way, with nothing left to stop.
+after :data:`GRACE_S`) and exits. :meth:`Reaper.close` (after
+``ray.shutdown()``) first writes one byte, which tells the watcher that the
+driver lives on and it is to exit stopping nothing: the same process may run
+other Rays (a ``ray.cluster_utils.Cluster``, a later executor's) that are not
+this watcher's to stop while their driver lives.
 
 This file runs as a script (``python ray_reaper.py DRIVER_PID FD``): it
 imports only the standard library and psutil, not the package (torch).
@@ -38,6 +41,8 @@ from typing import Any
 SCAN_S = 1.0
 # How long a process gets to exit after SIGTERM before it is killed.
 GRACE_S = 2.0
+# What the driver writes on a normal close; EOF without it means the driver died.
+DONE = b"q"
 
 
 @dataclass
@@ -48,8 +53,9 @@ class Reaper:
     process: subprocess.Popen
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """End the watcher (call after ``ray.shutdown()``: it stops whatever Ray process is still left)."""
+        """End the watcher without stopping anything (the driver lives on; call after ``ray.shutdown()``)."""
         if self.write_fd >= 0:
+            os.write(self.write_fd, DONE)
             os.close(self.write_fd)
             self.write_fd = -1
         try:
@@ -118,8 +124,10 @@ def _watch(driver_pid: int, read_fd: int) -> None:
         return
     while True:
         ready, _, _ = select.select([read_fd], [], [], SCAN_S)
-        if ready and not os.read(read_fd, 1):
-            break  # EOF: the driver closed its end or exited
+        if ready:
+            if os.read(read_fd, 1) == DONE:
+                return  # a normal close: the driver lives, and so may other Rays below it
+            break  # EOF: the driver died
         try:
             seen.update(_ray_below(driver, os.getpid()))
         except psutil.NoSuchProcess:
