@@ -72,14 +72,27 @@ class ShardGate:
         """One record per call that has started, in no particular order."""
         return [json.loads(p.read_text()) for p in Path(self.root, "started").glob("*.json")]
 
-    def wrap(self, fn: Callable) -> Callable:
-        """``fn(ctx, shard, *rest)``, gated; picklable to Ray workers that cannot import this module."""
+    def wrap(self, fn: Callable, key: Callable[..., Any] | None = None) -> Callable:
+        """``fn(ctx, shard, *rest)``, gated; picklable to Ray workers that cannot import this module.
+
+        ``key(shard, *rest)`` names a call in :meth:`started` (default: ``shard.shard_id``; see :func:`arg_key`).
+        """
         _travel_by_value()
-        return functools.partial(_gated_call, self, fn)
+        return functools.partial(_gated_call, self, fn, key)
 
 
-def _gated_call(gate: ShardGate, fn: Callable, ctx: Any, shard: Any, *rest: Any) -> Any:
-    _record_start(gate, shard.shard_id)
+def arg_key(n: int) -> Callable[..., Any]:
+    """A ``key`` for :meth:`ShardGate.wrap`: the call's ``n``-th argument after ``ctx`` (0 is the shard's)."""
+    return functools.partial(_nth, n)
+
+
+def _nth(n: int, *args: Any) -> Any:
+    return args[n]
+
+
+def _gated_call(gate: ShardGate, fn: Callable, key: Callable[..., Any] | None, ctx: Any, shard: Any,
+                *rest: Any) -> Any:
+    _record_start(gate, key(shard, *rest) if key is not None else shard.shard_id)
     if not _claim_free_pass(gate):
         root = Path(gate.root)
         wait_until(lambda: (root / "open").exists() or (root / "abort").exists(), gate.hold_s,
@@ -100,7 +113,7 @@ def _claim_free_pass(gate: ShardGate) -> bool:
     return False
 
 
-def _record_start(gate: ShardGate, shard_id: int) -> None:
+def _record_start(gate: ShardGate, shard_id: Any) -> None:
     node = None
     try:
         import ray

@@ -395,6 +395,8 @@ def registry_query(
     root: str = typer.Option(".tswitch", "--root", help="Root URI under which artifact sets and results live."),
     fmt: str = typer.Option("table", "--format", help="table (a wide result becomes one block per row), csv, json or "
                                                     "markdown."),
+    verify_parts: bool = typer.Option(False, "--verify-parts", help="Also read and hash every part of every set "
+                                      "(a set whose parts were replaced is then listed valid = false)."),
     run: RunOptions = ...,
 ) -> None:
     """Run SQL over the artifact catalog (duckdb)."""
@@ -403,7 +405,7 @@ def registry_query(
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is unknown; use one of {', '.join(FORMATS)}.")
-    render_query(Registry(root, storage_options=run.storage_options).query(sql), fmt, out)
+    render_query(Registry(root, storage_options=run.storage_options, verify_parts=verify_parts).query(sql), fmt, out)
 
 
 @registry_app.command("versions", epilog="Example: `tswitch registry versions .tswitch/demo/switches`")

@@ -40,11 +40,11 @@ from tswitch_ray.artifacts.manifest import (
     load_manifest,
 )
 from tswitch_ray.artifacts.schema import MANIFEST_NAME, PARTS_DIR
-from tswitch_ray.artifacts.writer import ArtifactWriter
+from tswitch_ray.artifacts.writer import ArtifactWriter, CommitConflict
 from tswitch_ray.errors import ArtifactError
 from tswitch_ray.io.atomic import atomic_write_fs, exists_fs, sha256_hex
 from tswitch_ray.io.fs import open_fs
-from tswitch_ray.io.sink import probe_writable
+from tswitch_ray.io.sink import create_exclusive_fs, probe_writable
 
 VERSIONS_DIR = "versions"
 
@@ -171,9 +171,7 @@ class VersionStore:
         head this build was planned against; another build that committed
         since is not overwritten. ``given["version"]`` is N.
         """
-        if self.head_raw() != seen_head and not overwrite:
-            raise ArtifactError(f"{self.uri}: another build committed a new version while this one ran; "
-                                "nothing was committed. Run the build again to make a version on top of it.")
+        self.check_open(seen_head, overwrite)
         infos, metas = self._verified_new(computed)
         old_infos, old_metas = self._verified_reused(reused)
         rows = pa.concat_tables([*old_metas, *metas]) if (metas or old_metas) else None
@@ -181,11 +179,40 @@ class VersionStore:
             raise ArtifactError(f"{self.uri}: run {run_key!r} has no parts to commit.")
         body = build_manifest(self.uri, run_key, self.root.rsplit("/", 1)[-1], given, [*old_infos, *infos], rows)
         data = json.dumps(body, indent=1).encode()
-        atomic_write_fs(self.fs, f"{self.root}/{version_path(int(given['version']))}", data)
+        version_file = f"{self.root}/{version_path(int(given['version']))}"
+        if overwrite:
+            atomic_write_fs(self.fs, version_file, data)
+        elif not create_exclusive_fs(self.fs, version_file, data):
+            # Of two builds committing version N at once, the one that created its file first won.
+            raise self._lost_race()
         atomic_write_fs(self.fs, f"{self.root}/{MANIFEST_NAME}", data)
         if overwrite:
             self._prune(body)
         return body
+
+    def check_open(self, seen_head: bytes | None, overwrite: bool = False) -> None:
+        """``CommitConflict`` when another build committed here since this one was planned against ``seen_head``.
+
+        The build calls it as each part lands, so a build that lost the race
+        stops at its next part instead of encoding everything.
+        """
+        if not overwrite and self.head_raw() != seen_head:
+            raise self._lost_race()
+
+    def _lost_race(self) -> CommitConflict:
+        return CommitConflict(f"{self.uri}: another build committed a new version here while this one ran, so this "
+                              "build lost the race and stopped; nothing of it was committed and its staged parts "
+                              "were removed. Run the build again to make a version on top of that one.")
+
+    def discard(self, task_keys: Sequence[str]) -> None:
+        """After a lost race: remove the staged folders of ``task_keys`` that the current head does not list
+        (a task the winner also built has the same key and bytes: its parts are the winner's now)."""
+        head = self.head() or {}
+        listed = {str(p.get("path", "")).split("/")[1] for p in head.get("parts") or [] if "/" in str(p.get("path"))}
+        for key in task_keys:
+            folder = f"{self.root}/{PARTS_DIR}/{key}"
+            if key not in listed and exists_fs(self.fs, folder):
+                self.fs.rm(folder, recursive=True)
 
     def _verified_new(self, computed: Mapping[str, Sequence[int]]) -> tuple[list[PartInfo], list[pa.Table]]:
         infos: list[PartInfo] = []

@@ -40,7 +40,7 @@ from tswitch_ray.artifacts.schema import (
 from tswitch_ray.errors import ArtifactError
 from tswitch_ray.io.atomic import atomic_write_fs, exists_fs, sha256_hex
 from tswitch_ray.io.fs import open_fs
-from tswitch_ray.io.sink import Sink, probe_writable, read_marker
+from tswitch_ray.io.sink import Sink, create_exclusive_fs, probe_writable, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 ROW_GROUP_PAYLOAD_BYTES = 4 << 20
 
 _REQUIRED_ROW_KEYS = ("task", "tensor", "alpha", "scope", "knob_mode", "shape", "dtype", "kept")
+
+
+class CommitConflict(ArtifactError):
+    """Another run committed a set at this URI: this run's parts can never be committed there."""
 
 
 def _part_name(shard_id: int) -> str:
@@ -163,7 +167,7 @@ class ArtifactWriter(Sink):
     def start(self) -> None:
         """Probe that ``uri`` is writable and refuse another run's committed set (unless ``overwrite``)."""
         probe_writable(self.fs, self.root, self.uri, "artifacts")
-        self._refuse_other_run(self._current_manifest())
+        self._refuse_other_run(self._current_manifest(), started=False)
 
     def write(self, shard_id: int, rows: list[dict[str, Any]]) -> PartInfo:
         """Write one shard's rows as a Parquet part, then its sha256 sidecar.
@@ -219,7 +223,7 @@ class ArtifactWriter(Sink):
         infos, rows = self._verified_parts(ids)
         body = build_manifest(self.uri, self.run_key, self.root.rsplit("/", 1)[-1], manifest, infos, rows)
 
-        atomic_write_fs(self.fs, f"{self.root}/{MANIFEST_NAME}", json.dumps(body, indent=1).encode())
+        self._publish(body, previous)
         if previous is not None and previous.get("run_key") not in (None, self.run_key):
             # The old set is unreachable now; its parts are garbage.
             old = f"{self.root}/{PARTS_DIR}/{previous['run_key']}"
@@ -228,6 +232,11 @@ class ArtifactWriter(Sink):
             except FileNotFoundError:
                 pass
         return body
+
+    def check_open(self) -> None:
+        """``CommitConflict`` if another run has committed here since :meth:`start` (the build calls this as each
+        part lands, so a build that lost the race stops at its next part instead of encoding everything)."""
+        self._refuse_other_run(self._current_manifest())
 
     def failed(self) -> None:
         """Remove this run's staged parts (refused if this run is the committed one)."""
@@ -327,9 +336,37 @@ class ArtifactWriter(Sink):
     def _current_manifest(self) -> dict[str, Any] | None:
         return read_marker(self.fs, f"{self.root}/{MANIFEST_NAME}")
 
-    def _refuse_other_run(self, previous: dict[str, Any] | None) -> None:
-        if previous is not None and previous.get("run_key") != self.run_key and not self.overwrite:
-            raise ArtifactError(
+    def _publish(self, body: dict[str, Any], previous: dict[str, Any] | None) -> None:
+        """Write the manifest; where none was committed, only if none has been since (another build's).
+
+        On a local disk the manifest is then created exclusively (a link, which
+        fails if the name exists): of two builds committing at once, exactly
+        one wins. An object store has no such create here: the manifest is
+        read back after the PUT, which narrows the window to the two PUTs'
+        own overlap (docs/ARCHITECTURE.md "Faults").
+        """
+        path = f"{self.root}/{MANIFEST_NAME}"
+        data = json.dumps(body, indent=1).encode()
+        if previous is not None or self.overwrite:
+            atomic_write_fs(self.fs, path, data)
+        elif not create_exclusive_fs(self.fs, path, data):
+            self._refuse_other_run(self._current_manifest())  # another run's manifest won the race
+            atomic_write_fs(self.fs, path, data)  # it was this run's (a retry of the same run_key): same set
+        now = self._current_manifest()
+        if now is not None and now.get("run_key") != self.run_key:
+            self._refuse_other_run(now)
+
+    def _refuse_other_run(self, previous: dict[str, Any] | None, started: bool = True) -> None:
+        if previous is None or previous.get("run_key") == self.run_key or self.overwrite:
+            return
+        if started:
+            raise CommitConflict(
+                f"{self.uri}: another build committed an artifact set there while this one ran (run_key "
+                f"{previous.get('run_key')!r}, created {previous.get('created_at')}); run {self.run_key!r} lost the "
+                "race: its staged parts are removed and nothing of it is visible. Choose another output URI, or "
+                "rerun with overwrite (--overwrite) to replace that set."
+            )
+        raise CommitConflict(
                 f"{self.uri}: a committed artifact set already exists there (run_key {previous.get('run_key')!r}, "
                 f"created {previous.get('created_at')}); refusing to replace it with run {self.run_key!r}. "
                 "Choose another output URI or set overwrite (overwrite=True)."

@@ -31,6 +31,7 @@ is visible to readers before the manifest commit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -47,6 +48,7 @@ from tswitch_ray import __version__
 from tswitch_ray.artifacts import ArtifactWriter
 from tswitch_ray.artifacts.encoding import encode_kept
 from tswitch_ray.artifacts.versions import VersionStore
+from tswitch_ray.artifacts.writer import CommitConflict
 from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.distributed.incremental import BuildKeys, VersionPlan, build_keys, plan_version, staged_parts
@@ -428,7 +430,8 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     # A version that only drops tasks (or finds every part staged) encodes nothing: no Ray to start for it.
     executor = make_executor(cfg.run) if todo else LocalExecutor()
     try:
-        per_shard = _encode_shards(cfg, executor, ctx, shards, todo, timer)
+        per_shard = _encode_shards(cfg, executor, ctx, shards, todo, timer,
+                                   functools.partial(store.check_open, plan.seen_head, cfg.overwrite))
         totals = _knob_totals(cfg, plan, staged, per_shard)
         body = _manifest(cfg, zoo, keys.run_key, shards, totals, plan)
         _add_task_parts(body, zoo, stage_task_parts(executor, ctx, zoo, keys.task_keys))
@@ -438,6 +441,10 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
             computed={keys.task_keys[t]: [s.shard_id for s in shards] for t in plan.compute},
             reused=plan.reused_parts, seen_head=plan.seen_head, overwrite=cfg.overwrite)
         stats = executor.stats
+    except CommitConflict:
+        # Lost the commit race: remove what this build staged that the winner's head does not list.
+        store.discard([keys.task_keys[t] for t in plan.compute])
+        raise
     finally:
         timer.start("shutdown")
         executor.close()
@@ -505,9 +512,11 @@ def _plan(cfg: BuildConfig) -> tuple[Zoo, list[Shard], BuildKeys]:
 
 
 def _encode_shards(cfg: BuildConfig, executor: LocalExecutor, ctx: ShardContext, shards: list[Shard],
-                   todo: dict[int, list[str]], timer: PhaseTimer) -> dict[int, dict[tuple[str, float], KeptStats]]:
+                   todo: dict[int, list[str]], timer: PhaseTimer,
+                   check_open: Any) -> dict[int, dict[tuple[str, float], KeptStats]]:
     """The threshold passes (scope "model") and the encode pass over ``todo`` (shard id -> its tasks to encode);
-    the kept statistics per shard and (task, α)."""
+    the kept statistics per shard and (task, α). ``check_open()`` runs as each part lands (a lost commit race
+    raises there)."""
     thresholds: dict[str, list[Thresholds]] | None = None
     by_id = {s.shard_id: s for s in shards}
     work = [(by_id[sid], tasks) for sid, tasks in sorted(todo.items())]
@@ -526,7 +535,13 @@ def _encode_shards(cfg: BuildConfig, executor: LocalExecutor, ctx: ShardContext,
         order = work[::-1] if thresholds is not None else work
         items = [WorkItem(s.shard_id, (ctx, s, thresholds, tasks), (1 + len(tasks)) * s.nbytes, build_memory_bytes(s))
                  for s, tasks in order]
-        return dict(executor.map(shard_encode, items, progress.advance))
+        per_shard = {}
+        # closing: on an error the tasks still in flight are cancelled and ended before it propagates.
+        with contextlib.closing(executor.map(shard_encode, items, progress.advance)) as done:
+            for shard_id, shard_totals in done:
+                check_open()  # another build committed here meanwhile: stop now, not after encoding all
+                per_shard[shard_id] = shard_totals
+        return per_shard
 
 
 def _knob_totals(cfg: BuildConfig, plan: VersionPlan, staged: dict[str, dict[int, Any]],

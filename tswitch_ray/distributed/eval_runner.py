@@ -32,9 +32,10 @@ bar, per-method summary) is ``eval/reporting.py``, how a cell is scored is
 
 Commit lifecycle: each scored cell is one file,
 ``work_dir/cells/<method-key>/<task>.json`` (``__all__.json`` for a method
-that scores all tasks at once), written whole by ``atomic_write``; a cell
-file that exists is complete, so a rerun (or a sweep that grows) recomputes
-only what is missing. The results set is committed by
+that scores all tasks at once), written whole by ``atomic_write`` and bound
+to the digests of what it was scored from (``eval_cells.py``), so a rerun (or
+a sweep that grows) recomputes only what is missing, was edited, or was
+scored from other artifacts, merges, checkpoints or data. The results set is committed by
 :func:`~tswitch_ray.eval.reporting.write_report` with ``results.parquet`` as
 its marker, removed first and written last. The work dir is reused by design
 (the cell cache), so an existing evaluation there is not refused.
@@ -52,6 +53,7 @@ from typing import Any
 
 import fsspec
 
+from tswitch_ray.distributed.eval_cells import binding_digest, cached_rows, cell_bytes, source_digest
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.errors import ArtifactError, ConfigError
 from tswitch_ray.eval.config import EvalConfig, MethodSpec, TaskData
@@ -291,11 +293,12 @@ def run_eval(cfg: EvalConfig, show_progress: bool | None = None, say: Callable[[
     executor = make_executor(cfg.run)
     try:
         merge_dirs = _merge_stage(plan, show_progress, say)
-        _score_stage(plan, executor, merge_dirs, show_progress, say)
+        bindings = _cell_bindings(plan, merge_dirs)
+        _score_stage(plan, executor, merge_dirs, bindings, show_progress, say)
     finally:
         executor.close()
     sizes = storage_model(plan.zoo, plan.artifact_uris(), cfg.run.storage_options)
-    rows = _gather(plan)
+    rows = _gather(plan, bindings)
     summary = summarise(plan.specs, rows, sizes)
     result = EvalResult(cfg.name, plan.work_dir, rows, summary, time.perf_counter() - t0)
     files = report_files(cfg.name, plan.work_dir, rows, summary, plan.tasks, sizes.bytes_for("individual"),
@@ -351,22 +354,40 @@ def _context(plan: EvalPlan) -> EvalContext:
     )
 
 
-def _is_cached(plan: EvalPlan, spec: MethodSpec, task: str) -> bool:
-    """A cell file exists (cells are written whole); one covering all tasks must cover exactly these tasks,
-    since its scores depend on all of them (routing, router training)."""
-    path = plan.cell_file(spec, task)
-    if not plan.fs.exists(path):
-        return False
-    if task != ALL:
-        return True
-    return {r["task"] for r in json.loads(plan.fs.cat_file(path))} == set(plan.tasks)
+def _cell_bindings(plan: EvalPlan, merge_dirs: Mapping[str, str]) -> dict[tuple[str, str], str]:
+    """The digest each cell is bound to, by (method key, task): what its scores depend on (eval_cells.py).
+
+    A cell of all tasks depends on all of them (routing, router training); a cell of one task only on its own
+    data, so a sweep that adds tasks reuses the cells it has.
+    """
+    from tswitch_ray.artifacts.schema import MANIFEST_NAME
+    from tswitch_ray.distributed.merge import MERGE_MARKER
+
+    cfg, opts = plan.cfg, plan.cfg.run.storage_options
+    common = {"zoo_files": plan.zoo.files_identity(), "limit": cfg.limit, "batch_size": cfg.batch_size,
+              "adapter": plan.adapter_spec, "adapter_base": plan.adapter_base}
+    out: dict[tuple[str, str], str] = {}
+    for s in plan.specs:
+        source = (source_digest(_artifact_uri(cfg, s), MANIFEST_NAME, opts)
+                  or source_digest(merge_dirs.get(s.key()), MERGE_MARKER, opts))
+        for task in _cell_tasks(s, plan.tasks):
+            tasks = plan.tasks if task == ALL else [task]
+            data = {t: [plan.data[t].eval, plan.data[t].unlabeled] for t in tasks}
+            out[(s.key(), task)] = binding_digest({**common, "method": s.key(), "task": task, "tasks": tasks,
+                                                   "data": data, "source": source})
+    return out
 
 
-def _score_stage(plan: EvalPlan, executor: LocalExecutor, merge_dirs: Mapping[str, str], show_progress: bool,
-                 say: Callable[[str], None]) -> None:
+def _is_cached(plan: EvalPlan, spec: MethodSpec, task: str, bindings: Mapping[tuple[str, str], str]) -> bool:
+    """A cell file is there, intact, and bound to what this evaluation would score it from (eval_cells.py)."""
+    return cached_rows(plan.fs, plan.cell_file(spec, task), bindings[(spec.key(), task)]) is not None
+
+
+def _score_stage(plan: EvalPlan, executor: LocalExecutor, merge_dirs: Mapping[str, str],
+                 bindings: Mapping[tuple[str, str], str], show_progress: bool, say: Callable[[str], None]) -> None:
     """Score every cell not cached yet, one task each on ``executor``; each cell file is written as it lands."""
     cells = [Cell(s, task, merge_dirs.get(s.key()))
-             for s in plan.specs for task in _cell_tasks(s, plan.tasks) if not _is_cached(plan, s, task)]
+             for s in plan.specs for task in _cell_tasks(s, plan.tasks) if not _is_cached(plan, s, task, bindings)]
     n_all = sum(len(_cell_tasks(s, plan.tasks)) for s in plan.specs)
     say(f"scoring {len(cells)} of {n_all} (method, task) cells ({n_all - len(cells)} cached)")
     ctx = _context(plan)
@@ -375,19 +396,25 @@ def _score_stage(plan: EvalPlan, executor: LocalExecutor, merge_dirs: Mapping[st
     with CellProgress(len(items), show_progress) as advance:
         for i, rows in executor.map(score_cell, items, None):
             c = cells[i]
-            atomic_write_fs(plan.fs, plan.cell_file(c.spec, c.task), json.dumps(rows).encode())
+            atomic_write_fs(plan.fs, plan.cell_file(c.spec, c.task),
+                            cell_bytes(rows, bindings[(c.spec.key(), c.task)]))
             advance(c.spec.display, c.task)
 
 
 # ------------------------------------------------------------------ stage 4: gathering
 
 
-def _gather(plan: EvalPlan) -> list[Row]:
+def _gather(plan: EvalPlan, bindings: Mapping[tuple[str, str], str]) -> list[Row]:
     """Every cell's rows, fresh or cached, in spec then task order, labelled with their method spec."""
     rows: list[Row] = []
     for s in plan.specs:
         for task in _cell_tasks(s, plan.tasks):
-            for r in json.loads(plan.fs.cat_file(plan.cell_file(s, task))):
+            path = plan.cell_file(s, task)
+            cell = cached_rows(plan.fs, path, bindings[(s.key(), task)])
+            if cell is None:
+                raise ArtifactError(f"{path}: the eval cell was changed or removed while the evaluation ran; "
+                                    "run the evaluation again to score it anew.")
+            for r in cell:
                 if r["task"] in plan.tasks:
                     rows.append({"label": s.display, "method": s.method, "alpha": s.alpha,
                                  "options": json.dumps(s.options, sort_keys=True),

@@ -14,8 +14,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tswitch_ray.distributed.ray_reaper import Reaper, start_reaper
 from tswitch_ray.errors import ServiceError, TSwitchError
 from tswitch_ray.options import RunOptions, redact_uri
+
+# How long map() waits for the tasks it cancelled (after an error) to end.
+CANCEL_WAIT_S = 30.0
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -143,14 +147,18 @@ class RayExecutor(LocalExecutor):
 
         self._ray = ray
         self._owns_ray = False
+        self._reaper: Reaper | None = None
         if not ray.is_initialized():
             try:
                 if address:
                     _check_reachable(address)
                     ray.init(address=address, log_to_driver=False, include_dashboard=False)
                 else:
+                    # A local Ray is this process's: stopped with it, even when it is SIGKILLed (ray_reaper.py).
+                    self._reaper = start_reaper()
                     ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
+                self._close_reaper()
                 where = redact_uri(address) if address else "a new local instance"
                 raise ServiceError(
                     f"Cannot connect to the Ray cluster at {where}: {exc}. "
@@ -192,6 +200,10 @@ class RayExecutor(LocalExecutor):
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
+            if pending:
+                # Cancelling is asynchronous: wait (bounded) until the cancelled tasks have ended, so that none
+                # still writes while the caller cleans up after the error (e.g. removes a build's staging).
+                ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
             self.stats.seconds += time.perf_counter() - t0
 
     def _submit(self, fn_ref: Any, item: WorkItem) -> Any:
@@ -220,6 +232,12 @@ class RayExecutor(LocalExecutor):
     def close(self) -> None:
         if self._owns_ray:
             self._ray.shutdown()
+        self._close_reaper()
+
+    def _close_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper.close()
+            self._reaper = None
 
 
 def make_executor(run: RunOptions) -> LocalExecutor:

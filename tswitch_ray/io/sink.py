@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ import fsspec
 from tswitch_ray import __version__
 from tswitch_ray.errors import ArtifactError
 from tswitch_ray.io.atomic import FileDigest, atomic_write_fs, exists_fs, remove_tree_fs, sha256_hex
+from tswitch_ray.io.faults import storage_errors
 from tswitch_ray.io.fs import fs_is_local, open_fs
 
 STAGING_DIR = ".staging"
@@ -83,6 +85,33 @@ def probe_writable(fs: fsspec.AbstractFileSystem, root: str, uri: str, what: str
             "directory exists and that the credentials allow writing (for s3: the endpoint_url, key and secret "
             "storage options, or the AWS_* variables)."
         ) from exc
+
+
+def create_exclusive_fs(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Write ``data`` whole at ``path`` only if nothing is there; False (nothing written) if something is.
+
+    On a local disk: a fsync-ed temporary file linked to ``path`` (``link``
+    fails if the name exists, atomically), so of two writers exactly one
+    creates it. On an object store: a plain atomic PUT after an existence
+    check (the callers read back what they wrote to find a lost race).
+    """
+    path = fs._strip_protocol(path)
+    if not fs_is_local(fs):
+        if exists_fs(fs, path):
+            return False
+        atomic_write_fs(fs, path, data)
+        return True
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.new-{uuid.uuid4().hex}")
+    atomic_write_fs(fs, tmp, data)
+    try:
+        with storage_errors("cannot write", path, fs.storage_options, missing=True):
+            os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
 
 
 def read_marker(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
