@@ -358,7 +358,7 @@ def test_a_version_committed_meanwhile_is_not_overwritten(checkpoints, tmp_path)
     other = _build(_zoo(checkpoints, "t3-retrained", {**FOUR, "t3": "t6"}), out)  # commits version 2 first
     assert other.version == 2
     head = (Path(out) / "manifest.json").read_bytes()
-    with pytest.raises(ArtifactError, match="another build committed a new version while this one ran"):
+    with pytest.raises(ArtifactError, match="another build committed a new version here while this one ran"):
         VersionStore(out).commit(keys.run_key, {}, {}, planned.reused_parts, planned.seen_head, overwrite=False)
     assert (Path(out) / "manifest.json").read_bytes() == head
 
