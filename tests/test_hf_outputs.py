@@ -223,3 +223,44 @@ def test_hf_output_bad_requests_write_nothing(tmp_path):
         assert r.exit_code == 2 and needle in " ".join(r.output.split()), r.output
         assert "Traceback" not in r.output
         assert not Path(args[-1]).exists()
+
+
+def test_reconstruct_hf_of_tasks_with_their_own_heads_loads_each_into_its_own_class(tmp_path):
+    """Per-task heads (``task_specific``) of another label count than the base's come back bit for bit in the
+    HF folder, so each task loads with ``from_pretrained`` into its own class."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def vit(labels: int) -> ViTForImageClassification:
+        return ViTForImageClassification(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=2, image_size=32, patch_size=8, num_labels=labels))
+
+    torch.manual_seed(0)
+    base = vit(4)
+    base.save_pretrained(str(tmp_path / "base"))
+    labels = {"t1": 3, "t2": 10}
+    for i, (task, n) in enumerate(labels.items()):
+        torch.manual_seed(1 + i)
+        m = vit(n)
+        m.vit.load_state_dict(base.vit.state_dict())
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        m.save_pretrained(str(tmp_path / task))
+    manifest = {"name": "heads", "base": "base", "tasks": [{"name": t, "uri": t} for t in labels],
+                "task_specific": ["classifier.*"]}
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(manifest))
+    arts = _build(tmp_path / "zoo.yaml", tmp_path / "sw")
+    x = torch.randn(2, 3, 32, 32)
+    for task, n in labels.items():
+        out = tmp_path / f"{task}-hf"
+        _cli("reconstruct", "--artifacts", arts, "--task", task, "--alpha", "0.5", "--format", "hf", "--out", out)
+        _cli("reconstruct", "--artifacts", arts, "--task", task, "--alpha", "0.5", "--out", tmp_path / f"{task}.safetensors")
+        model = _loaded(ViTForImageClassification, out)
+        own = _loaded(ViTForImageClassification, tmp_path / task)
+        assert model.config.num_labels == n
+        for name in ("classifier.weight", "classifier.bias"):
+            assert torch.equal(model.state_dict()[name], own.state_dict()[name])  # lossless, not switched
+        ref = _reference(ViTForImageClassification, model.config, load_file(str(tmp_path / f"{task}.safetensors")))
+        with torch.no_grad():
+            assert model(pixel_values=x).logits.shape == (2, n)
+            torch.testing.assert_close(model(pixel_values=x).logits, ref(pixel_values=x).logits, rtol=0, atol=0)
