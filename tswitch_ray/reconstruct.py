@@ -11,7 +11,7 @@ import torch
 from tswitch_ray.artifacts import ArtifactReader
 from tswitch_ray.errors import ArtifactError
 from tswitch_ray.io.safetensors import SafetensorsStreamWriter
-from tswitch_ray.switch import reconstruct
+from tswitch_ray.serving import read_task_switches, reconstructed
 from tswitch_ray.zoo import Zoo, load_zoo
 
 
@@ -61,14 +61,11 @@ def iter_reconstructed(reader: ArtifactReader, zoo: Zoo, task: str, alpha: float
     if task not in manifest["tasks"]:
         raise ArtifactError(f"{reader.uri}: no task {task!r}; tasks are {manifest['tasks']}.")
     alpha = match_alpha(list(manifest["alphas"]), alpha, reader.uri)
-    switched = set(manifest["tensors"])
-    for name in zoo.base.infos():
-        base = zoo.base.read(name)
-        if name in switched:
-            mask, positive, lam = reader.switch(task, alpha, name)
-            yield name, reconstruct(base, torch.from_numpy(mask), torch.from_numpy(positive), lam)
-        else:
-            yield name, base
+    # The task's switches are read once, encoded (a few % of θ0's bytes); decoding is per tensor.
+    switches = read_task_switches(reader, task, alpha)
+    missing = f"{reader.uri}: no switch for task {task!r}, alpha {alpha}, tensor {{name!r}}."
+    base = ((name, zoo.base.read(name)) for name in zoo.base.infos())
+    yield from reconstructed(base, switches, set(manifest["tensors"]), missing)
 
 
 def reconstruct_task(artifacts_uri: str, task: str, alpha: float, out: str, zoo_uri: str | None = None,

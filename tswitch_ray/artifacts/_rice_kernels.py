@@ -99,3 +99,101 @@ def write_remainders(pos, k, out):  # pragma: no cover - compiled
             if (g >> b) & 1:
                 out[bit >> 3] |= np.uint8(0x80) >> np.uint8(bit & 7)
             bit += 1
+
+
+# Decode status codes of :func:`coded_positions` (the caller words the error).
+DECODE_OK = 0
+DECODE_FEW_TERMINATORS = 1  # the unary stream ended before ``n`` terminators
+DECODE_TRAILING = 2  # bytes after the byte of the last terminator
+DECODE_BEYOND = 3  # a position ≥ numel
+DECODE_MANY = 4  # more than ``n`` terminators
+
+# Index of the highest set bit of a byte (0 = LSB); a table beats a bit loop by ~2x on dense unary streams.
+_HIGH_BIT = np.array([0] + [int(b).bit_length() - 1 for b in range(1, 256)], dtype=np.int64)
+
+
+@_jit
+def coded_positions(unary, rem, k, numel, out):  # pragma: no cover - compiled
+    """Decode the ascending coded positions of a rice-v1 switch into ``out`` (int64, one per coded position).
+
+    Inverse of :func:`write_unary` and :func:`write_remainders`: the gap
+    quotient is the count of 0 bits before each 1 of the unary stream, the
+    remainder the next k bits of the remainder stream. Returns a status code
+    (``DECODE_*``). The caller checks the stream lengths first (the remainder
+    stream must hold ``n·k`` bits): nothing here reads past either stream.
+    """
+    n = out.size
+    nbytes = unary.size
+    last = -1
+    q = 0
+    i = 0  # codes decoded
+    byte_i = 0
+    mask = (np.int64(1) << k) - 1 if k <= _FAST_K else np.int64(0)
+    acc = np.int64(0)
+    have = 0  # bits pending in acc
+    r_i = 0
+    while i < n:
+        if byte_i >= nbytes:
+            return DECODE_FEW_TERMINATORS
+        b = np.int64(unary[byte_i])
+        if b == 0:
+            q += 8
+            byte_i += 1
+            continue
+        # Consume the terminators of this byte, MSB first; `used` bits of it are spent.
+        used = 0
+        while b != 0 and i < n:
+            high = _HIGH_BIT[b]  # the next terminator; b holds only the byte's unspent bits
+            q += 7 - used - high
+            used = 8 - high
+            b &= (np.int64(1) << high) - 1
+            if k == 0:
+                g = q
+            elif k <= _FAST_K:
+                while have < k:
+                    acc = (acc << 8) | np.int64(rem[r_i])
+                    r_i += 1
+                    have += 8
+                have -= k
+                g = (q << k) | ((acc >> have) & mask)
+                acc &= (np.int64(1) << have) - 1
+            else:
+                g = q
+                for _ in range(k):
+                    bit = (np.int64(rem[r_i >> 3]) >> (7 - (r_i & 7))) & 1
+                    r_i += 1
+                    g = (g << 1) | bit
+            last = last + g + 1
+            if last >= numel:
+                return DECODE_BEYOND
+            out[i] = last
+            i += 1
+            q = 0
+        q += 8 - used
+        byte_i += 1
+        if i == n and b != 0:
+            return DECODE_MANY
+    if byte_i < nbytes:
+        return DECODE_TRAILING
+    return DECODE_OK
+
+
+@_jit
+def scatter_switch(pos, signs, inverted, mask, positive):  # pragma: no cover - compiled
+    """Fill the zeroed flat bool ``mask`` and ``positive`` from the coded positions and the packed sign stream."""
+    numel = mask.size
+    if not inverted:
+        for j in range(pos.size):
+            p = pos[j]
+            mask[p] = True
+            positive[p] = (signs[j >> 3] >> (7 - (j & 7))) & 1
+        return
+    j = 0
+    c = 0
+    for e in range(numel):
+        if c < pos.size and pos[c] == e:
+            c += 1
+            continue
+        mask[e] = True
+        positive[e] = (signs[j >> 3] >> (7 - (j & 7))) & 1
+        j += 1

@@ -254,24 +254,45 @@ def _corrupt(enc: EncodedSwitch, cause: str) -> ArtifactError:
     )
 
 
-def decode_switch(enc: EncodedSwitch) -> tuple[np.ndarray, np.ndarray]:
-    """Decode to flat boolean arrays ``(mask, positive)``; ``positive`` is False outside the mask.
+@dataclass(frozen=True)
+class DecodedSwitch:
+    """A switch decoded to its compact form: the ascending coded positions and the packed sign stream.
 
-    Every stream length is checked against the header fields, so a truncated or
-    padded payload raises :class:`ArtifactError` instead of decoding garbage.
+    ``positions`` (int64) are the kept elements' flat indices, or the dropped
+    ones' when ``inverted``; ``signs`` (uint8, MSB first) holds one bit per
+    kept element in ascending order (1 = positive). Eq. 7 is applied from this
+    form without a full-size mask (:func:`tswitch_ray.switch.reconstruct.reconstruct_into`).
     """
+
+    numel: int
+    kept: int
+    inverted: bool
+    positions: np.ndarray
+    signs: np.ndarray
+
+    def planes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Flat boolean ``(mask, positive)``; ``positive`` is False outside the mask."""
+        from tswitch_ray.artifacts import _rice_kernels as rk
+
+        mask = np.zeros(self.numel, dtype=bool)
+        positive = np.zeros(self.numel, dtype=bool)
+        rk.scatter_switch(self.positions, self.signs, self.inverted, mask, positive)
+        return mask, positive
+
+
+def _check_streams(enc: EncodedSwitch) -> np.ndarray:
+    """The unary stream as bytes, after checking every stream length against the header fields."""
     if enc.codec != CODEC_NAME:
         raise _corrupt(enc, f"unknown codec {enc.codec!r} (this reader knows {CODEC_NAME!r})")
     numel, kept, k = int(enc.numel), int(enc.kept), int(enc.k)
     if not (0 <= kept <= numel) or not (0 <= k <= _MAX_K):
         raise _corrupt(enc, "header fields out of range")
     coded = enc.coded
-
-    unary = np.unpackbits(np.frombuffer(enc.mask_bits, dtype=np.uint8))
-    terminators = np.flatnonzero(unary)
-    if terminators.size != coded:
-        raise _corrupt(enc, f"unary stream has {terminators.size} terminators, expected {coded}")
-    if coded and len(enc.mask_bits) != (int(terminators[-1]) + 8) // 8:
+    unary = np.frombuffer(enc.mask_bits, dtype=np.uint8)
+    terminators = int(np.bitwise_count(unary).sum(dtype=np.int64))
+    if terminators != coded:
+        raise _corrupt(enc, f"unary stream has {terminators} terminators, expected {coded}")
+    if coded and unary[-1] == 0:
         raise _corrupt(enc, "unary stream has trailing bytes")
     if coded == 0 and enc.mask_bits:
         raise _corrupt(enc, "unary stream should be empty")
@@ -279,20 +300,33 @@ def decode_switch(enc: EncodedSwitch) -> tuple[np.ndarray, np.ndarray]:
         raise _corrupt(enc, f"remainder stream has {len(enc.rem_bits)} bytes, expected {(coded * k + 7) // 8}")
     if len(enc.sign_bits) != (kept + 7) // 8:
         raise _corrupt(enc, f"sign stream has {len(enc.sign_bits)} bytes, expected {(kept + 7) // 8}")
+    return unary
 
-    quot = np.diff(terminators, prepend=-1) - 1
-    gaps = np.left_shift(quot, k) | _unpack_fixed(enc.rem_bits, coded, k)
-    positions = np.cumsum(gaps + 1) - 1
-    if coded and positions[-1] >= numel:
-        raise _corrupt(enc, f"decoded position {int(positions[-1])} is beyond numel")
 
-    coded_mask = np.zeros(numel, dtype=bool)
-    coded_mask[positions] = True
-    mask = ~coded_mask if enc.inverted else coded_mask
-    signs = np.unpackbits(np.frombuffer(enc.sign_bits, dtype=np.uint8), count=kept).view(bool)
-    positive = np.zeros(numel, dtype=bool)
-    if enc.inverted:
-        positive[mask] = signs
-    else:
-        positive[positions] = signs  # same order as mask's True elements, and faster to scatter
-    return mask, positive
+def decode_positions(enc: EncodedSwitch) -> DecodedSwitch:
+    """Decode to the compact :class:`DecodedSwitch` (compiled, one pass over the streams; ~8 bytes per coded position).
+
+    Every stream length is checked against the header fields, so a truncated or
+    padded payload raises :class:`ArtifactError` instead of decoding garbage.
+    """
+    from tswitch_ray.artifacts import _rice_kernels as rk  # numba compiles on first use, not at import
+
+    unary = _check_streams(enc)
+    positions = np.empty(enc.coded, dtype=np.int64)
+    status = rk.coded_positions(unary, np.frombuffer(enc.rem_bits, dtype=np.uint8), int(enc.k), int(enc.numel),
+                                positions)
+    if status == rk.DECODE_BEYOND:
+        raise _corrupt(enc, "a decoded position is beyond numel")
+    if status != rk.DECODE_OK:  # the length checks above make this unreachable for any payload
+        raise _corrupt(enc, f"unary stream does not hold {enc.coded} terminators")
+    signs = np.frombuffer(enc.sign_bits, dtype=np.uint8)
+    return DecodedSwitch(numel=int(enc.numel), kept=int(enc.kept), inverted=bool(enc.inverted),
+                         positions=positions, signs=signs)
+
+
+def decode_switch(enc: EncodedSwitch) -> tuple[np.ndarray, np.ndarray]:
+    """Decode to flat boolean arrays ``(mask, positive)``; ``positive`` is False outside the mask.
+
+    Checked as :func:`decode_positions`, which does the decoding.
+    """
+    return decode_positions(enc).planes()
