@@ -46,6 +46,7 @@ from tswitch_ray.artifacts import ArtifactWriter
 from tswitch_ray.artifacts.encoding import encode_kept
 from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
+from tswitch_ray.distributed.inprocess import resolved_run
 from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_digest, plan_shards
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ZooError
@@ -375,7 +376,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     ctx = ShardContext(zoo_uri=cfg.zoo, out=cfg.out, run_key=run_key, alphas=tuple(cfg.alphas), scope=cfg.scope,
                        knob_mode=cfg.knob, run=cfg.run)
     timer.start("start-up")
-    executor = make_executor(cfg.run)
+    executor = make_executor(resolved_run(cfg.run, sum(s.nbytes for s in shards) * (len(zoo.task_names) + 1)))
     try:
         totals = _encode_shards(cfg, executor, ctx, zoo, shards, todo, writer, timer)
         timer.start("commit")

@@ -58,7 +58,13 @@ from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.eval.adapters import ModelAdapter
 from tswitch_ray.eval.datasets import EvalDataset
 from tswitch_ray.eval.evaluate import extract_features
-from tswitch_ray.methods.autoswitch import autoswitch_weights, combine_switches, group_by_weights
+from tswitch_ray.methods.autoswitch import (
+    autoswitch_weights,
+    combine_signed,
+    combine_switches,
+    group_by_weights,
+    signed_plane,
+)
 
 Tensor = torch.Tensor
 Switch = tuple[Tensor, Tensor, float]
@@ -90,13 +96,17 @@ def rebuild_state_dict(
             out[name] = base
             continue
         for (mask, _pos, _knob), _ in pairs:
-            if mask.numel() != base.numel():
-                raise ConfigError(
-                    f"auto-switch: the switch of tensor {name!r} has {mask.numel()} elements but the base tensor "
-                    f"has {base.numel()} (shape {tuple(base.shape)}); switches and base come from different models."
-                )
+            _check_numel(name, mask, base)
         out[name] = combine_switches(base, [p[0] for p in pairs], [p[1] for p in pairs])
     return out
+
+
+def _check_numel(name: str, mask: Tensor, base: Tensor) -> None:
+    if mask.numel() != base.numel():
+        raise ConfigError(
+            f"auto-switch: the switch of tensor {name!r} has {mask.numel()} elements but the base tensor "
+            f"has {base.numel()} (shape {tuple(base.shape)}); switches and base come from different models."
+        )
 
 
 # ---------------------------------------------------------------- steps 1-2: feature model and query set
@@ -169,13 +179,55 @@ def extract_query_set(
 # ---------------------------------------------------------------- step 4: rebuilt models
 
 
-class _ModelCache:
-    """Bounded LRU of rebuilt models keyed by the weight vector; counts rebuilds."""
+class SignedSwitches:
+    """Every task's switches as int8 planes Mt⊙St with their knobs, made once per evaluation.
 
-    def __init__(self, adapter: ModelAdapter, base_sd: Mapping[str, Tensor], switches: Sequence[Mapping[str, Switch]], size: int, device: torch.device) -> None:
+    :meth:`state_dict` is then θ0 + Σt wt·λt·Mt⊙St for any weight vector (:func:`combine_signed`, eq. 8)
+    with no mask or sign work per weight vector, the same bits as :func:`rebuild_state_dict`. Planes
+    and θ0 live on ``device`` (one byte per element per task).
+    """
+
+    def __init__(self, base_sd: Mapping[str, Tensor], switches: Sequence[Mapping[str, Switch]],
+                 device: torch.device) -> None:
+        self.n_tasks = len(switches)
+        self.base = {name: base.to(device) for name, base in base_sd.items()}
+        self.planes: dict[str, list[tuple[Tensor, float] | None]] = {}
+        for name, base in base_sd.items():
+            if not torch.is_floating_point(base) or not any(name in sw for sw in switches):
+                continue
+            per: list[tuple[Tensor, float] | None] = []
+            for sw in switches:
+                if name not in sw:
+                    per.append(None)
+                    continue
+                mask, positive, knob = sw[name]
+                _check_numel(name, mask, base)
+                per.append((signed_plane(mask.to(device), positive.to(device)), knob))
+            self.planes[name] = per
+
+    def state_dict(self, weights: Sequence[float] | Tensor) -> dict[str, Tensor]:
+        """θ0 + Σt wt·λt·Mt⊙St for every tensor (eq. 8); tensors no task switches stay θ0."""
+        w = [float(v) for v in (weights.tolist() if isinstance(weights, Tensor) else weights)]
+        if len(w) != self.n_tasks:
+            raise ConfigError(f"auto-switch: {len(w)} weights for {self.n_tasks} task switch sets.")
+        out: dict[str, Tensor] = {}
+        for name, base in self.base.items():
+            pairs = [(p, wt) for p, wt in zip(self.planes.get(name, ()), w) if p is not None and wt != 0.0]
+            out[name] = combine_signed(base, [p for p, _ in pairs], [wt for _, wt in pairs]) if pairs else base
+        return out
+
+
+class _ModelCache:
+    """Bounded LRU of rebuilt models keyed by the weight vector; counts rebuilds.
+
+    A miss writes the weight vector's weights (:class:`SignedSwitches`) into the least recently used
+    model's parameters (``adapter.load``); a new module is built only while the cache is filling.
+    """
+
+    def __init__(self, adapter: ModelAdapter, signed: SignedSwitches, size: int, device: torch.device) -> None:
         if size < 1:
             raise ConfigError(f"auto-switch: cache_size must be >= 1, got {size}.")
-        self.adapter, self.base_sd, self.switches = adapter, base_sd, switches
+        self.adapter, self.signed = adapter, signed
         self.size, self.device = size, device
         self.models: OrderedDict[tuple[float, ...], nn.Module] = OrderedDict()
         self.built = 0
@@ -188,7 +240,7 @@ class _ModelCache:
             self.models.move_to_end(key)
             return model
         t0 = time.perf_counter()
-        sd = rebuild_state_dict(self.base_sd, self.switches, key)
+        sd = self.signed.state_dict(key)
         if len(self.models) >= self.size:
             _, spare = self.models.popitem(last=False)
             model = self.adapter.load(spare, sd)
@@ -393,7 +445,7 @@ def evaluate_autoswitch(
     fmodel, feature_model = build_feature_model(adapter, base_sd, switches, feature_model, feature_state_dict, dev)
     query = extract_query_set(adapter, fmodel, tasks, query_sets, examples_per_task, batch_size=batch_size, device=dev)
     _check_k(k, query, examples_per_task)
-    cache = _ModelCache(adapter, base_sd, switches, cache_size, dev)
+    cache = _ModelCache(adapter, SignedSwitches(base_sd, switches, dev), cache_size, dev)
     scorer = _Scorer(adapter, fmodel, query, cache, dev, k, average_over_batch, batch_size, limit)
     per_task = {t: scorer.score_task(t, tasks.index(t) if t in tasks else -1, eval_sets[t]) for t in scored}
     return {
