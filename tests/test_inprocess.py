@@ -84,7 +84,7 @@ def test_small_build_and_merge_run_in_process_with_the_same_bytes(tmp_path):
     ref = _cli_child("merge", "--zoo", zoo, "--method", "task_arithmetic", "--out", tmp_path / "m-local" / "m",
                      "--executor", "local")
     assert ref["code"] == 0
-    assert _files(tmp_path / "m-auto" / "m") == _files(tmp_path / "m-local")
+    assert _files(tmp_path / "m-auto") == _files(tmp_path / "m-local")
 
 
 def test_in_process_errors_are_the_local_executors(tmp_path):

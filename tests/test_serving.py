@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tswitch_ray.artifacts.encoding import decode_positions, decode_switch, encode_switch
+from tswitch_ray.artifacts.encoding import decode_positions, decode_switch, encode_switch, torch_positions
 from tswitch_ray.errors import ConfigError
 from tswitch_ray.reconstruct import reconstruct_task
 from tswitch_ray.serving import SwitchServer
@@ -49,6 +49,8 @@ def test_compiled_decode_equals_numpy_reference(keep):
     want = _numpy_reference_decode(enc)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
     assert np.array_equal(got[0], mask)
+    # the vectorised torch decoder (the CUDA path), run here on the CPU
+    assert np.array_equal(torch_positions(enc, torch.device("cpu")).numpy(), decode_positions(enc).positions())
 
 
 def _theta(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
@@ -71,12 +73,13 @@ def test_one_pass_reconstruct_is_the_tensor_path_bit_for_bit(dtype, keep):
     mask[: len(SPECIAL)] = True  # NaN, ±inf, ±0 and subnormals are kept and summed
     positive = rng.random(n) < 0.5
     dec = decode_positions(encode_switch(mask, positive))
+    dec = type(dec)(dec.enc, block=997)  # several blocks per tensor, one ending mid-run
     lam = 0.01234567891
     want = reconstruct(theta, torch.from_numpy(mask), torch.from_numpy(positive & mask), lam)
-    got = reconstruct_into(theta, dec.positions, dec.signs, dec.kept, dec.inverted, lam)
+    got = reconstruct_into(theta, dec, lam)
     assert got.dtype == dtype and torch.equal(_bits(got), _bits(want))
     inplace = theta.clone()
-    reconstruct_into(inplace, dec.positions, dec.signs, dec.kept, dec.inverted, lam, out=inplace)
+    reconstruct_into(inplace, dec, lam, out=inplace)
     assert torch.equal(_bits(inplace), _bits(want))
 
 
@@ -140,3 +143,14 @@ def test_server_reads_each_task_once_and_names_bad_modules(built):
         server.apply(TASKS[0])  # three α were built: name one
     with pytest.raises(ConfigError, match="no entry"):
         server.switch_to(nn.Linear(2, 2), TASKS[0], 0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_server_on_cuda_gives_the_cpu_bytes(built):
+    zoo, out, _, _ = built
+    cpu = SwitchServer(str(out), str(zoo), device="cpu").apply(TASKS[1], 0.5)
+    gpu = SwitchServer(str(out), str(zoo), device="cuda").apply(TASKS[1], 0.5)
+    for name, want in cpu.items():
+        have = gpu[name].cpu()
+        assert torch.equal(_bits(have) if want.is_floating_point() else have,
+                           _bits(want) if want.is_floating_point() else want), name

@@ -52,14 +52,13 @@ def read_task_switches(reader: ArtifactReader, task: str, alpha: float) -> dict[
 
 def apply_switch(theta_0: torch.Tensor, sw: StoredSwitch, out: torch.Tensor | None = None) -> torch.Tensor:
     """θ0 + λ·M⊙S of one tensor (paper 000 eq. 7) from its stored switch, into ``out`` if given."""
-    try:
-        dec = decode_positions(sw.enc)
-    except ArtifactError as exc:
-        raise ArtifactError(f"{sw.where}: {exc}") from exc
     if tuple(theta_0.shape) != sw.shape:
         raise ArtifactError(f"{sw.where}: the switch has shape {sw.shape} but the base tensor has "
                             f"{tuple(theta_0.shape)}; the artifacts were built for another base model.")
-    return reconstruct_into(theta_0, dec.positions, dec.signs, dec.kept, dec.inverted, sw.knob, out=out)
+    try:  # the payload is checked, then decoded block by block while it is applied
+        return reconstruct_into(theta_0, decode_positions(sw.enc), sw.knob, out=out)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{sw.where}: {exc}") from exc
 
 
 def reconstructed(base: Iterator[tuple[str, torch.Tensor]], switches: Mapping[str, StoredSwitch],

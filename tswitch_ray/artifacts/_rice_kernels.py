@@ -112,70 +112,74 @@ DECODE_MANY = 4  # more than ``n`` terminators
 _HIGH_BIT = np.array([0] + [int(b).bit_length() - 1 for b in range(1, 256)], dtype=np.int64)
 
 
+# Slots of the decoder state that :func:`coded_positions` resumes from (an int64 array of STATE_SIZE).
+_BYTE, _USED, _Q, _ACC, _HAVE, _REM, _LAST, _DONE = range(8)
+STATE_SIZE = 8
+
+
 @_jit
-def coded_positions(unary, rem, k, numel, out):  # pragma: no cover - compiled
-    """Decode the ascending coded positions of a rice-v1 switch into ``out`` (int64, one per coded position).
+def coded_positions(unary, rem, k, numel, n, state, out):  # pragma: no cover - compiled
+    """Decode the next ``out.size`` (at most) of the ``n`` ascending coded positions of a rice-v1 switch.
 
     Inverse of :func:`write_unary` and :func:`write_remainders`: the gap
     quotient is the count of 0 bits before each 1 of the unary stream, the
-    remainder the next k bits of the remainder stream. Returns a status code
-    (``DECODE_*``). The caller checks the stream lengths first (the remainder
-    stream must hold ``n·k`` bits): nothing here reads past either stream.
+    remainder the next k bits of the remainder stream. Resumes from ``state``
+    (zeros to start) and leaves it for the next call, so a tensor's positions
+    are decoded in blocks that stay in cache. Returns the count written, or
+    ``-DECODE_*`` on a corrupt stream. The caller checks the stream lengths
+    first (the remainder stream must hold ``n·k`` bits): nothing here reads
+    past either stream.
     """
-    n = out.size
+    byte_i, used, q, acc = state[_BYTE], state[_USED], state[_Q], state[_ACC]
+    have, r_i, last, i = state[_HAVE], state[_REM], state[_LAST], state[_DONE]
     nbytes = unary.size
-    last = -1
-    q = 0
-    i = 0  # codes decoded
-    byte_i = 0
     mask = (np.int64(1) << k) - 1 if k <= _FAST_K else np.int64(0)
-    acc = np.int64(0)
-    have = 0  # bits pending in acc
-    r_i = 0
-    while i < n:
+    c = 0
+    while i < n and c < out.size:
         if byte_i >= nbytes:
-            return DECODE_FEW_TERMINATORS
-        b = np.int64(unary[byte_i])
+            return -DECODE_FEW_TERMINATORS
+        b = np.int64(unary[byte_i]) & ((np.int64(1) << (8 - used)) - 1)  # the byte's unspent bits
         if b == 0:
-            q += 8
+            q += 8 - used
             byte_i += 1
+            used = 0
             continue
-        # Consume the terminators of this byte, MSB first; `used` bits of it are spent.
-        used = 0
-        while b != 0 and i < n:
-            high = _HIGH_BIT[b]  # the next terminator; b holds only the byte's unspent bits
-            q += 7 - used - high
-            used = 8 - high
-            b &= (np.int64(1) << high) - 1
-            if k == 0:
-                g = q
-            elif k <= _FAST_K:
-                while have < k:
-                    acc = (acc << 8) | np.int64(rem[r_i])
-                    r_i += 1
-                    have += 8
-                have -= k
-                g = (q << k) | ((acc >> have) & mask)
-                acc &= (np.int64(1) << have) - 1
-            else:
-                g = q
-                for _ in range(k):
-                    bit = (np.int64(rem[r_i >> 3]) >> (7 - (r_i & 7))) & 1
-                    r_i += 1
-                    g = (g << 1) | bit
-            last = last + g + 1
-            if last >= numel:
-                return DECODE_BEYOND
-            out[i] = last
-            i += 1
-            q = 0
-        q += 8 - used
-        byte_i += 1
-        if i == n and b != 0:
-            return DECODE_MANY
-    if byte_i < nbytes:
-        return DECODE_TRAILING
-    return DECODE_OK
+        high = _HIGH_BIT[b]  # the next terminator
+        q += 7 - used - high
+        used = 8 - high
+        if k == 0:
+            g = q
+        elif k <= _FAST_K:
+            while have < k:
+                acc = (acc << 8) | np.int64(rem[r_i])
+                r_i += 1
+                have += 8
+            have -= k
+            g = (q << k) | ((acc >> have) & mask)
+            acc &= (np.int64(1) << have) - 1
+        else:
+            g = q
+            for _ in range(k):
+                g = (g << 1) | ((np.int64(rem[r_i >> 3]) >> (7 - (r_i & 7))) & 1)
+                r_i += 1
+        last += g + 1
+        if last >= numel:
+            return -DECODE_BEYOND
+        out[c] = last
+        c += 1
+        i += 1
+        q = 0
+        if used == 8:
+            byte_i += 1
+            used = 0
+    if i == n:
+        if used and (np.int64(unary[byte_i]) & ((np.int64(1) << (8 - used)) - 1)) != 0:
+            return -DECODE_MANY
+        if byte_i + (1 if used else 0) < nbytes:
+            return -DECODE_TRAILING
+    state[_BYTE], state[_USED], state[_Q], state[_ACC] = byte_i, used, q, acc
+    state[_HAVE], state[_REM], state[_LAST], state[_DONE] = have, r_i, last, i
+    return c
 
 
 @_jit

@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from tswitch_ray.errors import ArtifactError
 
@@ -254,21 +255,74 @@ def _corrupt(enc: EncodedSwitch, cause: str) -> ArtifactError:
     )
 
 
-@dataclass(frozen=True)
-class DecodedSwitch:
-    """A switch decoded to its compact form: the ascending coded positions and the packed sign stream.
+# Positions decoded per block: 512 KiB of int64, in cache while the block is applied.
+POSITION_BLOCK = 1 << 16
 
-    ``positions`` (int64) are the kept elements' flat indices, or the dropped
-    ones' when ``inverted``; ``signs`` (uint8, MSB first) holds one bit per
-    kept element in ascending order (1 = positive). Eq. 7 is applied from this
-    form without a full-size mask (:func:`tswitch_ray.switch.reconstruct.reconstruct_into`).
+
+@dataclass(frozen=True)
+class SwitchPositions:
+    """A checked switch, decoded on demand to its ascending coded positions and its packed sign stream.
+
+    The coded positions are the kept elements' flat indices, or the dropped
+    ones' when ``inverted``; :attr:`signs` (uint8, MSB first) holds one bit
+    per kept element in ascending order (1 = positive). :meth:`blocks` decodes
+    them a block at a time (compiled), so eq. 7 is applied without a full-size
+    mask or position array (:func:`tswitch_ray.switch.reconstruct.reconstruct_into`).
     """
 
-    numel: int
-    kept: int
-    inverted: bool
-    positions: np.ndarray
-    signs: np.ndarray
+    enc: EncodedSwitch
+    block: int = POSITION_BLOCK
+
+    @property
+    def numel(self) -> int:
+        return int(self.enc.numel)
+
+    @property
+    def kept(self) -> int:
+        return int(self.enc.kept)
+
+    @property
+    def inverted(self) -> bool:
+        return bool(self.enc.inverted)
+
+    @property
+    def signs(self) -> np.ndarray:
+        return np.frombuffer(self.enc.sign_bits, dtype=np.uint8)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The coded positions (int64) in ascending blocks; each block is valid until the next is drawn."""
+        from tswitch_ray.artifacts import _rice_kernels as rk  # numba compiles on first use, not at import
+
+        enc, n = self.enc, self.enc.coded
+        unary, rem = np.frombuffer(enc.mask_bits, dtype=np.uint8), np.frombuffer(enc.rem_bits, dtype=np.uint8)
+        state = np.zeros(rk.STATE_SIZE, dtype=np.int64)
+        state[rk._LAST] = -1
+        buf = np.empty(min(self.block, max(n, 1)), dtype=np.int64)
+        done = 0
+        while done < n:
+            got = rk.coded_positions(unary, rem, int(enc.k), int(enc.numel), n, state, buf)
+            if got == -rk.DECODE_BEYOND:
+                raise _corrupt(enc, "a decoded position is beyond numel")
+            if got <= 0:  # the checks of decode_positions make this unreachable for any payload
+                raise _corrupt(enc, f"unary stream does not hold {n} terminators")
+            done += got
+            yield buf[:got]
+
+    def positions(self) -> np.ndarray:
+        """All coded positions, ascending (8 bytes each)."""
+        out = np.empty(self.enc.coded, dtype=np.int64)
+        at = 0
+        for b in self.blocks():
+            out[at:at + b.size] = b
+            at += b.size
+        return out
+
+    def positions_on(self, device: torch.device) -> torch.Tensor:
+        """All coded positions as an int64 tensor on ``device``: compiled on the CPU, elsewhere
+        :func:`torch_positions` on the device (only the encoded streams cross to it)."""
+        if device.type == "cpu":
+            return torch.from_numpy(self.positions())
+        return torch_positions(self.enc, device)
 
     def planes(self) -> tuple[np.ndarray, np.ndarray]:
         """Flat boolean ``(mask, positive)``; ``positive`` is False outside the mask."""
@@ -276,8 +330,33 @@ class DecodedSwitch:
 
         mask = np.zeros(self.numel, dtype=bool)
         positive = np.zeros(self.numel, dtype=bool)
-        rk.scatter_switch(self.positions, self.signs, self.inverted, mask, positive)
+        rk.scatter_switch(self.positions(), self.signs, self.inverted, mask, positive)
         return mask, positive
+
+
+def torch_positions(enc: EncodedSwitch, device: torch.device) -> torch.Tensor:
+    """The coded positions of a checked ``enc`` (see :func:`decode_positions`), decoded on ``device`` by
+    vectorised torch ops: terminators are ``nonzero`` of the unpacked unary bits, remainders a reshape of
+    the unpacked remainder bits, positions a cumulative sum of the gaps. For CUDA, where it runs in parallel."""
+    n, k = enc.coded, int(enc.k)
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
+
+    def bits(stream: bytes) -> torch.Tensor:
+        raw = torch.frombuffer(bytearray(stream), dtype=torch.uint8).to(device)
+        return ((raw.unsqueeze(1) >> shifts) & 1).reshape(-1)
+
+    term = torch.nonzero(bits(enc.mask_bits)).reshape(-1)
+    gaps = torch.diff(term, prepend=term.new_tensor([-1])) - 1
+    if k:
+        weights = torch.tensor([1 << b for b in range(k - 1, -1, -1)], dtype=torch.int64, device=device)
+        rem = bits(enc.rem_bits)[: n * k].reshape(n, k).to(torch.int64)
+        gaps = (gaps << k) | (rem * weights).sum(dim=1)
+    pos = torch.cumsum(gaps + 1, dim=0) - 1
+    if int(pos[-1]) >= enc.numel:
+        raise _corrupt(enc, "a decoded position is beyond numel")
+    return pos
 
 
 def _check_streams(enc: EncodedSwitch) -> np.ndarray:
@@ -303,25 +382,15 @@ def _check_streams(enc: EncodedSwitch) -> np.ndarray:
     return unary
 
 
-def decode_positions(enc: EncodedSwitch) -> DecodedSwitch:
-    """Decode to the compact :class:`DecodedSwitch` (compiled, one pass over the streams; ~8 bytes per coded position).
+def decode_positions(enc: EncodedSwitch) -> SwitchPositions:
+    """The checked :class:`SwitchPositions` of ``enc``, decoded on demand (compiled, in cache-sized blocks).
 
-    Every stream length is checked against the header fields, so a truncated or
-    padded payload raises :class:`ArtifactError` instead of decoding garbage.
+    Every stream length is checked against the header fields here, so a
+    truncated or padded payload raises :class:`ArtifactError` instead of
+    decoding garbage.
     """
-    from tswitch_ray.artifacts import _rice_kernels as rk  # numba compiles on first use, not at import
-
-    unary = _check_streams(enc)
-    positions = np.empty(enc.coded, dtype=np.int64)
-    status = rk.coded_positions(unary, np.frombuffer(enc.rem_bits, dtype=np.uint8), int(enc.k), int(enc.numel),
-                                positions)
-    if status == rk.DECODE_BEYOND:
-        raise _corrupt(enc, "a decoded position is beyond numel")
-    if status != rk.DECODE_OK:  # the length checks above make this unreachable for any payload
-        raise _corrupt(enc, f"unary stream does not hold {enc.coded} terminators")
-    signs = np.frombuffer(enc.sign_bits, dtype=np.uint8)
-    return DecodedSwitch(numel=int(enc.numel), kept=int(enc.kept), inverted=bool(enc.inverted),
-                         positions=positions, signs=signs)
+    _check_streams(enc)
+    return SwitchPositions(enc)
 
 
 def decode_switch(enc: EncodedSwitch) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 import numpy as np
 import torch
 
@@ -54,40 +57,70 @@ def _kernel_view(t: torch.Tensor) -> np.ndarray | None:
     return flat.numpy() if t.dtype == torch.float32 else flat.view(torch.int16).numpy().view(np.uint16)
 
 
-def _planes_on(device: torch.device, numel: int, positions: np.ndarray, signs: np.ndarray, kept: int,
-               inverted: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat (mask, positive) built on ``device`` from the coded positions: only those and the signs travel."""
-    pos = torch.from_numpy(positions).to(device)
-    mask = torch.zeros(numel, dtype=torch.bool, device=device)
+class SwitchPositions(Protocol):
+    """A switch's compact form, as the codec decodes it (:class:`tswitch_ray.artifacts.encoding.SwitchPositions`)."""
+
+    numel: int
+    kept: int
+    inverted: bool
+    signs: np.ndarray  # packed sign bits of the kept elements, MSB first, 1 = positive
+
+    def blocks(self) -> Iterator[np.ndarray]: ...  # ascending coded positions (kept, or dropped if inverted)
+
+    def positions_on(self, device: torch.device) -> torch.Tensor: ...  # all of them, as a tensor on device
+
+
+def _planes_on(device: torch.device, sw: SwitchPositions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (mask, positive) built on ``device`` from the coded positions (decoded there off the CPU)."""
+    pos = sw.positions_on(device)
+    mask = torch.zeros(sw.numel, dtype=torch.bool, device=device)
     mask[pos] = True
-    if inverted:
+    if sw.inverted:
         mask = ~mask
-    bits = torch.from_numpy(np.unpackbits(signs, count=kept).view(bool)).to(device)
-    positive = torch.zeros(numel, dtype=torch.bool, device=device)
-    positive[torch.nonzero(mask).flatten() if inverted else pos] = bits
+    bits = torch.from_numpy(np.unpackbits(sw.signs, count=sw.kept).view(bool)).to(device)
+    positive = torch.zeros(sw.numel, dtype=torch.bool, device=device)
+    positive[torch.nonzero(mask).flatten() if sw.inverted else pos] = bits
     return mask, positive
 
 
-def reconstruct_into(theta_0: torch.Tensor, positions: np.ndarray, signs: np.ndarray, kept: int, inverted: bool,
-                     knob: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def _apply_compiled(src: np.ndarray, dst: np.ndarray, sw: SwitchPositions, knob: float, bf16: bool) -> int:
+    """One pass of the compiled kernels over the position blocks; returns the NaN sums (bf16 only, else 0)."""
+    from tswitch_ray.switch import _apply_kernels as ak  # numba compiles on first use, not at import
+
+    lam, signs, nans = np.float32(knob), sw.signs, 0
+    if not sw.inverted:
+        if dst is not src:
+            np.copyto(dst, src)  # θ0 everywhere, then the kept elements
+        kernel, j = (ak.kept_bf16 if bf16 else ak.kept_f32), 0
+        for block in sw.blocks():
+            nans += kernel(src, block, j, signs, lam, dst) or 0
+            j += block.size
+        return nans
+    between = ak.between_bf16 if bf16 else ak.between_f32
+    prev, j = -1, 0
+    for block in sw.blocks():
+        res = between(src, block, prev, j, signs, lam, dst, 0)
+        prev, j, nans = res[0], res[1], nans + (res[2] if bf16 else 0)
+    res = between(src, np.empty(0, np.int64), prev, j, signs, lam, dst, sw.numel)  # the kept run after the last
+    return nans + (res[2] if bf16 else 0)
+
+
+def reconstruct_into(theta_0: torch.Tensor, sw: SwitchPositions, knob: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`reconstruct` (θt ≈ θ0 + λ·Mt⊙St, paper 000 eq. 7) from a switch's compact form, the same bytes.
 
     docs/MATH.md "Reconstruction" (paper 000 eq. 7).
 
-    ``positions`` are the ascending flat indices of the kept elements (of the
-    dropped ones when ``inverted``), ``signs`` the packed sign bits of the
-    kept elements (MSB first, 1 = positive), as the switch codec decodes them.
-    Written into ``out`` (θ0's shape and dtype; may be ``theta_0`` itself),
-    else into a new tensor. A contiguous fp32 tensor on the CPU, or bf16 into
-    a separate ``out``, takes one compiled pass; any other dtype or device
+    Written into ``out`` (θ0's shape, dtype and device; may be ``theta_0``
+    itself), else into a new tensor. A contiguous fp32 or bf16 tensor on the
+    CPU takes the compiled kernels (θ0 copied, then the kept elements summed;
+    for inverted switches one interleaved pass); any other dtype or device
     builds the boolean planes there and takes :func:`reconstruct`.
     """
-    numel = theta_0.numel()
-    if positions.size > numel or (positions.size and int(positions[-1]) >= numel) or kept > numel:
+    if sw.numel != theta_0.numel():
         raise ArtifactError(
-            f"switch with {positions.size} coded positions up to {int(positions[-1]) if positions.size else -1} "
-            f"does not fit the base tensor of shape {tuple(theta_0.shape)}; the artifacts were built for another "
-            "base model."
+            f"switch of {sw.numel} elements does not fit the base tensor of shape {tuple(theta_0.shape)}; "
+            "the artifacts were built for another base model."
         )
     if out is None:
         out = torch.empty_like(theta_0, memory_format=torch.contiguous_format)
@@ -95,16 +128,14 @@ def reconstruct_into(theta_0: torch.Tensor, positions: np.ndarray, signs: np.nda
         raise ValueError(f"out must have θ0's shape, dtype and device {tuple(theta_0.shape)}, {theta_0.dtype}, "
                          f"{theta_0.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}")
     src, dst = _kernel_view(theta_0), _kernel_view(out)
-    if src is not None and dst is not None:
-        from tswitch_ray.switch import _apply_kernels as ak  # numba compiles on first use, not at import
-
-        if theta_0.dtype == torch.float32:
-            ak.apply_f32(src, positions, signs, bool(inverted), np.float32(knob), dst)
+    in_place = out.data_ptr() == theta_0.data_ptr()
+    if src is not None and dst is not None and not (in_place and theta_0.dtype == torch.bfloat16):
+        if in_place:
+            dst = src
+        # bf16 in place is excluded above: a NaN redo needs θ0 intact.
+        if not _apply_compiled(src, dst, sw, knob, theta_0.dtype == torch.bfloat16):
             return out
-        if out.data_ptr() != theta_0.data_ptr() and not ak.apply_bf16(src, positions, signs, bool(inverted),
-                                                                       np.float32(knob), dst):
-            return out  # in place, a NaN redo would have lost θ0: bf16 in place takes the tensor path
-    mask, positive = _planes_on(theta_0.device, numel, positions, signs, kept, inverted)
+    mask, positive = _planes_on(theta_0.device, sw)
     with torch.no_grad():
         out.copy_(reconstruct(theta_0, mask.reshape(theta_0.shape), positive.reshape(theta_0.shape), knob))
     return out
