@@ -15,12 +15,12 @@ the same bytes as ``tswitch reconstruct`` writes.
 
     server = SwitchServer("switches/", device="cpu")
     model.load_state_dict(server.apply("cars"))   # or, in place:
-    server.switch_to(model, "cars")
+    server.switch_to(model, "cars")               # rename= maps zoo names to the module's
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,29 +131,37 @@ class SwitchServer:
         sw = self.switches(task, alpha)
         return dict(reconstructed(iter(self.base.items()), sw, self._switched, self._missing(task, alpha)))
 
-    def switch_to(self, module: nn.Module, task: str | None, alpha: float | None = None, prefix: str = "") -> None:
+    def switch_to(self, module: nn.Module, task: str | None, alpha: float | None = None,
+                  rename: Callable[[str], str | None] | None = None) -> None:
         """Write ``task``'s weights (θ0 when ``task`` is None) into ``module``'s parameters and buffers in place.
 
-        Each base tensor ``name`` goes to the module entry ``prefix + name``; every one must exist, with
-        the base tensor's shape. Entries of another dtype or device are converted on the copy.
+        Each base tensor ``name`` goes to the module entry ``rename(name)`` (default: ``name``; None skips the
+        tensor); every entry named must exist, with the base tensor's shape. Entries of another dtype or
+        device are converted on the copy.
         """
         targets = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        lacking = [n for n in self.base if prefix + n not in targets]
+        pairs = [(name, (rename or str)(name)) for name in self.base]
+        pairs = [(name, entry) for name, entry in pairs if entry is not None]
+        lacking = [entry for _, entry in pairs if entry not in targets]
         if lacking:
-            raise ConfigError(f"switch_to: the module has no entry {prefix + lacking[0]!r} (and {len(lacking) - 1} "
-                              "more) for the base tensors; pass the prefix that maps base names to module names.")
+            raise ConfigError(f"switch_to: the module has no entry {lacking[0]!r} (and {len(lacking) - 1} more) for "
+                              "the base tensors; pass a rename that maps base names to the module's names.")
         sw = self.switches(task, alpha) if task is not None else {}
         with torch.no_grad():
-            for name, theta_0 in self.base.items():
-                dst = targets[prefix + name]
-                if dst.shape != theta_0.shape:
-                    raise ConfigError(f"switch_to: module entry {prefix + name!r} has shape {tuple(dst.shape)}, "
-                                      f"the base tensor {tuple(theta_0.shape)}.")
-                if task is None or name not in self._switched:
-                    dst.copy_(theta_0)
-                elif name not in sw:
-                    raise ArtifactError(self._missing(task, alpha).format(name=name))
-                elif dst.dtype == theta_0.dtype and dst.device == theta_0.device and dst.is_contiguous():
-                    apply_switch(theta_0, sw[name], out=dst)
-                else:
-                    dst.copy_(apply_switch(theta_0, sw[name]))
+            for name, entry in pairs:
+                self._write(targets[entry], name, entry, task, alpha, sw)
+
+    def _write(self, dst: torch.Tensor, name: str, entry: str, task: str | None, alpha: float | None,
+               sw: Mapping[str, StoredSwitch]) -> None:
+        theta_0 = self.base[name]
+        if dst.shape != theta_0.shape:
+            raise ConfigError(f"switch_to: module entry {entry!r} has shape {tuple(dst.shape)}, "
+                              f"the base tensor {name!r} {tuple(theta_0.shape)}.")
+        if task is None or name not in self._switched:
+            dst.copy_(theta_0)
+        elif name not in sw:
+            raise ArtifactError(self._missing(task, alpha).format(name=name))
+        elif dst.dtype == theta_0.dtype and dst.device == theta_0.device and dst.is_contiguous():
+            apply_switch(theta_0, sw[name], out=dst)
+        else:
+            dst.copy_(apply_switch(theta_0, sw[name]))
