@@ -19,15 +19,20 @@ rationale and the entropy bound in docs/MATH.md "Storage and the switch codec"):
 * Each stream is packed MSB-first into bytes (``np.packbits``) and padded with
   0 bits to a whole byte.
 
-Keeping the three streams apart is what makes decoding vectorised: the unary
-terminators are ``np.flatnonzero`` of the unpacked unary stream, and the
-remainders are a reshape of the unpacked remainder stream. For i.i.d. masks
+Keeping the three streams apart keeps decoding simple: a compiled loop reads
+each terminator (a table lookup per byte) and its remainder with one
+accumulator, in cache-sized blocks (:func:`decode_positions`); on a device the
+same is vectorised torch (:func:`torch_positions`: the terminators are
+``nonzero`` of the unpacked unary stream, the remainders a reshape of the
+unpacked remainder stream). For i.i.d. masks
 the gaps are geometric, for which a Rice code with the best ``k`` is within a
 few percent of the entropy (Gallager & van Voorhis 1975); ``k`` is chosen by
 exact cost on the actual gaps, so non-i.i.d. masks get the best Rice code too.
 
-Memory: encoding and decoding hold O(numel) bytes of temporaries (one byte per
-unary bit, 8-17 bytes per coded position); tensors are encoded one at a time.
+Memory: encoding holds O(numel) bytes of temporaries (8-17 bytes per coded
+position); decoding on the CPU holds one block of positions (512 KiB), on a
+device one byte per unary bit and 8 per coded position; tensors are encoded
+one at a time.
 """
 
 from __future__ import annotations
