@@ -41,16 +41,15 @@ def make_zoo(folder: str) -> str:
     return f"{folder}/zoo.yaml"
 
 
-def build_once(zoo: str, out: str, extra: list[str]) -> tuple[float, str]:
+def build_once(zoo: str, out: str, extra: list[str]) -> tuple[float | None, str]:
+    """Wall seconds of one CLI build and its output; None when the build failed (the output says why)."""
     shutil.rmtree(out, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tswitch_ray.cli", "build", "--zoo", zoo, "--out", out,
                            "--alpha", "0.6", *extra], capture_output=True, text=True, env=env, check=False)
     seconds = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"build failed:\n{proc.stdout}\n{proc.stderr}")
-    return seconds, proc.stdout + proc.stderr
+    return (None if proc.returncode else seconds), proc.stdout + proc.stderr
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,13 +63,18 @@ def main(argv: list[str] | None = None) -> None:
                     if f.endswith(".safetensors"))
     load_start = os.getloadavg()
     times: dict[str, list[float]] = {"in-process (default)": [], "--executor ray": []}
+    failed: dict[str, list[str]] = {k: [] for k in times}
     said = ""
     for _ in range(args.repeats):
-        s, out = build_once(zoo, f"{args.work}/sw-auto", [])
-        times["in-process (default)"].append(s)
-        said = next((line for line in out.splitlines() if "small job" in line), said)
-        times["--executor ray"].append(build_once(zoo, f"{args.work}/sw-ray", ["--executor", "ray"])[0])
-    med = {k: statistics.median(v) for k, v in times.items()}
+        for label, out_dir, extra in (("in-process (default)", "sw-auto", []),
+                                      ("--executor ray", "sw-ray", ["--executor", "ray"])):
+            s, out = build_once(zoo, f"{args.work}/{out_dir}", extra)
+            said = next((line for line in out.splitlines() if "small job" in line), said)
+            if s is None:
+                failed[label].append(out.strip().splitlines()[-1] if out.strip() else "no output")
+            else:
+                times[label].append(s)
+    med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
     lines = [
         "# Small jobs: `tswitch build` on a 0.6 MB zoo, in-process vs Ray",
         "",
@@ -85,9 +89,10 @@ def main(argv: list[str] | None = None) -> None:
          f"{zoo_bytes / 1e6:.2f} MB (θ0 + 3 tasks, fp32). Wall time of the whole CLI process (start-up and imports "
          f"included), runs alternating, median of {args.repeats}."),
         "",
-        "| run | median s | all runs (s) |",
-        "|---|---|---|",
-        *[f"| {k} | {med[k]:.1f} | {', '.join(f'{v:.1f}' for v in vs)} |" for k, vs in times.items()],
+        "| run | median s | all runs (s) | failed runs |",
+        "|---|---|---|---|",
+        *[f"| {k} | {med[k]:.1f} | {', '.join(f'{v:.1f}' for v in vs)} | {len(failed[k])} "
+          f"{'(' + failed[k][0][:120] + ')' if failed[k] else ''} |" for k, vs in times.items()],
         "",
         f"In-process / Ray: **{med['in-process (default)'] / med['--executor ray']:.2f} ×**. The CLI said: `{said}`",
         "",

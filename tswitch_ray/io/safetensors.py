@@ -624,7 +624,7 @@ class SafetensorsStreamWriter:
             )
         t = t.cpu().contiguous().reshape(-1)
         if t.numel():
-            self._emit(t.view(torch.uint8).numpy().tobytes())
+            self._emit(memoryview(t.view(torch.uint8).numpy()))  # no copy: written straight from the tensor
         self._next += 1
 
     def close(self) -> str:
