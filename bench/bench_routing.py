@@ -49,6 +49,60 @@ def build_switches(base, task_sds, alpha=0.6):
     return out
 
 
+class DenseRebuild:
+    """Before (until the int8 planes and window grouping): every weight vector's weights rebuilt from the
+    boolean masks, θ0 + Σ wt·λt·where(M, ±1, 0) per task and tensor (:func:`_combine_from_masks`)."""
+
+    def __init__(self, base_sd, switches, device):
+        self.base_sd, self.switches = base_sd, switches
+
+    def state_dict(self, weights):
+        w = [float(v) for v in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+        out = {}
+        for name, base in self.base_sd.items():
+            pairs = [(sw[name], wt) for sw, wt in zip(self.switches, w) if name in sw and wt != 0.0]
+            out[name] = _combine_from_masks(base, pairs) if pairs and base.is_floating_point() else base
+        return out
+
+
+def _combine_from_masks(base, pairs):
+    acc = base.to(torch.float32)
+    for (mask, positive, knob), wt in pairs:
+        signed = torch.where(positive, 1.0, -1.0)
+        acc = acc + (wt * float(knob)) * torch.where(mask, signed, 0.0).reshape(acc.shape)
+    return acc.to(base.dtype)
+
+
+def compare_autoswitch(args, adapter, base, switches, tasks, eval_sets, unl):
+    """Auto-Switch k = 10, m = 100 before and after (dense rebuild + per-batch groups vs int8 planes +
+    window groups), side by side in this process; returns the Markdown rows."""
+    from tswitch_ray.eval import autoswitch_eval
+
+    runs = {}
+    for label in ("before", "after"):
+        print(f"auto-switch k=10 m=100 {label}...", file=sys.stderr, flush=True)
+        kw = {}
+        if label == "before":
+            autoswitch_eval.SignedSwitches, saved = DenseRebuild, autoswitch_eval.SignedSwitches
+            kw["group_window"] = args.batch_size  # groups formed inside each batch
+        try:
+            runs[label] = evaluate_autoswitch(adapter, base, switches, tasks, eval_sets, unl, examples_per_task=100,
+                                              k=10, limit=args.limit, device="cpu", batch_size=args.batch_size, **kw)
+        finally:
+            if label == "before":
+                autoswitch_eval.SignedSwitches = saved
+    same = all(runs["before"]["per_task"][t]["accuracy"] == runs["after"]["per_task"][t]["accuracy"] for t in tasks)
+    rows = []
+    for label, res in runs.items():
+        groups = sum(r["groups"] for r in res["per_task"].values())
+        note = (f"throughput ratio **{res['throughput_ratio']:.3f}**, {groups} weight groups, {res['models_built']} rebuilds "
+                f"({res['rebuild_seconds']:.1f} s), {res['seconds']:.0f} s")
+        rows.append(avg_row(f"Auto-Switch k = 10, m = 100, {label}", res, tasks, note))
+    rows.append(f"\nSame accuracy on every task before and after: **{same}**; throughput ratio after / before: "
+                f"**{runs['after']['throughput_ratio'] / runs['before']['throughput_ratio']:.2f} ×**.")
+    return rows, runs
+
+
 def avg_row(name, res, tasks, extra=""):
     cells = " | ".join(f"{100 * res['per_task'][t]['accuracy']:.1f}" for t in tasks)
     return f"| {name} | {cells} | **{100 * res['average']:.2f}** | {extra} |"
@@ -64,9 +118,13 @@ def main(argv=None):
     ap.add_argument("--tta-steps", type=int, default=200)
     ap.add_argument("--lrs", default="1e-4,1e-3", help="TTA learning rates to try for WEMoE / E-WEMoE")
     ap.add_argument("--json", default=None, help="also dump raw results here")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--compare-only", action="store_true",
+                    help="only Auto-Switch k = 10, m = 100 before / after, side by side (with the references)")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     t_all = time.perf_counter()
+    load_start = os.getloadavg()
 
     demo = load_demo(args.zoo)
     adapter, tasks = demo.adapter, demo.tasks
@@ -103,7 +161,9 @@ def main(argv=None):
             f"{torch.get_num_threads()} threads, CPU only, shared with other jobs (timings are indicative). "
             f"Zoo: `{args.zoo}` ({len(tasks)} tasks, recipe {demo.info.get('recipe_hash', demo.info.get('recipe', '?'))}). "
             f"Eval rows per task: {args.limit or 'all'}. Query / TTA sets: `data/<task>/train.parquet` (unlabeled use). "
-            + (f"Whole run: {total:.0f} s." if final else f"PARTIAL: {total:.0f} s so far, run still going."),
+            + (f"Whole run: {total:.0f} s." if final else f"PARTIAL: {total:.0f} s so far, run still going.")
+            + f" Load average (1/5/15 min) at the start {' / '.join(f'{v:.1f}' for v in load_start)}, now "
+            + f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())}.",
             "",
             "## References",
             "",
@@ -149,6 +209,12 @@ def main(argv=None):
     raw["tswitch_oracle"] = ts
     rows.append(avg_row("T-Switch α = 0.6, oracle task", ts, tasks))
     write()
+    compare_rows, raw["compare"] = compare_autoswitch(args, adapter, base, switches, tasks, eval_sets, unl)
+    auto_rows.extend(compare_rows)
+    write()
+    if args.compare_only:
+        print(write(final=True))
+        return
 
     ks = [int(v) for v in args.ks.split(",")]
     ms = [int(v) for v in args.ms.split(",")]

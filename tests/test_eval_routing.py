@@ -113,10 +113,42 @@ def test_autoswitch_rebuilds_at_most_distinct_weight_vectors(zoo):
         assert small["per_task"][t]["accuracy"] == res["per_task"][t]["accuracy"]
     # averaging over the batch: one weight vector per batch
     avg = evaluate_autoswitch(adapter, base, sw, TASKS, sets, sets, examples_per_task=m, k=k, batch_size=8,
-                              device="cpu", average_over_batch=True)
-    assert all(r["groups"] == 3 for r in avg["per_task"].values())  # 24 rows / 8 per batch
+                              device="cpu", average_over_batch=True, group_window=8)
+    assert all(r["groups"] == 3 for r in avg["per_task"].values())  # 24 rows / 8 per batch, grouped per batch
     with pytest.raises(ConfigError, match="k must be"):
         evaluate_autoswitch(adapter, base, sw, TASKS, sets, sets, examples_per_task=2, k=7, device="cpu")
+
+
+def test_autoswitch_grouping_across_batches_keeps_every_prediction(zoo):
+    """Grouping by weight vector over a window of batches (the default) makes fewer forward passes and
+    predicts exactly what grouping inside each batch (``group_window`` = the batch size) predicts."""
+    adapter, base, task_sds, sets = zoo
+    sw = _switches(base, task_sds)
+
+    class Recording(OpenClipVisionAdapter):  # the real adapter; records every pass's inputs and predictions
+        passes: list = []
+
+        def logits(self, model, x, task):
+            out = super().logits(model, x, task)
+            self.passes.append((model, task, x.sum(dim=(1, 2, 3)).tolist(), out.argmax(dim=-1).tolist()))
+            return out
+
+    runs = {}
+    for window in (8, 1024):
+        rec = Recording(heads=adapter.heads, source="test", model_cfg=CFG)
+        rec.passes = []
+        res = evaluate_autoswitch(rec, base, sw, TASKS, sets, sets, examples_per_task=6, k=5, batch_size=8,
+                                  device="cpu", feature_model="base", group_window=window)
+        plain = rec.passes[0][0]  # the throughput reference runs first: the fixed feature model
+        res["predictions"] = {(t, round(key, 3)): p for model, t, keys, preds in rec.passes if model is not plain
+                              for key, p in zip(keys, preds, strict=True)}
+        runs[window] = res
+    per_batch, windowed = runs[8], runs[1024]
+    assert sum(r["groups"] for r in windowed["per_task"].values()) < sum(r["groups"] for r in per_batch["per_task"].values())
+    assert len(windowed["predictions"]) == 3 * 24 and windowed["predictions"] == per_batch["predictions"]
+    for t in TASKS:
+        a, b = per_batch["per_task"][t], windowed["per_task"][t]
+        assert (a["accuracy"], a["n"], a["routing_hit_rate"]) == (b["accuracy"], b["n"], b["routing_hit_rate"])
 
 
 def test_wemoe_at_init_equals_task_arithmetic(zoo):

@@ -105,3 +105,26 @@ def test_bad_inputs():
         autoswitch_weights(q, torch.tensor([0]), line(0), k=1)
     with pytest.raises(ConfigError, match="weights"):
         combine_switches(torch.zeros(2), [], [1.0])
+
+
+def _combine_from_masks(base, switches, weights):
+    """θ0 + Σ wt·λt·Mt⊙St written with boolean masks and float sign planes (the formulation before int8 planes)."""
+    acc = base.to(torch.float32)
+    for (mask, positive, knob), wt in zip(switches, weights, strict=True):
+        if wt == 0.0:
+            continue
+        signed = torch.where(positive, 1.0, -1.0)
+        acc = acc + (wt * float(knob)) * torch.where(mask, signed, 0.0).reshape(acc.shape)
+    return acc.to(base.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int8_planes_give_the_mask_formulation_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(300, 37, generator=g) * 0.02).to(dtype)
+    base[0, :4] = torch.tensor([0.0, -0.0, float("nan"), float("inf")]).to(dtype)
+    sw = [(torch.rand(300, 37, generator=g) < 0.4, torch.rand(300, 37, generator=g) < 0.5,
+           float(torch.rand(1, generator=g)) * 0.01 + 1e-4) for _ in range(5)]
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for w in ([0.1, 0.2, 0.0, 0.4, 0.3], [1.0, 0, 0, 0, 0], [0.2] * 5, [0.3, 0.7, 0, 0, 0]):
+        assert torch.equal(combine_switches(base, sw, w).view(bits), _combine_from_masks(base, sw, w).view(bits))

@@ -98,7 +98,8 @@ RUN_PANEL = "Run options"
 _EXECUTION_FLAGS: dict[str, tuple[Any, Any]] = {
     "executor": (Optional[str], typer.Option(
         None, "--executor", rich_help_panel=RUN_PANEL,
-        help="'ray' (default: a local Ray, or the cluster at --ray-address) or 'local' (one process, no Ray).")),
+        help="'ray' (a local Ray, or the cluster at --ray-address), 'local' (one process, no Ray) or 'auto' "
+             "(build and merge's default: in-process below 256 MB read, else Ray; a running Ray is always used).")),
     "ray_address": (Optional[str], typer.Option(
         None, "--ray-address", envvar="RAY_ADDRESS", rich_help_panel=RUN_PANEL,
         help="Attach to an existing Ray cluster (`ray start --head`), e.g. 127.0.0.1:6379 or 'auto'.")),
@@ -135,6 +136,11 @@ def run_options(executor: Optional[str] = None, ray_address: Optional[str] = Non
     if storage_option or s3_endpoint:
         fields["storage_options"] = _storage_options(storage_option, s3_endpoint)
     return RunOptions(**fields)
+
+
+def _auto_executor(run: RunOptions) -> RunOptions:
+    """``run`` with executor "auto" unless --executor was given (distributed/inprocess.py decides then)."""
+    return run if "executor" in run.model_fields_set else run.model_copy(update={"executor": "auto"})
 
 
 def with_run_options(execution: bool = True, storage: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -202,7 +208,7 @@ def build(
     if 0.0 in alpha:
         console.print(ALPHA_ZERO_WARNING, highlight=False, markup=False)
     cfg = BuildConfig(zoo=zoo, out=out_uri, alphas=alpha, scope=scope, cut=cut, knob=knob, overwrite=overwrite,
-                      shard_bytes=shard_mb * 2**20, run=run)
+                      shard_bytes=shard_mb * 2**20, run=_auto_executor(run))
     s = run_build(cfg)
     if s.up_to_date:
         out.print(f"up to date: {s.out} version {s.version} already holds these {s.tasks} tasks built with these "
@@ -325,7 +331,7 @@ def merge(
     if fmt not in ("safetensors", "hf"):
         raise ConfigError(f"--format {fmt!r}: use safetensors or hf.")
     opts = _method_options(option)  # run_merge checks the method, its kind and options before any work
-    cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, overwrite=overwrite, run=run,
+    cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, overwrite=overwrite, run=_auto_executor(run),
                       output_format=fmt, max_shard_size=max_shard_size)
     s = run_merge(cfg)
     if s.up_to_date:

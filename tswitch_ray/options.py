@@ -64,7 +64,8 @@ class RunOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
-    executor: Literal["ray", "local"] = "ray"
+    # "auto": in-process for small jobs, else Ray (tswitch_ray/distributed/inprocess.py; the CLI's build/merge default).
+    executor: Literal["ray", "local", "auto"] = "ray"
     ray_address: str | None = None
     # CPUs of the local Ray started when no ``ray_address`` is given (default: all).
     num_workers: int | None = Field(default=None, ge=1)

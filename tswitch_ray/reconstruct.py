@@ -15,7 +15,7 @@ from tswitch_ray.artifacts.task_tensors import read_task_tensors
 from tswitch_ray.errors import ArtifactError
 from tswitch_ray.io.checkpoints import TensorInfo, dtype_name
 from tswitch_ray.io.safetensors import SafetensorsStreamWriter
-from tswitch_ray.switch import reconstruct
+from tswitch_ray.serving import read_task_switches, reconstructed
 from tswitch_ray.zoo import Zoo, load_zoo
 from tswitch_ray.zoo.keymap import unmap_name
 
@@ -118,17 +118,17 @@ def iter_reconstructed(reader: ArtifactReader, zoo: Zoo, task: str, alpha: float
         raise ArtifactError(f"{reader.uri}: no task {task!r}; tasks are {manifest['tasks']}.")
     alpha = match_alpha(list(manifest["alphas"]), alpha, reader.uri)
     layout = layout or TaskLayout(reader, task)
-    switched = set(manifest["tensors"])
-    for name in layout.order(zoo.base.infos()):
-        if name in layout.own:
-            yield layout.own[name]
-            continue
-        base = zoo.base.read(name)
-        if name in switched:
-            mask, positive, lam = reader.switch(task, alpha, name)
-            yield layout.stored(name), reconstruct(base, torch.from_numpy(mask), torch.from_numpy(positive), lam)
-        else:
-            yield layout.stored(name), base
+    # The task's switches are read once, encoded (a few % of θ0's bytes); decoding is per tensor.
+    switches = read_task_switches(reader, task, alpha)
+    missing = f"{reader.uri}: no switch for task {task!r}, alpha {alpha}, tensor {{name!r}}."
+    own = set(layout.own)  # never switched: task-specific tensors and buffers
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in layout.order(zoo.base.infos()):
+            yield name, (layout.own[name][1] if name in own else zoo.base.read(name))
+
+    for name, tensor in reconstructed(tensors(), switches, set(manifest["tensors"]) - own, missing):
+        yield (layout.own[name][0] if name in own else layout.stored(name)), tensor
 
 
 def reconstruct_task(artifacts_uri: str, task: str, alpha: float, out: str, zoo_uri: str | None = None,

@@ -99,3 +99,105 @@ def write_remainders(pos, k, out):  # pragma: no cover - compiled
             if (g >> b) & 1:
                 out[bit >> 3] |= np.uint8(0x80) >> np.uint8(bit & 7)
             bit += 1
+
+
+# Decode status codes of :func:`coded_positions` (the caller words the error).
+DECODE_OK = 0
+DECODE_FEW_TERMINATORS = 1  # the unary stream ended before ``n`` terminators
+DECODE_TRAILING = 2  # bytes after the byte of the last terminator
+DECODE_BEYOND = 3  # a position ≥ numel
+DECODE_MANY = 4  # more than ``n`` terminators
+
+# Index of the highest set bit of a byte (0 = LSB); a table beats a bit loop by ~2x on dense unary streams.
+_HIGH_BIT = np.array([0] + [int(b).bit_length() - 1 for b in range(1, 256)], dtype=np.int64)
+
+
+# Slots of the decoder state that :func:`coded_positions` resumes from (an int64 array of STATE_SIZE).
+_BYTE, _USED, _Q, _ACC, _HAVE, _REM, _LAST, _DONE = range(8)
+STATE_SIZE = 8
+
+
+@_jit
+def coded_positions(unary, rem, k, numel, n, state, out):  # pragma: no cover - compiled
+    """Decode the next ``out.size`` (at most) of the ``n`` ascending coded positions of a rice-v1 switch.
+
+    Inverse of :func:`write_unary` and :func:`write_remainders`: the gap
+    quotient is the count of 0 bits before each 1 of the unary stream, the
+    remainder the next k bits of the remainder stream. Resumes from ``state``
+    (zeros to start) and leaves it for the next call, so a tensor's positions
+    are decoded in blocks that stay in cache. Returns the count written, or
+    ``-DECODE_*`` on a corrupt stream. The caller checks the stream lengths
+    first (the remainder stream must hold ``n·k`` bits): nothing here reads
+    past either stream.
+    """
+    byte_i, used, q, acc = state[_BYTE], state[_USED], state[_Q], state[_ACC]
+    have, r_i, last, i = state[_HAVE], state[_REM], state[_LAST], state[_DONE]
+    nbytes = unary.size
+    mask = (np.int64(1) << k) - 1 if k <= _FAST_K else np.int64(0)
+    c = 0
+    while i < n and c < out.size:
+        if byte_i >= nbytes:
+            return -DECODE_FEW_TERMINATORS
+        b = np.int64(unary[byte_i]) & ((np.int64(1) << (8 - used)) - 1)  # the byte's unspent bits
+        if b == 0:
+            q += 8 - used
+            byte_i += 1
+            used = 0
+            continue
+        high = _HIGH_BIT[b]  # the next terminator
+        q += 7 - used - high
+        used = 8 - high
+        if k == 0:
+            g = q
+        elif k <= _FAST_K:
+            while have < k:
+                acc = (acc << 8) | np.int64(rem[r_i])
+                r_i += 1
+                have += 8
+            have -= k
+            g = (q << k) | ((acc >> have) & mask)
+            acc &= (np.int64(1) << have) - 1
+        else:
+            g = q
+            for _ in range(k):
+                g = (g << 1) | ((np.int64(rem[r_i >> 3]) >> (7 - (r_i & 7))) & 1)
+                r_i += 1
+        last += g + 1
+        if last >= numel:
+            return -DECODE_BEYOND
+        out[c] = last
+        c += 1
+        i += 1
+        q = 0
+        if used == 8:
+            byte_i += 1
+            used = 0
+    if i == n:
+        if used and (np.int64(unary[byte_i]) & ((np.int64(1) << (8 - used)) - 1)) != 0:
+            return -DECODE_MANY
+        if byte_i + (1 if used else 0) < nbytes:
+            return -DECODE_TRAILING
+    state[_BYTE], state[_USED], state[_Q], state[_ACC] = byte_i, used, q, acc
+    state[_HAVE], state[_REM], state[_LAST], state[_DONE] = have, r_i, last, i
+    return c
+
+
+@_jit
+def scatter_switch(pos, signs, inverted, mask, positive):  # pragma: no cover - compiled
+    """Fill the zeroed flat bool ``mask`` and ``positive`` from the coded positions and the packed sign stream."""
+    numel = mask.size
+    if not inverted:
+        for j in range(pos.size):
+            p = pos[j]
+            mask[p] = True
+            positive[p] = (signs[j >> 3] >> (7 - (j & 7))) & 1
+        return
+    j = 0
+    c = 0
+    for e in range(numel):
+        if c < pos.size and pos[c] == e:
+            c += 1
+            continue
+        mask[e] = True
+        positive[e] = (signs[j >> 3] >> (7 - (j & 7))) & 1
+        j += 1

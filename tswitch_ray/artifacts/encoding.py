@@ -19,25 +19,31 @@ rationale and the entropy bound in docs/MATH.md "Storage and the switch codec"):
 * Each stream is packed MSB-first into bytes (``np.packbits``) and padded with
   0 bits to a whole byte.
 
-Keeping the three streams apart is what makes decoding vectorised: the unary
-terminators are ``np.flatnonzero`` of the unpacked unary stream, and the
-remainders are a reshape of the unpacked remainder stream. For i.i.d. masks
+Keeping the three streams apart keeps decoding simple: a compiled loop reads
+each terminator (a table lookup per byte) and its remainder with one
+accumulator, in cache-sized blocks (:func:`decode_positions`); on a device the
+same is vectorised torch (:func:`torch_positions`: the terminators are
+``nonzero`` of the unpacked unary stream, the remainders a reshape of the
+unpacked remainder stream). For i.i.d. masks
 the gaps are geometric, for which a Rice code with the best ``k`` is within a
 few percent of the entropy (Gallager & van Voorhis 1975); ``k`` is chosen by
 exact cost on the actual gaps, so non-i.i.d. masks get the best Rice code too.
 
-Memory: encoding and decoding hold O(numel) bytes of temporaries (one byte per
-unary bit, 8-17 bytes per coded position); tensors are encoded one at a time.
+Memory: encoding holds O(numel) bytes of temporaries (8-17 bytes per coded
+position); decoding on the CPU holds one block of positions (512 KiB), on a
+device one byte per unary bit and 8 per coded position; tensors are encoded
+one at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from tswitch_ray.errors import ArtifactError
 
@@ -254,24 +260,123 @@ def _corrupt(enc: EncodedSwitch, cause: str) -> ArtifactError:
     )
 
 
-def decode_switch(enc: EncodedSwitch) -> tuple[np.ndarray, np.ndarray]:
-    """Decode to flat boolean arrays ``(mask, positive)``; ``positive`` is False outside the mask.
+# Positions decoded per block: 512 KiB of int64, in cache while the block is applied.
+POSITION_BLOCK = 1 << 16
 
-    Every stream length is checked against the header fields, so a truncated or
-    padded payload raises :class:`ArtifactError` instead of decoding garbage.
+
+@dataclass(frozen=True)
+class SwitchPositions:
+    """A checked switch, decoded on demand to its ascending coded positions and its packed sign stream.
+
+    The coded positions are the kept elements' flat indices, or the dropped
+    ones' when ``inverted``; :attr:`signs` (uint8, MSB first) holds one bit
+    per kept element in ascending order (1 = positive). :meth:`blocks` decodes
+    them a block at a time (compiled), so eq. 7 is applied without a full-size
+    mask or position array (:func:`tswitch_ray.switch.reconstruct.reconstruct_into`).
     """
+
+    enc: EncodedSwitch
+    block: int = POSITION_BLOCK
+
+    @property
+    def numel(self) -> int:
+        return int(self.enc.numel)
+
+    @property
+    def kept(self) -> int:
+        return int(self.enc.kept)
+
+    @property
+    def inverted(self) -> bool:
+        return bool(self.enc.inverted)
+
+    @property
+    def signs(self) -> np.ndarray:
+        return np.frombuffer(self.enc.sign_bits, dtype=np.uint8)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The coded positions (int64) in ascending blocks; each block is valid until the next is drawn."""
+        from tswitch_ray.artifacts import _rice_kernels as rk  # numba compiles on first use, not at import
+
+        enc, n = self.enc, self.enc.coded
+        unary, rem = np.frombuffer(enc.mask_bits, dtype=np.uint8), np.frombuffer(enc.rem_bits, dtype=np.uint8)
+        state = np.zeros(rk.STATE_SIZE, dtype=np.int64)
+        state[rk._LAST] = -1
+        buf = np.empty(min(self.block, max(n, 1)), dtype=np.int64)
+        done = 0
+        while done < n:
+            got = rk.coded_positions(unary, rem, int(enc.k), int(enc.numel), n, state, buf)
+            if got == -rk.DECODE_BEYOND:
+                raise _corrupt(enc, "a decoded position is beyond numel")
+            if got <= 0:  # the checks of decode_positions make this unreachable for any payload
+                raise _corrupt(enc, f"unary stream does not hold {n} terminators")
+            done += got
+            yield buf[:got]
+
+    def positions(self) -> np.ndarray:
+        """All coded positions, ascending (8 bytes each)."""
+        out = np.empty(self.enc.coded, dtype=np.int64)
+        at = 0
+        for b in self.blocks():
+            out[at:at + b.size] = b
+            at += b.size
+        return out
+
+    def positions_on(self, device: torch.device) -> torch.Tensor:
+        """All coded positions as an int64 tensor on ``device``: compiled on the CPU, elsewhere
+        :func:`torch_positions` on the device (only the encoded streams cross to it)."""
+        if device.type == "cpu":
+            return torch.from_numpy(self.positions())
+        return torch_positions(self.enc, device)
+
+    def planes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Flat boolean ``(mask, positive)``; ``positive`` is False outside the mask."""
+        from tswitch_ray.artifacts import _rice_kernels as rk
+
+        mask = np.zeros(self.numel, dtype=bool)
+        positive = np.zeros(self.numel, dtype=bool)
+        rk.scatter_switch(self.positions(), self.signs, self.inverted, mask, positive)
+        return mask, positive
+
+
+def torch_positions(enc: EncodedSwitch, device: torch.device) -> torch.Tensor:
+    """The coded positions of a checked ``enc`` (see :func:`decode_positions`), decoded on ``device`` by
+    vectorised torch ops: terminators are ``nonzero`` of the unpacked unary bits, remainders a reshape of
+    the unpacked remainder bits, positions a cumulative sum of the gaps. For CUDA, where it runs in parallel."""
+    n, k = enc.coded, int(enc.k)
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
+
+    def bits(stream: bytes) -> torch.Tensor:
+        raw = torch.frombuffer(bytearray(stream), dtype=torch.uint8).to(device)
+        return ((raw.unsqueeze(1) >> shifts) & 1).reshape(-1)
+
+    term = torch.nonzero(bits(enc.mask_bits)).reshape(-1)
+    gaps = torch.diff(term, prepend=term.new_tensor([-1])) - 1
+    if k:
+        weights = torch.tensor([1 << b for b in range(k - 1, -1, -1)], dtype=torch.int64, device=device)
+        rem = bits(enc.rem_bits)[: n * k].reshape(n, k).to(torch.int64)
+        gaps = (gaps << k) | (rem * weights).sum(dim=1)
+    pos = torch.cumsum(gaps + 1, dim=0) - 1
+    if int(pos[-1]) >= enc.numel:
+        raise _corrupt(enc, "a decoded position is beyond numel")
+    return pos
+
+
+def _check_streams(enc: EncodedSwitch) -> np.ndarray:
+    """The unary stream as bytes, after checking every stream length against the header fields."""
     if enc.codec != CODEC_NAME:
         raise _corrupt(enc, f"unknown codec {enc.codec!r} (this reader knows {CODEC_NAME!r})")
     numel, kept, k = int(enc.numel), int(enc.kept), int(enc.k)
     if not (0 <= kept <= numel) or not (0 <= k <= _MAX_K):
         raise _corrupt(enc, "header fields out of range")
     coded = enc.coded
-
-    unary = np.unpackbits(np.frombuffer(enc.mask_bits, dtype=np.uint8))
-    terminators = np.flatnonzero(unary)
-    if terminators.size != coded:
-        raise _corrupt(enc, f"unary stream has {terminators.size} terminators, expected {coded}")
-    if coded and len(enc.mask_bits) != (int(terminators[-1]) + 8) // 8:
+    unary = np.frombuffer(enc.mask_bits, dtype=np.uint8)
+    terminators = int(np.bitwise_count(unary).sum(dtype=np.int64))
+    if terminators != coded:
+        raise _corrupt(enc, f"unary stream has {terminators} terminators, expected {coded}")
+    if coded and unary[-1] == 0:
         raise _corrupt(enc, "unary stream has trailing bytes")
     if coded == 0 and enc.mask_bits:
         raise _corrupt(enc, "unary stream should be empty")
@@ -279,20 +384,23 @@ def decode_switch(enc: EncodedSwitch) -> tuple[np.ndarray, np.ndarray]:
         raise _corrupt(enc, f"remainder stream has {len(enc.rem_bits)} bytes, expected {(coded * k + 7) // 8}")
     if len(enc.sign_bits) != (kept + 7) // 8:
         raise _corrupt(enc, f"sign stream has {len(enc.sign_bits)} bytes, expected {(kept + 7) // 8}")
+    return unary
 
-    quot = np.diff(terminators, prepend=-1) - 1
-    gaps = np.left_shift(quot, k) | _unpack_fixed(enc.rem_bits, coded, k)
-    positions = np.cumsum(gaps + 1) - 1
-    if coded and positions[-1] >= numel:
-        raise _corrupt(enc, f"decoded position {int(positions[-1])} is beyond numel")
 
-    coded_mask = np.zeros(numel, dtype=bool)
-    coded_mask[positions] = True
-    mask = ~coded_mask if enc.inverted else coded_mask
-    signs = np.unpackbits(np.frombuffer(enc.sign_bits, dtype=np.uint8), count=kept).view(bool)
-    positive = np.zeros(numel, dtype=bool)
-    if enc.inverted:
-        positive[mask] = signs
-    else:
-        positive[positions] = signs  # same order as mask's True elements, and faster to scatter
-    return mask, positive
+def decode_positions(enc: EncodedSwitch) -> SwitchPositions:
+    """The checked :class:`SwitchPositions` of ``enc``, decoded on demand (compiled, in cache-sized blocks).
+
+    Every stream length is checked against the header fields here, so a
+    truncated or padded payload raises :class:`ArtifactError` instead of
+    decoding garbage.
+    """
+    _check_streams(enc)
+    return SwitchPositions(enc)
+
+
+def decode_switch(enc: EncodedSwitch) -> tuple[np.ndarray, np.ndarray]:
+    """Decode to flat boolean arrays ``(mask, positive)``; ``positive`` is False outside the mask.
+
+    Checked as :func:`decode_positions`, which does the decoding.
+    """
+    return decode_positions(enc).planes()

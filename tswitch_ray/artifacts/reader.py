@@ -248,21 +248,27 @@ class ArtifactReader:
         row, part = self._find_row(self._task(task), a, tensor, list(_CHECK_COLUMNS))
         return self._knob_of(row, f"{self.uri}: part {part.path}, tensor {tensor!r}")
 
-    def _decode_row(self, row: dict[str, Any], part: PartEntry) -> tuple[np.ndarray, np.ndarray, float]:
-        """(mask, positive, knob) of a row :meth:`_read` checked; the payload is checked against its digest here."""
-        where = f"{self.uri}: part {part.path}, task {row['task']!r}, alpha {row['alpha']}, tensor {row['tensor']!r}"
+    def _encoded_row(self, row: dict[str, Any], part: PartEntry) -> tuple[EncodedSwitch, tuple[int, ...], float]:
+        """(encoded switch, shape, knob) of a row :meth:`_read` checked; the payload is checked against its digest here."""
         digest = payload_sha256(row["mask_bits"], row["rem_bits"], row["sign_bits"])
         if digest != row["payload_sha256"]:
-            raise ArtifactError(f"{where}: payload fails its sha256 checksum; the part is corrupt.")
+            raise ArtifactError(f"{self._where(row, part)}: payload fails its sha256 checksum; the part is corrupt.")
         enc = EncodedSwitch(numel=row["numel"], kept=row["kept"], k=row["k"], inverted=row["inverted"],
                             mask_bits=row["mask_bits"], rem_bits=row["rem_bits"], sign_bits=row["sign_bits"],
                             codec=row["codec"])
+        return enc, tuple(row["shape"]), self._knob_of(row, self._where(row, part))
+
+    def _where(self, row: dict[str, Any], part: PartEntry) -> str:
+        return f"{self.uri}: part {part.path}, task {row['task']!r}, alpha {row['alpha']}, tensor {row['tensor']!r}"
+
+    def _decode_row(self, row: dict[str, Any], part: PartEntry) -> tuple[np.ndarray, np.ndarray, float]:
+        """(mask, positive, knob) of a row :meth:`_read` checked, shaped like the tensor."""
+        enc, shape, knob = self._encoded_row(row, part)
         try:
             mask, positive = decode_switch(enc)
         except ArtifactError as exc:
-            raise ArtifactError(f"{where}: {exc}") from exc
-        shape = tuple(row["shape"])
-        return mask.reshape(shape), positive.reshape(shape), self._knob_of(row, where)
+            raise ArtifactError(f"{self._where(row, part)}: {exc}") from exc
+        return mask.reshape(shape), positive.reshape(shape), knob
 
     @staticmethod
     def _holds(part: PartEntry, task: str) -> bool:
@@ -286,6 +292,20 @@ class ArtifactReader:
         """(mask, positive, knob) of one tensor, shaped like the tensor; reads only that row's row group."""
         row, part = self._find_row(self._task(task), self._alpha(alpha), tensor, None)
         return self._decode_row(row, part)
+
+    def iter_encoded(self, task: str, alpha: float) -> Iterator[tuple[str, EncodedSwitch, tuple[int, ...], float, str]]:
+        """Yield ``(tensor, encoded switch, shape, knob, where)`` for every tensor, checked as :meth:`switch` but
+        not decoded; ``where`` names the row for a decode error. One part in memory at a time."""
+        task, a = self._task(task), self._alpha(alpha)
+        flt = [("task", "==", task), ("alpha", "==", a)]
+        for p in self._m.parts:
+            if not self._holds(p, task):
+                continue
+            t = self._read(p, None, flt)
+            for batch in t.to_batches(max_chunksize=1):
+                for row in batch.to_pylist():
+                    enc, shape, knob = self._encoded_row(row, p)
+                    yield row["tensor"], enc, shape, knob, self._where(row, p)
 
     def iter_switches(self, task: str, alpha: float) -> Iterator[tuple[str, np.ndarray, np.ndarray, float]]:
         """Yield ``(tensor, mask, positive, knob)`` for every tensor, one part in memory at a time."""

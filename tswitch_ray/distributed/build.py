@@ -53,6 +53,7 @@ from tswitch_ray.device import pick_device
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.distributed.incremental import BuildKeys, VersionPlan, build_keys, plan_version, staged_parts
 from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_shards
+from tswitch_ray.distributed.inprocess import resolved_run
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.distributed.task_parts import manifest_fields, stage_task_parts
 from tswitch_ray.errors import ZooError
@@ -427,8 +428,10 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
                        knob_mode=cfg.knob, run=cfg.run, cut=cfg.cut,
                        task_keys=tuple((t, keys.task_keys[t]) for t in plan.compute))
     timer.start("start-up")
-    # A version that only drops tasks (or finds every part staged) encodes nothing: no Ray to start for it.
-    executor = make_executor(cfg.run) if todo else LocalExecutor()
+    # A version that only drops tasks (or finds every part staged) encodes nothing: no Ray to start for it;
+    # a small one runs in-process (distributed/inprocess.py).
+    reads = sum(s.nbytes for s in shards) * (1 + len(plan.compute))
+    executor = make_executor(resolved_run(cfg.run, reads)) if todo else LocalExecutor()
     try:
         per_shard = _encode_shards(cfg, executor, ctx, shards, todo, timer,
                                    functools.partial(store.check_open, plan.seen_head, cfg.overwrite))

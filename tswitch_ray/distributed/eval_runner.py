@@ -350,7 +350,7 @@ def _context(plan: EvalPlan) -> EvalContext:
         run=cfg.run, adapter_spec=plan.adapter_spec, adapter_base=plan.adapter_base,
         data=tuple((t, data[t].eval, data[t].unlabeled or data[t].eval) for t in tasks),
         tasks=tuple(tasks), artifacts=cfg.artifacts, batch_size=cfg.batch_size, limit=cfg.limit,
-        torch_threads=1 if cfg.run.executor == "ray" else (os.cpu_count() or 1),
+        torch_threads=1 if cfg.run.executor != "local" else (os.cpu_count() or 1),
     )
 
 

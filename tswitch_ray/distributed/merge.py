@@ -35,6 +35,7 @@ import torch
 from pydantic import ConfigDict, Field
 
 from tswitch_ray.distributed.executor import WorkItem, make_executor
+from tswitch_ray.distributed.inprocess import resolved_run
 from tswitch_ray.distributed.planner import Shard, merge_memory_bytes, plan_digest, plan_shards
 from tswitch_ray.distributed.merge_reuse import merge_is_current
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
@@ -218,7 +219,7 @@ def _merge_parts(cfg: MergeConfig, ctx: MergeContext, method: Any, zoo: Zoo, sha
     """The statistics rounds and the merge pass; returns the staged parts and the executor's stats."""
     n = len(zoo.task_names)
     timer.start("start-up")
-    executor = make_executor(cfg.run)
+    executor = make_executor(resolved_run(cfg.run, (n + 1) * sum(s.nbytes for s in shards)))
     order = [nm for s in shards for nm in s.tensors]
     try:
         rounds = method.stat_rounds

@@ -28,10 +28,15 @@ this module wires it to an adapter and eval datasets:
    authors' ``--knn-neighbors`` default; the paper's ablation, Fig. 7, reports
    that accuracy falls as k grows). Per input by default;
    ``average_over_batch=True`` is the authors' code (one weight vector per batch).
-4. **Rebuild**: inputs with equal weight vectors share one model; rebuilt
-   models are kept in a bounded LRU (``cache_size`` models) keyed by the
-   weight vector, across batches and tasks; an evicted model's module is
-   reused as the target of the next rebuild (``adapter.load``), so at most
+4. **Rebuild**: inputs with equal weight vectors share one model, grouped
+   over a window of ``group_window`` consecutive inputs of a split (routed
+   batch by batch), each group served in passes of at most ``batch_size``.
+   Every task's switches become int8 planes Mt⊙St once per evaluation
+   (:class:`SignedSwitches`), so a weight vector's weights cost one fp32
+   multiply-add per task and element, no mask work. Rebuilt models are kept
+   in a bounded LRU (``cache_size`` models) keyed by the weight vector,
+   across windows and tasks; an evicted model's module is reused as the
+   target of the next rebuild (``adapter.load``), so at most
    ``cache_size`` + 1 models (+ the feature model) live at once.
 5. **Scoring**: logits with the eval task's head (heads are never merged).
 
@@ -46,7 +51,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +63,13 @@ from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.eval.adapters import ModelAdapter
 from tswitch_ray.eval.datasets import EvalDataset
 from tswitch_ray.eval.evaluate import extract_features
-from tswitch_ray.methods.autoswitch import autoswitch_weights, combine_switches, group_by_weights
+from tswitch_ray.methods.autoswitch import (
+    autoswitch_weights,
+    combine_signed,
+    combine_switches,
+    group_by_weights,
+    signed_plane,
+)
 
 Tensor = torch.Tensor
 Switch = tuple[Tensor, Tensor, float]
@@ -66,6 +77,8 @@ Switch = tuple[Tensor, Tensor, float]
 FEATURE_MODELS = ("average", "base")
 DEFAULT_K = 10
 DEFAULT_EXAMPLES_PER_TASK = 100
+# Inputs grouped by weight vector at once (consecutive batches of one split): fewer, fuller forward passes.
+DEFAULT_GROUP_WINDOW = 1024
 
 
 def rebuild_state_dict(
@@ -90,13 +103,17 @@ def rebuild_state_dict(
             out[name] = base
             continue
         for (mask, _pos, _knob), _ in pairs:
-            if mask.numel() != base.numel():
-                raise ConfigError(
-                    f"auto-switch: the switch of tensor {name!r} has {mask.numel()} elements but the base tensor "
-                    f"has {base.numel()} (shape {tuple(base.shape)}); switches and base come from different models."
-                )
+            _check_numel(name, mask, base)
         out[name] = combine_switches(base, [p[0] for p in pairs], [p[1] for p in pairs])
     return out
+
+
+def _check_numel(name: str, mask: Tensor, base: Tensor) -> None:
+    if mask.numel() != base.numel():
+        raise ConfigError(
+            f"auto-switch: the switch of tensor {name!r} has {mask.numel()} elements but the base tensor "
+            f"has {base.numel()} (shape {tuple(base.shape)}); switches and base come from different models."
+        )
 
 
 # ---------------------------------------------------------------- steps 1-2: feature model and query set
@@ -169,13 +186,55 @@ def extract_query_set(
 # ---------------------------------------------------------------- step 4: rebuilt models
 
 
-class _ModelCache:
-    """Bounded LRU of rebuilt models keyed by the weight vector; counts rebuilds."""
+class SignedSwitches:
+    """Every task's switches as int8 planes Mt⊙St with their knobs, made once per evaluation.
 
-    def __init__(self, adapter: ModelAdapter, base_sd: Mapping[str, Tensor], switches: Sequence[Mapping[str, Switch]], size: int, device: torch.device) -> None:
+    :meth:`state_dict` is then θ0 + Σt wt·λt·Mt⊙St for any weight vector (:func:`combine_signed`, eq. 8)
+    with no mask or sign work per weight vector, the same bits as :func:`rebuild_state_dict`. Planes
+    and θ0 live on ``device`` (one byte per element per task).
+    """
+
+    def __init__(self, base_sd: Mapping[str, Tensor], switches: Sequence[Mapping[str, Switch]],
+                 device: torch.device) -> None:
+        self.n_tasks = len(switches)
+        self.base = {name: base.to(device) for name, base in base_sd.items()}
+        self.planes: dict[str, list[tuple[Tensor, float] | None]] = {}
+        for name, base in base_sd.items():
+            if not torch.is_floating_point(base) or not any(name in sw for sw in switches):
+                continue
+            per: list[tuple[Tensor, float] | None] = []
+            for sw in switches:
+                if name not in sw:
+                    per.append(None)
+                    continue
+                mask, positive, knob = sw[name]
+                _check_numel(name, mask, base)
+                per.append((signed_plane(mask.to(device), positive.to(device)), knob))
+            self.planes[name] = per
+
+    def state_dict(self, weights: Sequence[float] | Tensor) -> dict[str, Tensor]:
+        """θ0 + Σt wt·λt·Mt⊙St for every tensor (eq. 8); tensors no task switches stay θ0."""
+        w = [float(v) for v in (weights.tolist() if isinstance(weights, Tensor) else weights)]
+        if len(w) != self.n_tasks:
+            raise ConfigError(f"auto-switch: {len(w)} weights for {self.n_tasks} task switch sets.")
+        out: dict[str, Tensor] = {}
+        for name, base in self.base.items():
+            pairs = [(p, wt) for p, wt in zip(self.planes.get(name, ()), w) if p is not None and wt != 0.0]
+            out[name] = combine_signed(base, [p for p, _ in pairs], [wt for _, wt in pairs]) if pairs else base
+        return out
+
+
+class _ModelCache:
+    """Bounded LRU of rebuilt models keyed by the weight vector; counts rebuilds.
+
+    A miss writes the weight vector's weights (:class:`SignedSwitches`) into the least recently used
+    model's parameters (``adapter.load``); a new module is built only while the cache is filling.
+    """
+
+    def __init__(self, adapter: ModelAdapter, signed: SignedSwitches, size: int, device: torch.device) -> None:
         if size < 1:
             raise ConfigError(f"auto-switch: cache_size must be >= 1, got {size}.")
-        self.adapter, self.base_sd, self.switches = adapter, base_sd, switches
+        self.adapter, self.signed = adapter, signed
         self.size, self.device = size, device
         self.models: OrderedDict[tuple[float, ...], nn.Module] = OrderedDict()
         self.built = 0
@@ -188,7 +247,7 @@ class _ModelCache:
             self.models.move_to_end(key)
             return model
         t0 = time.perf_counter()
-        sd = rebuild_state_dict(self.base_sd, self.switches, key)
+        sd = self.signed.state_dict(key)
         if len(self.models) >= self.size:
             _, spare = self.models.popitem(last=False)
             model = self.adapter.load(spare, sd)
@@ -238,10 +297,12 @@ class _Scorer:
 
     The feature model, the query set and the model cache are built once and
     shared by every scored task. Batches are drawn from one task's split at a
-    time and groups are formed inside a batch, so every forward pass (and its
-    floating point) is the same whether a task is scored alone or with the
-    others; only the cache hits, hence ``models_built``, depend on the tasks
-    scored before it.
+    time and routed one by one; groups are formed over a window of
+    ``group_window`` inputs of that split (consecutive batches), so every
+    forward pass (and its floating point) is the same whether a task is
+    scored alone or with the others; only the cache hits, hence
+    ``models_built``, depend on the tasks scored before it. A window of one
+    batch (``group_window`` ≤ ``batch_size``) groups inside each batch.
     """
 
     adapter: ModelAdapter
@@ -253,6 +314,7 @@ class _Scorer:
     average_over_batch: bool
     batch_size: int
     limit: int | None
+    group_window: int
     clock: _Throughput = field(default_factory=_Throughput)
 
     def _time_plain(self, x: Tensor, task: str) -> None:
@@ -263,34 +325,57 @@ class _Scorer:
         _sync(self.device)
         self.clock.plain_s += time.perf_counter() - t0
 
-    def _predict(self, x: Tensor, task: str) -> tuple[Tensor, Tensor, int]:
-        """Route one batch (step 3) and predict each weight group with its rebuilt model (steps 4-5).
-
-        Returns the predictions and weights (CPU) and the number of groups; timed as Auto-Switch compute.
-        """
+    def _route(self, x: Tensor) -> Tensor:
+        """Step 3 for one batch: its weights [B, T] (CPU); timed as Auto-Switch compute."""
         t0 = time.perf_counter()
         w = self.query.weights(self.adapter.features(self.feature_model, x), k=self.k, average_over_batch=self.average_over_batch)
+        self.clock.auto_s += time.perf_counter() - t0
+        return w
+
+    def _predict(self, x: Tensor, w: Tensor, task: str) -> tuple[Tensor, int]:
+        """Steps 4-5 for routed inputs: each weight vector's model predicts its inputs, at most a batch per pass.
+
+        Returns the predictions (CPU) and the number of weight groups; timed as Auto-Switch compute.
+        """
+        t0 = time.perf_counter()
         pred = torch.empty(x.shape[0], dtype=torch.long)
         groups = group_by_weights(w)
         for wv, idx in groups:
             model = self.cache.get(wv)
-            pred[idx] = self.adapter.logits(model, x[idx.to(self.device)], task).argmax(dim=-1).cpu()
+            for chunk in idx.split(self.batch_size):
+                pred[chunk] = self.adapter.logits(model, x[chunk.to(self.device)], task).argmax(dim=-1).cpu()
         _sync(self.device)
         self.clock.auto_s += time.perf_counter() - t0
-        return pred, w, len(groups)
+        return pred, len(groups)
 
-    def score_task(self, task: str, own: int, dataset: EvalDataset) -> dict[str, Any]:
-        """One task's ``per_task`` row; ``own`` is its index in the routed tasks (-1: not routed, no hit rate)."""
+    def _windows(self, task: str, dataset: EvalDataset) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(inputs, labels, weights) of consecutive batches, routed batch by batch, joined up to ``group_window``
+        inputs: grouping by weight vector across them makes fewer, larger passes than grouping per batch."""
         n_classes = self.adapter.num_classes(task)
-        correct = n = groups = hits = 0
-        built_before = self.cache.built
+        xs: list[Tensor] = []
+        ys: list[Tensor] = []
+        ws: list[Tensor] = []
         for raw in dataset.batches(self.batch_size, num_classes=n_classes, require_labels=True, limit=self.limit):
             x = self.adapter.collate(raw.items).to(self.device)
             self._time_plain(x, task)
-            pred, w, n_groups = self._predict(x, task)
+            xs.append(x)
+            ys.append(raw.labels)
+            ws.append(self._route(x))
+            if sum(int(v.shape[0]) for v in xs) >= self.group_window:
+                yield torch.cat(xs), torch.cat(ys), torch.cat(ws)
+                xs, ys, ws = [], [], []
+        if xs:
+            yield torch.cat(xs), torch.cat(ys), torch.cat(ws)
+
+    def score_task(self, task: str, own: int, dataset: EvalDataset) -> dict[str, Any]:
+        """One task's ``per_task`` row; ``own`` is its index in the routed tasks (-1: not routed, no hit rate)."""
+        correct = n = groups = hits = 0
+        built_before = self.cache.built
+        for x, labels, w in self._windows(task, dataset):
+            pred, n_groups = self._predict(x, w, task)
             groups += n_groups
-            correct += int((pred == raw.labels).sum())
-            n += int(raw.labels.numel())
+            correct += int((pred == labels).sum())
+            n += int(labels.numel())
             if own >= 0:
                 hits += _routing_hits(w, own)
         if n == 0:
@@ -366,6 +451,7 @@ def evaluate_autoswitch(
     feature_state_dict: Mapping[str, Tensor] | None = None,
     cache_size: int = 8,
     eval_tasks: Sequence[str] | None = None,
+    group_window: int = DEFAULT_GROUP_WINDOW,
 ) -> dict[str, Any]:
     """Auto-Switch accuracy per task (see the module docstring for every step and choice).
 
@@ -373,7 +459,9 @@ def evaluate_autoswitch(
     mask, flat bool sign bit of kept elements, scalar λ). ``query_sets[t]`` gives the unlabeled examples of
     task t, ``eval_sets[t]`` its labelled eval split. ``eval_tasks`` (default: the tasks that have an entry
     in ``eval_sets``, in task order) picks which eval splits to score — every task's switch and query
-    examples take part in routing regardless. ``limit`` caps the eval rows per task.
+    examples take part in routing regardless. ``limit`` caps the eval rows per task. ``group_window``: how
+    many consecutive routed inputs of a split are grouped by weight vector at once (each group is then
+    served in passes of at most ``batch_size``); ``batch_size`` or less groups inside each batch.
 
     One call builds the feature model and extracts the query set once for all scored tasks; each task's
     ``accuracy``, ``n``, ``groups`` and ``routing_hit_rate`` equal those of a call scoring that task alone
@@ -382,7 +470,7 @@ def evaluate_autoswitch(
     Returns ``{"per_task": {task: {"accuracy", "n", "models_built", "groups", "routing_hit_rate"}},
     "average", "seconds", "throughput_ratio", "k", "examples_per_task", "feature_model",
     "average_over_batch", "query_size", "query_bytes", "models_built", "rebuild_seconds"}``.
-    ``models_built`` counts rebuilds (LRU misses) while scoring that task; ``groups`` the (batch,
+    ``models_built`` counts rebuilds (LRU misses) while scoring that task; ``groups`` the (window,
     weight-vector) groups served; ``routing_hit_rate`` the fraction of inputs whose largest weight is their
     own task's (ties count as misses).
     """
@@ -393,8 +481,8 @@ def evaluate_autoswitch(
     fmodel, feature_model = build_feature_model(adapter, base_sd, switches, feature_model, feature_state_dict, dev)
     query = extract_query_set(adapter, fmodel, tasks, query_sets, examples_per_task, batch_size=batch_size, device=dev)
     _check_k(k, query, examples_per_task)
-    cache = _ModelCache(adapter, base_sd, switches, cache_size, dev)
-    scorer = _Scorer(adapter, fmodel, query, cache, dev, k, average_over_batch, batch_size, limit)
+    cache = _ModelCache(adapter, SignedSwitches(base_sd, switches, dev), cache_size, dev)
+    scorer = _Scorer(adapter, fmodel, query, cache, dev, k, average_over_batch, batch_size, limit, group_window)
     per_task = {t: scorer.score_task(t, tasks.index(t) if t in tasks else -1, eval_sets[t]) for t in scored}
     return {
         "per_task": per_task,

@@ -552,7 +552,6 @@ def _header_bytes(layout: Sequence[TensorInfo], metadata: Mapping[str, str] | No
     return len(raw).to_bytes(8, "little") + raw
 
 
-_WRITE_SLICE = 64 * 2**20  # bytes copied out of a tensor per write call
 
 
 class SafetensorsStreamWriter:
@@ -625,10 +624,9 @@ class SafetensorsStreamWriter:
                 f"cannot write tensor {name!r} to {self.uri}: got shape {list(t.shape)} {dtype_name(t.dtype)}, "
                 f"the layout says {list(info.shape)} {info.dtype}."
             )
-        data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        # In slices: one bytes copy of a whole 1 GiB embedding would double the writer's peak.
-        for start in range(0, data.size, _WRITE_SLICE):
-            self._emit(data[start:start + _WRITE_SLICE].tobytes())
+        t = t.cpu().contiguous().reshape(-1)
+        if t.numel():
+            self._emit(memoryview(t.view(torch.uint8).numpy()))  # no copy: written straight from the tensor
         self._next += 1
 
     def close(self) -> str:

@@ -93,28 +93,48 @@ def group_by_weights(weights: Tensor) -> list[tuple[Tensor, Tensor]]:
     return groups
 
 
+def signed_plane(mask: Tensor, positive: Tensor) -> Tensor:
+    """M⊙S as int8: +1 kept and positive, −1 kept and negative, 0 dropped (one byte per element).
+
+    The planes of every task are made once per evaluation; each weight vector's model is then
+    :func:`combine_signed` of them, with no mask or sign work per weight vector.
+    """
+    return torch.where(mask, torch.where(positive, 1, -1), 0).to(torch.int8)
+
+
+def combine_signed(base: Tensor, planes: Sequence[tuple[Tensor, float]], weights: Sequence[float] | Tensor) -> Tensor:
+    """θ(x) = θ0 + Σt wt·λt·Mt⊙St (docs/MATH.md "Auto-Switch"; paper 000 eq. 8) for one tensor, in the
+    base dtype, from the tasks' :func:`signed_plane` and knobs ``planes[t] = (plane, λt)``.
+
+    Accumulated in fp32 in task order; tasks with wt = 0 are skipped. Each term is the fp32 product
+    (wt·λt)·(±1 or 0), so the sum does not depend on how the planes are stored.
+    """
+    w = [float(v) for v in (weights.tolist() if isinstance(weights, Tensor) else weights)]
+    if len(w) != len(planes):
+        raise ConfigError(f"auto-switch: {len(w)} weights for {len(planes)} task switches.")
+    acc = base.to(torch.float32)
+    for (plane, knob), wt in zip(planes, w, strict=True):
+        if wt == 0.0:
+            continue
+        acc = acc + (wt * float(knob)) * plane.to(acc.device).reshape(acc.shape)
+    return acc.to(base.dtype)
+
+
 def combine_switches(
     base: Tensor,
     switches: Sequence[tuple[Tensor, Tensor, float]],
     weights: Sequence[float] | Tensor,
 ) -> Tensor:
-    """θ(x) = θ0 + Σt wt·λt·Mt⊙St (docs/MATH.md "Auto-Switch"; paper 000 eq. 8) for one tensor, in the
-    base dtype.
+    """:func:`combine_signed` (paper 000 eq. 8) from the switches as stored by T-Switch.
 
-    ``switches[t] = (mask, positive, knob)`` as stored by T-Switch (``positive``
-    is the sign bit of kept elements). Accumulated in fp32 in task order;
-    tasks with wt = 0 are skipped.
+    ``switches[t] = (mask, positive, knob)`` (``positive`` is the sign bit of kept elements).
     """
     w = [float(v) for v in (weights.tolist() if isinstance(weights, Tensor) else weights)]
     if len(w) != len(switches):
         raise ConfigError(f"auto-switch: {len(w)} weights for {len(switches)} task switches.")
-    acc = base.to(torch.float32)
-    for (mask, positive, knob), wt in zip(switches, w, strict=True):
-        if wt == 0.0:
-            continue
-        signed = torch.where(positive, 1.0, -1.0).to(acc.device)
-        acc = acc + (wt * float(knob)) * torch.where(mask.to(acc.device), signed, 0.0).reshape(acc.shape)
-    return acc.to(base.dtype)
+    planes = [(signed_plane(mask, positive) if wt != 0.0 else mask, knob)
+              for (mask, positive, knob), wt in zip(switches, w, strict=True)]
+    return combine_signed(base, planes, w)
 
 
 class AutoSwitchOptions(EvalTimeOptions):

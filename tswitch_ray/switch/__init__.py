@@ -10,7 +10,7 @@ bucket ids (over |x|, as :func:`select.fine_histograms`).
 """
 
 from tswitch_ray.switch.binarize import KNOB_MODES, KeptStats, KnobMode, binarize, binarize_many, kept_stats, knob
-from tswitch_ray.switch.reconstruct import reconstruct, switch_delta
+from tswitch_ray.switch.reconstruct import reconstruct, reconstruct_into, switch_delta
 from tswitch_ray.switch.select import (
     N_BUCKETS,
     add_fine,
@@ -60,6 +60,7 @@ __all__ = [
     "lora_task_vector",
     "p_discard",
     "reconstruct",
+    "reconstruct_into",
     "refine_buckets",
     "refine_request",
     "resolve",
