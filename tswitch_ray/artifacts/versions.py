@@ -202,7 +202,8 @@ class VersionStore:
     def _lost_race(self) -> CommitConflict:
         return CommitConflict(f"{self.uri}: another build committed a new version here while this one ran, so this "
                               "build lost the race and stopped; nothing of it was committed and its staged parts "
-                              "were removed. Run the build again to make a version on top of that one.")
+                              "were removed. Run the build again to make a version on top of that one (or with --overwrite "
+                              "to replace it, if it was built with other options).")
 
     def discard(self, task_keys: Sequence[str]) -> None:
         """After a lost race: remove the staged folders of ``task_keys`` that the current head does not list
