@@ -5,6 +5,7 @@ test_reconstruct_into_a_full_disk.)"""
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -27,5 +28,6 @@ def test_disk_full_mid_build_then_rerun_with_room(zoo, clean, tmp_path):
         remount(disk, f"size={4 * total}")
         rerun = subprocess.run([c for c in cmd if c != "--quiet"], capture_output=True, text=True, timeout=EVENT_S)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
-        assert f"({len(staged)})" in " ".join(rerun.stdout.split())  # "shards (reused)  N (M)"
+        # "tasks computed / reused  T / 0 (parts C / R)": the (task, shard) parts staged before the disk filled are reused
+        assert re.search(rf"\(parts \d+ / {len(staged)}\)", " ".join(rerun.stdout.split())), rerun.stdout
         assert parts_of(out) == parts_of(clean)
