@@ -29,13 +29,12 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_build import GiB, emit_result, floor_loop, gib, idle_ray_baseline, measure, zoo_files, zoo_numel  # noqa: E402
+from bench_build import emit_result, floor_loop, gib, idle_ray_baseline, measure, zoo_files, zoo_numel  # noqa: E402
 
 
 def emr_load_everything(zoo_uri: str, out_dir: str) -> list[str]:

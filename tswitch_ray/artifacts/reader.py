@@ -293,29 +293,27 @@ class ArtifactReader:
         row, part = self._find_row(self._task(task), self._alpha(alpha), tensor, None)
         return self._decode_row(row, part)
 
+    def _task_rows(self, task: str, alpha: float) -> Iterator[tuple[dict[str, Any], PartEntry]]:
+        """Every row of ``task`` at ``alpha`` with its part, one part in memory at a time."""
+        task, a = self._task(task), self._alpha(alpha)
+        flt = [("task", "==", task), ("alpha", "==", a)]
+        for p in self._m.parts:
+            if not self._holds(p, task):
+                continue
+            t = self._read(p, None, flt)
+            for batch in t.to_batches(max_chunksize=1):
+                for row in batch.to_pylist():
+                    yield row, p
+
     def iter_encoded(self, task: str, alpha: float) -> Iterator[tuple[str, EncodedSwitch, tuple[int, ...], float, str]]:
         """Yield ``(tensor, encoded switch, shape, knob, where)`` for every tensor, checked as :meth:`switch` but
         not decoded; ``where`` names the row for a decode error. One part in memory at a time."""
-        task, a = self._task(task), self._alpha(alpha)
-        flt = [("task", "==", task), ("alpha", "==", a)]
-        for p in self._m.parts:
-            if not self._holds(p, task):
-                continue
-            t = self._read(p, None, flt)
-            for batch in t.to_batches(max_chunksize=1):
-                for row in batch.to_pylist():
-                    enc, shape, knob = self._encoded_row(row, p)
-                    yield row["tensor"], enc, shape, knob, self._where(row, p)
+        for row, p in self._task_rows(task, alpha):
+            enc, shape, knob = self._encoded_row(row, p)
+            yield row["tensor"], enc, shape, knob, self._where(row, p)
 
     def iter_switches(self, task: str, alpha: float) -> Iterator[tuple[str, np.ndarray, np.ndarray, float]]:
         """Yield ``(tensor, mask, positive, knob)`` for every tensor, one part in memory at a time."""
-        task, a = self._task(task), self._alpha(alpha)
-        flt = [("task", "==", task), ("alpha", "==", a)]
-        for p in self._m.parts:
-            if not self._holds(p, task):
-                continue
-            t = self._read(p, None, flt)
-            for batch in t.to_batches(max_chunksize=1):
-                for row in batch.to_pylist():
-                    mask, positive, knob = self._decode_row(row, p)
-                    yield row["tensor"], mask, positive, knob
+        for row, p in self._task_rows(task, alpha):
+            mask, positive, knob = self._decode_row(row, p)
+            yield row["tensor"], mask, positive, knob

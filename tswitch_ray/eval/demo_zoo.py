@@ -44,7 +44,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -450,9 +450,12 @@ def _write_description(out: Path, seed: int, cfg: DemoZooConfig, h: str) -> None
     atomic_write(str(out / "demo.json"), json.dumps(demo, indent=2).encode())
 
 
-def _write_manifest(out: Path, cfg: DemoZooConfig, h: str) -> Path:
-    """``zoo.yaml``, the zoo manifest of README.md; returns its path."""
-    manifest = {"name": ZOO_NAME, "base": "base.safetensors", "tasks": [{"name": t, "uri": f"tasks/{t}.safetensors"} for t in cfg.tasks]}
-    text = f"# tswitch demo zoo (recipe {h}); see demo.json and zoo_report.json\n" + yaml.safe_dump(manifest, sort_keys=False)
-    atomic_write(str(out / "zoo.yaml"), text.encode())
+def write_zoo_manifest(out: Path, name: str, tasks: Sequence[str], header: str) -> Path:
+    """``zoo.yaml`` (the zoo manifest of README.md) of a zoo made here, under a ``# header`` line; returns its path."""
+    manifest = {"name": name, "base": "base.safetensors", "tasks": [{"name": t, "uri": f"tasks/{t}.safetensors"} for t in tasks]}
+    atomic_write(str(out / "zoo.yaml"), (f"# {header}\n" + yaml.safe_dump(manifest, sort_keys=False)).encode())
     return out / "zoo.yaml"
+
+
+def _write_manifest(out: Path, cfg: DemoZooConfig, h: str) -> Path:
+    return write_zoo_manifest(out, ZOO_NAME, cfg.tasks, f"tswitch demo zoo (recipe {h}); see demo.json and zoo_report.json")

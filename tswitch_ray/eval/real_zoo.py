@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from tswitch_ray.errors import ConfigError
 from tswitch_ray.eval import _tasks
@@ -55,6 +54,7 @@ from tswitch_ray.eval.demo_zoo import (
     _finetune,
     _timed,
     _train_probe,
+    write_zoo_manifest,
 )
 from tswitch_ray.eval.evaluate import evaluate
 from tswitch_ray.io.atomic import atomic_write, read_bytes
@@ -233,7 +233,5 @@ def _write_description(out: Path, seed: int, cfg: RealZooConfig, h: str) -> None
 
 
 def _write_manifest(out: Path, cfg: RealZooConfig, h: str) -> Path:
-    manifest = {"name": ZOO_NAME, "base": "base.safetensors", "tasks": [{"name": t, "uri": f"tasks/{t}.safetensors"} for t in cfg.tasks]}
-    text = f"# tswitch real-model zoo (recipe {h}): silero-vad's pretrained network fine-tuned here; see demo.json\n" + yaml.safe_dump(manifest, sort_keys=False)
-    atomic_write(str(out / "zoo.yaml"), text.encode())
-    return out / "zoo.yaml"
+    return write_zoo_manifest(out, ZOO_NAME, cfg.tasks,
+                              f"tswitch real-model zoo (recipe {h}): silero-vad's pretrained network fine-tuned here; see demo.json")
