@@ -87,7 +87,7 @@ class SwitchServer:
 
     def __init__(self, artifacts: str, zoo: str | None = None, *, device: str | torch.device | None = None,
                  storage_options: dict[str, Any] | None = None, max_cached_tasks: int = 64) -> None:
-        from tswitch_ray.reconstruct import open_switches
+        from tswitch_ray.switch_sets import open_switches
 
         self.reader, zoo_obj = open_switches(artifacts, zoo, storage_options)
         self.device = pick_device(str(device) if device is not None else None)
@@ -106,7 +106,7 @@ class SwitchServer:
         return self.reader.alphas
 
     def _alpha(self, alpha: float | None) -> float:
-        from tswitch_ray.reconstruct import match_alpha
+        from tswitch_ray.switch_sets import match_alpha
 
         if alpha is None:
             if len(self.alphas) != 1:

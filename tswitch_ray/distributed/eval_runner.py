@@ -246,7 +246,7 @@ def _check_artifacts(cfg: EvalConfig, specs: Sequence[MethodSpec], tasks: Sequen
     artifacts); every artifact set is opened once however many methods use it.
     """
     from tswitch_ray.artifacts import ArtifactReader
-    from tswitch_ray.reconstruct import check_built_from, match_alpha
+    from tswitch_ray.switch_sets import check_built_from, match_alpha
 
     fingerprint: str | None = None
     readers: dict[str, ArtifactReader] = {}

@@ -16,7 +16,8 @@ import torch
 from tswitch_ray.artifacts import ArtifactReader
 from tswitch_ray.io.safetensors import read_safetensors
 from tswitch_ray.methods.storage import StorageModel
-from tswitch_ray.reconstruct import iter_reconstructed, match_alpha, open_switches
+from tswitch_ray.reconstruct import iter_reconstructed
+from tswitch_ray.switch_sets import match_alpha, open_switches
 from tswitch_ray.zoo import Zoo
 
 Tensor = torch.Tensor
