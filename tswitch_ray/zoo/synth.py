@@ -131,6 +131,31 @@ def _task_vector(name: str, shape: tuple[int, ...], task_index: int, seed: int) 
     return t
 
 
+def _write_vision_checkpoints(out_dir: str, task_names: list[str], params: dict[str, Any],
+                              storage_options: dict[str, Any] | None) -> None:
+    """``base.safetensors`` and one file per task, written together tensor by tensor (one tensor in memory)."""
+    arch, dtype, seed = params["arch"], params["dtype"], params["seed"]
+    st_dtype, torch_dtype = _DTYPES[dtype]
+    layout = vision_tower_layout(arch, params["layers"])
+    width = ARCHS[arch]["width"]
+    st_layout = [(n, s, st_dtype) for n, s in layout]
+
+    def meta(role: str) -> dict[str, str]:
+        return {"format": "pt", "tswitch_synth": json.dumps({**params, "role": role})}
+
+    roles = [("base", "base.safetensors")] + [(t, f"{t}.safetensors") for t in task_names]
+    opened = (SafetensorsStreamWriter(join_uri(out_dir, f), st_layout, storage_options, meta(r)) for r, f in roles)
+    with all_or_none(opened) as writers:
+        for tname, shape in layout:
+            base = _base_tensor(tname, shape, width, seed).to(torch_dtype)
+            writers[0].write(tname, base)
+            base32 = base.float()
+            for k in range(1, len(task_names) + 1):
+                theta = (base32 + _task_vector(tname, shape, k, seed)).to(torch_dtype)
+                writers[k].write(tname, theta)
+            del base, base32
+
+
 def synth_zoo(
     arch: str,
     n_tasks: int,
@@ -166,29 +191,11 @@ def synth_zoo(
         raise ConfigError(f"unknown dtype {dtype!r} for a synthetic zoo; choose fp16, fp32 or bf16.")
     if n_tasks < 1:
         raise ConfigError(f"a synthetic zoo needs at least one task, got n_tasks={n_tasks}.")
-    st_dtype, torch_dtype = _DTYPES[dtype]
-    layout = vision_tower_layout(arch, layers)
-    width = ARCHS[arch]["width"]
     digits = max(2, len(str(n_tasks)))
     task_names = [f"task_{i:0{digits}d}" for i in range(1, n_tasks + 1)]
     out_dir = out_dir.rstrip("/") or out_dir
-    st_layout = [(n, s, st_dtype) for n, s in layout]
     params = {"arch": arch, "n_tasks": n_tasks, "dtype": dtype, "seed": seed, "layers": layers}
-
-    def meta(role: str) -> dict[str, str]:
-        return {"format": "pt", "tswitch_synth": json.dumps({**params, "role": role})}
-
-    roles = [("base", "base.safetensors")] + [(t, f"{t}.safetensors") for t in task_names]
-    opened = (SafetensorsStreamWriter(join_uri(out_dir, f), st_layout, storage_options, meta(r)) for r, f in roles)
-    with all_or_none(opened) as writers:
-        for tname, shape in layout:
-            base = _base_tensor(tname, shape, width, seed).to(torch_dtype)
-            writers[0].write(tname, base)
-            base32 = base.float()
-            for k in range(1, n_tasks + 1):
-                theta = (base32 + _task_vector(tname, shape, k, seed)).to(torch_dtype)
-                writers[k].write(tname, theta)
-            del base, base32
+    _write_vision_checkpoints(out_dir, task_names, params, storage_options)
     manifest = {
         "name": name or f"synth-{arch}-{n_tasks}x-{dtype}" + (f"-{layers}l" if layers is not None else ""),
         "base": "base.safetensors",
