@@ -126,3 +126,41 @@ def test_eval_refuses_adapter_tasks_of_an_unsupported_kind_before_any_merge(tmp_
                                           r"'hf_image_classifier' adapter"):
         run_eval(_eval_config(tmp_path, "hf_image_classifier", "wrong"), show_progress=False)
     assert not (tmp_path / "wrong").exists()  # nothing merged, nothing written
+
+
+def test_image_classifier_adapter_tasks_give_peft_logits(tmp_path):
+    """The image kind: a ConvNeXt classifier's adapters (LoRA on its pointwise linears), heads in modules_to_save,
+    logits as peft's model gives them.
+
+    ConvNeXt, because transformers 5 saves its module names as they are; ViT, Swin and BEiT modules are renamed
+    at load (``q_proj`` in the model, ``attention.query`` in the file), and a peft adapter carries the model's names.
+    """
+    cfg = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=LABELS)
+    torch.manual_seed(0)
+    transformers.ConvNextForImageClassification(cfg).save_pretrained(str(tmp_path / "base"))
+    pixels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    ref = {}
+    for i, task in enumerate(TASKS):
+        model = transformers.ConvNextForImageClassification.from_pretrained(str(tmp_path / "base")).eval()
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["pwconv1", "pwconv2"],
+                                                        modules_to_save=["classifier"]))
+        g = torch.Generator().manual_seed(1 + i)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+                elif "modules_to_save" in name:
+                    p.add_(torch.randn(p.shape, generator=g))
+        pm.save_pretrained(str(tmp_path / task))
+        with torch.no_grad():
+            ref[task] = pm.eval()(pixel_values=pixels).logits
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({"name": "v", "base": "base", "exclude": ["classifier.*"],
+                                                      "tasks": [{"name": t, "uri": t} for t in TASKS]}))
+    adapter = adapter_from_spec({"kind": "hf_image_classifier", "base": "base", "tasks": {t: t for t in TASKS}},
+                                str(tmp_path))
+    zoo = load_zoo(str(tmp_path / "zoo.yaml"))
+    for task in TASKS:
+        model = adapter.build(read_checkpoint(zoo, task)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(adapter.logits(model, pixels, task), ref[task], atol=1e-5, rtol=0)
+    assert (ref["t1"] - ref["t2"]).abs().max() > 0.1
