@@ -22,7 +22,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from tswitch_ray.distributed.eval_runner import run_eval  # noqa: E402
-from tswitch_ray.errors import ConfigError  # noqa: E402
+from tswitch_ray.errors import ConfigError, ZooError  # noqa: E402
 from tswitch_ray.eval.adapters import adapter_from_spec  # noqa: E402
 from tswitch_ray.eval.config import EvalConfig, MethodSpec  # noqa: E402
 from tswitch_ray.eval.datasets import write_token_parquet  # noqa: E402
@@ -164,3 +164,14 @@ def test_image_classifier_adapter_tasks_give_peft_logits(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(adapter.logits(model, pixels, task), ref[task], atol=1e-5, rtol=0)
     assert (ref["t1"] - ref["t2"]).abs().max() > 0.1
+
+
+def test_adapter_task_on_a_bare_base_is_a_clear_error(tmp_path):
+    """A base saved as the bare BertModel has no head for an adapter task to read: refused naming both folders."""
+    torch.manual_seed(0)
+    transformers.BertModel(_config(), add_pooling_layer=False).save_pretrained(str(tmp_path / "base"))
+    model = transformers.BertModel.from_pretrained(str(tmp_path / "base"))
+    peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["query", "value"])).save_pretrained(str(tmp_path / "t1"))
+    with pytest.raises(ZooError, match=r"t1: a PEFT adapter task is read against the base .*base, whose checkpoint has "
+                                       r"no bert\.\* tensors \(a bare base model\); save the base as the \*For\*Classification"):
+        adapter_from_spec({"kind": "hf_sequence_classifier", "base": "base", "tasks": {"t1": "t1"}}, str(tmp_path))

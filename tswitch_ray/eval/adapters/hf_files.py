@@ -16,9 +16,9 @@ import torch
 
 from tswitch_ray.errors import ZooError
 from tswitch_ray.io.atomic import exists, read_bytes
-from tswitch_ray.io.fs import resolve_uri
 from tswitch_ray.io.checkpoints import CheckpointReader
-from tswitch_ray.io.peft import is_adapter_folder
+from tswitch_ray.io.fs import resolve_uri
+from tswitch_ray.io.peft import PeftAdapterReader, is_adapter_folder
 from tswitch_ray.io.readers import open_checkpoint, open_task
 
 
@@ -79,6 +79,12 @@ def task_head_tensors(folder: str, storage_options: Mapping[str, Any] | None, ba
     head = [k for k in names if not k.startswith(backbone_prefix)]
     if len(head) == len(names) or not head:
         what = f"no {backbone_prefix}* tensors (a bare base model)" if head else f"no tensors outside {backbone_prefix}* (no head)"
+        if isinstance(reader, PeftAdapterReader):  # its names are the base's
+            raise ZooError(
+                f"{folder}: a PEFT adapter task is read against the base {base}, whose checkpoint has {what}; save the "
+                "base as the *For*Classification class the adapter was trained on (its head then is the base's "
+                "classifier.* as the adapter's modules_to_save changes it)."
+            )
         raise ZooError(
             f"{folder}: checkpoint has {what}; each task folder must be the task's *For*Classification model, "
             "saved with save_pretrained, carrying its own classification head (classifier.*)."
