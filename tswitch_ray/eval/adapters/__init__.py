@@ -19,7 +19,8 @@ Modules (one job each; every byte they read goes through :mod:`tswitch_ray.io`):
   :func:`save_head`, :func:`load_head`, :func:`load_heads_dir`.
 * :mod:`.hf_files` - reading Hugging Face folders: tensors (single, sharded or
   ``pytorch_model.bin``, as the build reads them), JSON configs, image
-  statistics, each task's own head tensors.
+  statistics, each task's own head tensors (a PEFT adapter task's read
+  through the adapter against the base).
 * :mod:`.open_clip` - :class:`OpenClipVisionAdapter` (open_clip vision towers,
   ``model.visual.*`` / ``visual.*`` / bare keys).
 * :mod:`.hf_clip` - :class:`HFCLIPVisionAdapter` (``CLIPVisionModel`` folders).

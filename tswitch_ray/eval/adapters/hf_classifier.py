@@ -14,6 +14,14 @@ Models are made with ``from_config`` and filled with ``load_state_dict``:
 nothing from a checkpoint folder runs (no ``from_pretrained`` code path, never
 ``trust_remote_code``). Supported model types are checked from the folders'
 ``config.json`` before any work (:func:`check_model_types`).
+
+A task may be a PEFT LoRA adapter folder (``adapter_config.json``, no
+``config.json``): it is the base's model, so its config is the base's
+``config.json`` (``base_model_name_or_path`` is never read), and its head is the
+base's head tensors read through the adapter
+(:func:`~tswitch_ray.io.readers.open_task`): θ0 + τ, i.e. the classifier
+peft saved in ``modules_to_save``. Its label count is the base head's: the
+reader refuses a ``modules_to_save`` tensor of another shape.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from torch import nn
 from tswitch_ray.errors import ConfigError, ZooError
 from tswitch_ray.eval.adapters.base import AdapterBase, hf_key_map
 from tswitch_ray.eval.adapters.hf_files import (
+    is_adapter_task,
     preprocessor_config,
     read_json,
     task_head_tensors,
@@ -87,8 +96,14 @@ def _read_config(folder: str, kind: str, modality: str, storage_options: Mapping
 
 def check_model_types(base: str, task_folders: Mapping[str, str], kind: str, modality: str,
                       storage_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Every folder's ``config.json`` read and checked (supported, the base's model type); by folder."""
-    raws = {f: _read_config(f, kind, modality, storage_options) for f in [base, *task_folders.values()]}
+    """Every folder's ``config.json`` read and checked (supported, the base's model type); by folder.
+
+    A PEFT adapter task has no ``config.json`` of its own: it is the base's model, so it gets the base's.
+    """
+    raws = {base: _read_config(base, kind, modality, storage_options)}
+    for folder in task_folders.values():
+        adapter = is_adapter_task(folder, storage_options)
+        raws[folder] = raws[base] if adapter else _read_config(folder, kind, modality, storage_options)
     mt = raws[base]["model_type"]
     for task, folder in task_folders.items():
         if raws[folder]["model_type"] != mt:
@@ -114,14 +129,16 @@ def _full_model(modality: str, config: Any, meta: bool) -> nn.Module:
         return auto.from_config(config, dtype=torch.float32)
 
 
-def _head_shell(modality: str, config: Any, folder: str, storage_options: Mapping[str, Any] | None) -> tuple[nn.Module, str]:
-    """The task's own classifier with an empty backbone slot, its head loaded from ``folder``; and the slot's name."""
+def _head_shell(modality: str, config: Any, folder: str, storage_options: Mapping[str, Any] | None,
+                base: str) -> tuple[nn.Module, str]:
+    """The task's own classifier with an empty backbone slot, its head loaded from ``folder`` (an adapter
+    folder read against ``base``); and the slot's name."""
     shell = _full_model(modality, config, meta=True)
     prefix = shell.base_model_prefix
     shell.to_empty(device="cpu")  # uninitialised storage (untouched pages), only to read transformers' key map
     to_module = {f: m for f, m in hf_key_map(shell, folder).items() if not m.startswith(prefix + ".")}
     setattr(shell, prefix, nn.Module())
-    tensors = task_head_tensors(folder, storage_options, prefix + ".")
+    tensors = task_head_tensors(folder, storage_options, prefix + ".", base)
     sd = {to_module.get(k, k): v for k, v in tensors.items() if not any(i in k for i in _IGNORED)}
     own = shell.state_dict()
     missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
@@ -212,7 +229,7 @@ class HFClassifierAdapter(AdapterBase):
         prefix = ""
         for task, folder in task_folders.items():
             configs[task] = _config(raws[folder])
-            shells[task], prefix = _head_shell(modality, configs[task], folder, storage_options)
+            shells[task], prefix = _head_shell(modality, configs[task], folder, storage_options, base)
         extra: dict[str, Any] = {}
         if modality == "image":
             extra = _image_settings(base, raws[base], storage_options)

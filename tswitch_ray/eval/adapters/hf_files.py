@@ -16,8 +16,10 @@ import torch
 
 from tswitch_ray.errors import ZooError
 from tswitch_ray.io.atomic import exists, read_bytes
+from tswitch_ray.io.checkpoints import CheckpointReader
 from tswitch_ray.io.fs import resolve_uri
-from tswitch_ray.io.readers import open_checkpoint
+from tswitch_ray.io.peft import PeftAdapterReader, is_adapter_folder
+from tswitch_ray.io.readers import open_checkpoint, open_task
 
 
 def read_json(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -52,13 +54,37 @@ def preprocessor_config(folder: str, storage_options: Mapping[str, Any] | None) 
     return read_json(uri, storage_options) if exists(uri, dict(storage_options or {})) else {}
 
 
-def task_head_tensors(folder: str, storage_options: Mapping[str, Any] | None, backbone_prefix: str) -> dict[str, torch.Tensor]:
-    """A task checkpoint's own head: every tensor outside ``backbone_prefix`` (e.g. ``classifier.*``, DeBERTa's ``pooler.*``)."""
-    reader = open_checkpoint(folder, dict(storage_options or {}))
+def is_adapter_task(folder: str, storage_options: Mapping[str, Any] | None) -> bool:
+    """Whether the task ``folder`` is a PEFT LoRA adapter (``adapter_config.json``), read against the base."""
+    return is_adapter_folder(folder, dict(storage_options or {}))
+
+
+def task_reader(folder: str, base: str, storage_options: Mapping[str, Any] | None) -> CheckpointReader:
+    """The task's tensors as the build reads them: a full folder, or an adapter as θ0 + τ of the base's names."""
+    so = dict(storage_options or {})
+    if is_adapter_task(folder, so):
+        return open_task(folder, open_checkpoint(base, so), so)
+    return open_checkpoint(folder, so)
+
+
+def task_head_tensors(folder: str, storage_options: Mapping[str, Any] | None, backbone_prefix: str,
+                      base: str | None = None) -> dict[str, torch.Tensor]:
+    """A task checkpoint's own head: every tensor outside ``backbone_prefix`` (e.g. ``classifier.*``, DeBERTa's ``pooler.*``).
+
+    With ``base``, a PEFT adapter folder is read against it: its head is the base's head tensors
+    as the adapter changes them (θ0 + τ; a ``modules_to_save`` classifier is the trained one).
+    """
+    reader = task_reader(folder, base, storage_options) if base is not None else open_checkpoint(folder, dict(storage_options or {}))
     names = list(reader.infos())
     head = [k for k in names if not k.startswith(backbone_prefix)]
     if len(head) == len(names) or not head:
         what = f"no {backbone_prefix}* tensors (a bare base model)" if head else f"no tensors outside {backbone_prefix}* (no head)"
+        if isinstance(reader, PeftAdapterReader):  # its names are the base's
+            raise ZooError(
+                f"{folder}: a PEFT adapter task is read against the base {base}, whose checkpoint has {what}; save the "
+                "base as the *For*Classification class the adapter was trained on (its head then is the base's "
+                "classifier.* as the adapter's modules_to_save changes it)."
+            )
         raise ZooError(
             f"{folder}: checkpoint has {what}; each task folder must be the task's *For*Classification model, "
             "saved with save_pretrained, carrying its own classification head (classifier.*)."

@@ -27,6 +27,7 @@ def adapter_from_spec(spec: Mapping[str, Any], base_uri: str = "", storage_optio
     * ``{"kind": "open_clip", "model": "ViT-B-32" | {config dict}, "heads": "heads", "tasks": [...]?, "mean": [...]?, "std": [...]?}``
     * ``{"kind": "hf_clip_vision", "folder": "base_hf", "heads": "heads", "tasks": [...]?}``
     * ``{"kind": "hf_image_classifier" | "hf_sequence_classifier", "base": "base_folder", "tasks": {"task": "folder", ...}}``
+      (a task folder is a ``save_pretrained`` folder, or a PEFT LoRA adapter folder of the base)
       (``hf_vit_classifier`` is the image kind's former name; docs/EVAL.md walks through one)
     * ``{"kind": "silero_vad", "heads": "heads", "tasks": [...]?}`` (the real-model zoo, :mod:`.silero`)
     """
