@@ -43,7 +43,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_build import _pss_bytes, gib  # noqa: E402
+from bench_build import _pss_bytes, gib
 
 REPO = Path(__file__).resolve().parent.parent
 ANCHORS = {"mergekit": "mergekit==0.1.5", "fusion-bench": "fusion-bench==0.2.33"}
@@ -82,12 +82,12 @@ def ensure_venv(cache: Path, name: str, spec: str, python: str) -> Venv:
         path.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([python, "-m", "venv", str(path)], check=True)
         p = subprocess.run([*pip, "install", "-q", "-c", str(REPO / "constraints.txt"), spec],
-                           capture_output=True, text=True)
+                           check=False, capture_output=True, text=True)
         if p.returncode != 0:
             lines = [ln for ln in (p.stderr + p.stdout).splitlines() if not ln.startswith("WARNING: Location")]
             return Venv(name, spec, str(path), False, "\n".join(lines[-15:]))
         marker.write_text(spec)
-    show = subprocess.run([*pip, "show", name], capture_output=True, text=True).stdout
+    show = subprocess.run([*pip, "show", name], check=False, capture_output=True, text=True).stdout
     version = next((ln.split(":", 1)[1].strip() for ln in show.splitlines() if ln.startswith("Version:")), "")
     return Venv(name, spec, str(path), True, version=version)
 
@@ -166,26 +166,29 @@ def make_zoo(data: Path, arch: str, layers: int, tasks: int) -> Path:
     return out / "zoo.yaml"
 
 
-def zoo_folders(zoo_yaml: Path) -> tuple[str, dict[str, str]]:
-    """The base folder and {task: folder} of a synthetic LLM zoo (HF folders mergekit can read)."""
+def zoo_models(zoo_yaml: Path) -> tuple[str, dict[str, str]]:
+    """The base and {task: path} of a zoo: an HF folder (LLM zoos; what mergekit reads) or one safetensors file."""
     from tswitch_ray.zoo import load_zoo
 
     zoo = load_zoo(str(zoo_yaml))
     raw = yaml.safe_load(zoo_yaml.read_text())
-    root = zoo_yaml.parent
 
-    def folder(entry: Any) -> str:
+    def path(entry: Any) -> str:
         p = entry if isinstance(entry, str) else entry.get("path") or entry.get("uri")
-        p = Path(p) if os.path.isabs(p) else root / p
-        return str(p if p.is_dir() else p.parent)
+        return str(Path(p) if os.path.isabs(p) else zoo_yaml.parent / p)
 
     tasks = raw["tasks"]
     by_name = tasks if isinstance(tasks, dict) else {t["name"]: t for t in tasks}
-    return folder(raw["base"]), {n: folder(by_name[n]) for n in zoo.task_names}
+    return path(raw["base"]), {n: path(by_name[n]) for n in zoo.task_names}
+
+
+def model_files(path: str) -> list[Path]:
+    p = Path(path)
+    return sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
 
 
 def zoo_bytes(base: str, tasks: dict[str, str]) -> int:
-    return sum(p.stat().st_size for d in [base, *tasks.values()] for p in Path(d).glob("*.safetensors"))
+    return sum(f.stat().st_size for m in [base, *tasks.values()] for f in model_files(m))
 
 
 def mergekit_config(method: str, base: str, tasks: dict[str, str], k: float, scale: float) -> dict[str, Any]:
@@ -205,16 +208,17 @@ def mergekit_config(method: str, base: str, tasks: dict[str, str], k: float, sca
 # --------------------------------------------------------------------------- comparing weights
 
 
-def compare(ours: Path, theirs: Path) -> dict[str, Any]:
-    """Per tensor: max |ours − theirs| and the fraction of entries that differ (fp32 comparison)."""
+def compare(ours: list[Path], theirs: list[Path], prefix: str = "") -> dict[str, Any]:
+    """Per tensor of one model (its files ``ours`` / ``theirs``): max |ours − theirs|, the fraction of entries
+    that differ and of those that differ by more than one unit in the last place (fp32 comparison)."""
     import torch
     from safetensors import safe_open
 
-    def index(folder: Path) -> dict[str, Path]:
+    def index(files: list[Path]) -> dict[str, Path]:
         out = {}
-        for f in sorted(folder.glob("*.safetensors")):
+        for f in files:
             with safe_open(str(f), framework="pt") as h:
-                out.update({k: f for k in h.keys()})
+                out.update({k: f for k in h.keys()})  # noqa: SIM118 (a safe_open handle, not a dict)
         return out
 
     a, b = index(ours), index(theirs)
@@ -226,7 +230,7 @@ def compare(ours: Path, theirs: Path) -> dict[str, Any]:
         d = (x - y).abs()
         # one unit in the last place of their value, in their dtype: rounding alone stays within it
         ulp = (torch.nextafter(y16, torch.full_like(y16, float("inf"))).float() - y).abs()
-        rows.append({"tensor": name, "max_abs_diff": float(d.max()), "frac_differ": float((d > 0).float().mean()),
+        rows.append({"tensor": prefix + name, "max_abs_diff": float(d.max()), "frac_differ": float((d > 0).float().mean()),
                      "frac_beyond_1ulp": float((d > ulp).float().mean()), "max_abs_value": float(y.abs().max()),
                      "numel": y.numel()})
     return {"tensors": rows, "only_ours": sorted(set(a) - set(b)), "only_theirs": sorted(set(b) - set(a))}
@@ -266,12 +270,42 @@ def bench_method(method: str, zoo_yaml: Path, base: str, tasks: dict[str, str], 
             print(f"  {method} {label}: {r.seconds:.1f} s, PSS {gib(r.pss)}, RSS {gib(r.rss)}, "
                   f"load {r.load_before:.1f}->{r.load_after:.1f}", flush=True)
     best_o, best_t = min(ours, key=lambda r: r.seconds), min(theirs, key=lambda r: r.seconds)
-    diff = compare(ours_out, theirs_out)
-    return {"method": method, "ours": [asdict(r) | {"output": r.output[-600:]} for r in ours],
-            "mergekit": [asdict(r) | {"output": r.output[-600:]} for r in theirs],
+    diff = compare(sorted(ours_out.glob("*.safetensors")), sorted(theirs_out.glob("*.safetensors")))
+    return {"method": method, "anchor": f"mergekit {mk.version}", "ours": [asdict(r) | {"output": r.output[-600:]} for r in ours],
+            "theirs": [asdict(r) | {"output": r.output[-600:]} for r in theirs],
             "time_ratio": best_o.seconds / best_t.seconds, "pss_ratio": best_o.pss / best_t.pss,
             "rss_ratio": best_o.rss / best_t.rss, "bytes_read": _read_bytes(best_o.output), "compare": diff,
             "mergekit_config": yaml.safe_load(cfg_path.read_text())}
+
+
+def bench_emr(zoo_yaml: Path, base: str, tasks: dict[str, str], fb: Venv, work: Path,
+              args: argparse.Namespace) -> dict[str, Any]:
+    """`tswitch merge --method emr` against FusionBench's ``emr_merge`` (fusionbench_emr_driver.py, its venv)."""
+    ours_out, theirs_out = work / "ours-emr", work / "fusionbench-emr"
+    ours_argv = [sys.executable, "-m", "tswitch_ray.cli", "merge", "--zoo", str(zoo_yaml), "--method", "emr",
+                 "--out", str(ours_out), "--overwrite", "--workers", str(args.workers), "-q"]
+    theirs_argv = [str(Path(fb.path) / "bin" / "python"), str(Path(__file__).with_name("fusionbench_emr_driver.py")),
+                   str(theirs_out), base, *(f"{n}={d}" for n, d in tasks.items())]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ours, theirs = [], []
+    for i in range(args.repeat):
+        order = [("ours", ours_argv, ours, ours_out), ("fusionbench", theirs_argv, theirs, theirs_out)]
+        for label, argv, acc, out in (order if i % 2 == 0 else order[::-1]):
+            if out.exists():
+                shutil.rmtree(out)
+            r = run_measured(f"{label} emr", argv, env=env if label == "ours" else None)
+            acc.append(r)
+            print(f"  emr {label}: {r.seconds:.1f} s, PSS {gib(r.pss)}, RSS {gib(r.rss)}, "
+                  f"load {r.load_before:.1f}->{r.load_after:.1f}", flush=True)
+    best_o, best_t = min(ours, key=lambda r: r.seconds), min(theirs, key=lambda r: r.seconds)
+    rows: list[dict[str, Any]] = []
+    for name in tasks:
+        rows += compare([ours_out / f"{name}.safetensors"], [theirs_out / f"{name}.safetensors"], f"{name}:")["tensors"]
+    return {"method": "emr", "anchor": f"FusionBench {fb.version} emr_merge", "ours": [asdict(r) | {"output": r.output[-600:]} for r in ours],
+            "theirs": [asdict(r) | {"output": r.output[-600:]} for r in theirs],
+            "time_ratio": best_o.seconds / best_t.seconds, "pss_ratio": best_o.pss / best_t.pss,
+            "rss_ratio": best_o.rss / best_t.rss, "bytes_read": _read_bytes(best_o.output),
+            "compare": {"tensors": rows, "only_ours": [], "only_theirs": []}}
 
 
 def _weighted(rows: list[dict[str, Any]], key: str) -> str:
@@ -281,18 +315,18 @@ def _weighted(rows: list[dict[str, Any]], key: str) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"load average at start {result['load_start']:.2f}, at end {result['load_end']:.2f}; "
-             f"zoo {gib(result['zoo_bytes'])} ({result['zoo']}); command: `{result['command']}`", "",
-             "| method | ours s | mergekit s | time ratio | ours PSS | mergekit PSS | PSS ratio | ours RSS | "
-             "mergekit RSS | zoo reads (ours) | worst max abs diff | tensors with any diff | entries ≠ | entries > 1 ulp |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [(f"load average at start {result['load_start']:.2f}, at end {result['load_end']:.2f}; "
+              f"zoo {gib(result['zoo_bytes'])} ({result['zoo']}); command: `{result['command']}`"), "",
+             ("| method | anchor | ours s | anchor s | time ratio | ours PSS | anchor PSS | PSS ratio | ours RSS | "
+              "anchor RSS | zoo reads (ours) | worst max abs diff | tensors with any diff | entries ≠ | entries > 1 ulp |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in result["methods"]:
         o = min(m["ours"], key=lambda r: r["seconds"])
-        t = min(m["mergekit"], key=lambda r: r["seconds"])
+        t = min(m["theirs"], key=lambda r: r["seconds"])
         rows = m["compare"]["tensors"]
         worst = max(rows, key=lambda r: r["max_abs_diff"]) if rows else {"max_abs_diff": float("nan"), "tensor": "-"}
         reads = f"{m['bytes_read'] / result['zoo_bytes']:.2f}" if m["bytes_read"] else "?"
-        lines.append(f"| {m['method']} | {o['seconds']:.1f} | {t['seconds']:.1f} | {m['time_ratio']:.2f} | "
+        lines.append(f"| {m['method']} | {m['anchor']} | {o['seconds']:.1f} | {t['seconds']:.1f} | {m['time_ratio']:.2f} | "
                      f"{gib(o['pss'])} | {gib(t['pss'])} | {m['pss_ratio']:.2f} | {gib(o['rss'])} | {gib(t['rss'])} | "
                      f"{reads} | {worst['max_abs_diff']:.3g} ({worst['tensor']}) | "
                      f"{sum(r['max_abs_diff'] > 0 for r in rows)}/{len(rows)} | {_weighted(rows, 'frac_differ')} | "
@@ -317,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--arch", default="llama-1b")
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--tasks", type=int, default=4)
-    ap.add_argument("--method", action="append", choices=["ties", "ta"], default=None)
+    ap.add_argument("--method", action="append", choices=["ties", "ta", "emr"], default=None,
+                    help="ties, ta (against mergekit), emr (against FusionBench); default: all three")
     ap.add_argument("--k", type=float, default=20.0, help="TIES percent kept (mergekit density = k/100)")
     ap.add_argument("--scale", type=float, default=0.3)
     ap.add_argument("--workers", type=int, default=2)
@@ -331,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_start = os.getloadavg()[0]
     venvs = {name: ensure_venv(cache, name, spec, args.python) for name, spec in ANCHORS.items()}
     zoo_yaml = Path(args.zoo) if args.zoo else make_zoo(data, args.arch, args.layers, args.tasks)
-    base, tasks = zoo_folders(zoo_yaml)
+    base, tasks = zoo_models(zoo_yaml)
     result: dict[str, Any] = {
         "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv else "bench_vs_anchors.py",
                              *(argv if argv is not None else sys.argv[1:])]),
@@ -339,9 +374,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "zoo": str(zoo_yaml), "zoo_bytes": zoo_bytes(base, tasks), "load_start": load_start,
         "venvs": [asdict(v) for v in venvs.values()], "methods": []}
     mk = venvs["mergekit"]
+    methods = args.method or ["ties", "ta", "emr"]
     if mk.ok:
-        for method in args.method or ["ties", "ta"]:
+        for method in [m for m in methods if m != "emr"]:
             result["methods"].append(bench_method(method, zoo_yaml, base, tasks, mk, data, args))
+    if venvs["fusion-bench"].ok and "emr" in methods:
+        result["methods"].append(bench_emr(zoo_yaml, base, tasks, venvs["fusion-bench"], data, args))
     result["load_end"] = os.getloadavg()[0]
     print(markdown(result))
     if args.json:
