@@ -183,9 +183,15 @@ class VersionStore:
         if overwrite:
             atomic_write_fs(self.fs, version_file, data)
         elif not create_exclusive_fs(self.fs, version_file, data):
-            # Of two builds committing version N at once, the one that created its file first won.
-            raise self._lost_race()
+            # Of two builds committing version N at once, the one that created its file first won; a file
+            # the head does not reach is an orphan of a build that died before its manifest: replaced.
+            head = self.head()
+            if head is not None and version_of(head) >= int(given["version"]):
+                raise self._lost_race()
+            atomic_write_fs(self.fs, version_file, data)
         atomic_write_fs(self.fs, f"{self.root}/{MANIFEST_NAME}", data)
+        if self.head_raw() != data and not overwrite:
+            raise self._lost_race()  # another build's manifest landed over this one's
         if overwrite:
             self._prune(body)
         return body
