@@ -104,3 +104,34 @@ def test_chunked_build_is_byte_identical(zoo, tmp_path, scope, cut):
     assert not is_chunked(loaded, "t0", "small.bias", 64) and not is_chunked(loaded, "t0", "emb.weight", None)
     whole = build(str(tmp_path / "whole"), None)
     assert build(str(tmp_path / "chunked"), 4 * 64) == whole  # blocks of 64 elements: 1 row of wide, 1 of emb
+
+
+def _bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_chunked_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_chunked_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_chunked_memory", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_chunked_build_peak_rss_is_bounded_by_the_chunk(tmp_path):
+    """One 32000 × 2048 fp16 tensor, 4 tasks, 8 MiB blocks: the build's peak above the fixed overhead stays
+    within 1.25 × the planner's chunked estimate (≈ 8 fp32 copies of a block, the encoder's block
+    temporaries and 6 bits per element for the packed switch), below one fp32 copy of the whole tensor."""
+    from tswitch_ray.distributed.planner import TASK_OVERHEAD_BYTES
+
+    bench = _bench()
+    zoo = bench.write_zoo(tmp_path / "zoo", 32000, 2048, 4)
+    r = bench.run(zoo, tmp_path / "out", 8, [0.6])
+    bound = int(1.25 * r["estimate"])
+    assert bound < 4 * 32000 * 2048  # a build that held one fp32 copy of the tensor would break it
+    assert r["estimate"] + TASK_OVERHEAD_BYTES < 0.25 * (TASK_OVERHEAD_BYTES + 8 * 4 * 32000 * 2048)
+    assert (tmp_path / "out" / "manifest.json").exists()
+    above = r["peak"] - r["overhead"]
+    assert above <= bound, f"peak {above / 2**20:.0f} MiB above the overhead > bound {bound / 2**20:.0f} MiB"

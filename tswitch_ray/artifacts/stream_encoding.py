@@ -19,8 +19,9 @@ import numpy as np
 
 from tswitch_ray.artifacts.encoding import _MAX_K, EncodedSwitch, _downhill_k
 
-# Mask bytes unpacked per block: 4 Mi elements, ~32 MiB of int64 positions at most.
-_BLOCK_BYTES = 1 << 19
+# Mask bytes unpacked per block: 1 Mi elements; the block's int64 positions, gaps and their temporaries
+# take at most ~40 MiB (distributed/planner.py ENCODE_BLOCK_BYTES).
+_BLOCK_BYTES = 1 << 17
 
 
 def _coded_blocks(mask_bits: bytes, numel: int, inverted: bool) -> Iterator[np.ndarray]:

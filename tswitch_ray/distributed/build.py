@@ -54,7 +54,7 @@ from tswitch_ray.distributed.chunked_build import (chunk_numel, chunked_switches
                                                    tau_blocks)
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.distributed.incremental import BuildKeys, VersionPlan, build_keys, plan_version, staged_parts
-from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_shards
+from tswitch_ray.distributed.planner import Shard, chunked_build_memory_bytes, plan_shards
 from tswitch_ray.distributed.inprocess import resolved_run
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.distributed.task_parts import manifest_fields, stage_task_parts
@@ -114,7 +114,7 @@ class BuildConfig(WithRunOptions):
     # Tensors of more than this many bytes of fp32 τ are processed in row blocks of about this size
     # (distributed/chunked_build.py): a worker's peak then no longer grows with the largest tensor.
     # 64 MiB leaves every ViT and LLM block tensor whole; None or 0 never chunks. Outputs are the same bytes.
-    chunk_bytes: int | None = 64 * 2**20
+    chunk_bytes: int | None = Field(64 * 2**20, ge=0)
     # Replace a committed artifact set built with other options in ``out``.
     overwrite: bool = False
 
@@ -368,6 +368,9 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
                     key = (task, th.alpha)
                     totals[key] = stats if key not in totals else totals[key] + stats
                     rows[task].append(_row(task, name, info, th, stats, enc, ctx))
+                if name == shard.tensors[-1]:
+                    # Written now, not with the other tasks': a large tensor's encoded rows are tens of MB per task.
+                    _write_part(ctx, shard, task, rows.pop(task))
                 continue
             tau = _read_tau(zoo, task, name, lazy.get(), device, buf)
             if global_thresholds is not None:
@@ -382,10 +385,18 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
                 rows[task].append(_row(task, name, info, th, sw.stats, enc, ctx))
             del tau
         del lazy
-    keys = dict(ctx.task_keys)
-    for task in tasks:
-        ArtifactWriter(ctx.out, keys[task], storage_options=ctx.storage_options).write(shard.shard_id, rows.pop(task))
+    for task in list(rows):
+        _write_part(ctx, shard, task, rows.pop(task))
     return totals
+
+
+def _memory(ctx: ShardContext, shard: Shard) -> int:
+    """The planner's working-set estimate of one shard task (Ray's ``memory`` resource)."""
+    return chunked_build_memory_bytes(shard, chunk_numel(ctx.chunk_bytes), len(ctx.alphas))
+
+
+def _write_part(ctx: ShardContext, shard: Shard, task: str, rows: list[dict[str, Any]]) -> None:
+    ArtifactWriter(ctx.out, dict(ctx.task_keys)[task], storage_options=ctx.storage_options).write(shard.shard_id, rows)
 
 
 def _staged_totals(writer: ArtifactWriter, part: Any) -> dict[tuple[str, float], KeptStats]:
@@ -578,7 +589,7 @@ def _encode_shards(cfg: BuildConfig, executor: LocalExecutor, ctx: ShardContext,
         # the page cache when the zoo is larger than what the machine
         # keeps cached (LRU), so fewer bytes come from disk twice.
         order = work[::-1] if thresholds is not None else work
-        items = [WorkItem(s.shard_id, (ctx, s, thresholds, tasks), (1 + len(tasks)) * s.nbytes, build_memory_bytes(s))
+        items = [WorkItem(s.shard_id, (ctx, s, thresholds, tasks), (1 + len(tasks)) * s.nbytes, _memory(ctx, s))
                  for s, tasks in order]
         per_shard = {}
         # closing: on an error the tasks still in flight are cancelled and ended before it propagates.
@@ -613,7 +624,7 @@ def _model_thresholds(executor: LocalExecutor, ctx: ShardContext, shards: Sequen
     progress.set_phase("sample")
     sample: dict[str, Any] = {}
     items = [WorkItem(s.shard_id, (ctx, s, list(tasks)), int(n_models * s.nbytes * SAMPLE_FRACTION),
-                      build_memory_bytes(s)) for s in shards]
+                      _memory(ctx, s)) for s in shards]
     for _, per_task in executor.map(shard_sample, items, progress.advance):
         for task, h in per_task.items():
             sample[task] = h if task not in sample else sample[task] + h
@@ -622,7 +633,7 @@ def _model_thresholds(executor: LocalExecutor, ctx: ShardContext, shards: Sequen
     progress.set_phase("histograms")
     hist: dict[str, Any] = {}
     picked: dict[str, Any] = {}
-    items = [WorkItem(s.shard_id, (ctx, s, windows), n_models * s.nbytes, build_memory_bytes(s)) for s in shards]
+    items = [WorkItem(s.shard_id, (ctx, s, windows), n_models * s.nbytes, _memory(ctx, s)) for s in shards]
     for _, per_task in executor.map(shard_histograms, items, progress.advance):
         for task, (h, p) in per_task.items():
             hist[task] = h if task not in hist else hist[task] + h
@@ -634,7 +645,7 @@ def _model_thresholds(executor: LocalExecutor, ctx: ShardContext, shards: Sequen
         # A window missed its rank (an unrepresentative sample): the exact
         # fine-histogram pass, for those tasks only.
         progress.set_phase("refine")
-        items = [WorkItem(s.shard_id, (ctx, s, missing), (1 + len(missing)) * s.nbytes, build_memory_bytes(s))
+        items = [WorkItem(s.shard_id, (ctx, s, missing), (1 + len(missing)) * s.nbytes, _memory(ctx, s))
                  for s in shards]
         for _, per_task in executor.map(shard_fine_histograms, items, progress.advance):
             for task, f in per_task.items():

@@ -7,7 +7,7 @@ math of :mod:`tswitch_ray.switch.chunked`, whose thresholds, masks, signs and
 knobs equal the whole-tensor ones bit for bit. Per (tensor, task) a worker
 holds one block's θ0, θt and τ and, per α, the packed mask and signs (1 bit
 per element each), so its peak no longer grows with the tensor: see
-:func:`tswitch_ray.distributed.planner.build_memory_bytes`.
+:func:`tswitch_ray.distributed.planner.chunked_build_memory_bytes`.
 
 Scope "tensor" reads each block twice (histograms, then encode) or three
 times when a fine histogram is needed (almost always), where the unchunked

@@ -117,6 +117,23 @@ def build_memory_bytes(shard: Shard) -> int:
     return TASK_OVERHEAD_BYTES + 8 * 4 * shard.max_numel
 
 
+# Temporaries of writing one switch from its packed mask (artifacts/stream_encoding.py): a block of
+# 1 Mi positions as int64, its gaps and their shifts.
+ENCODE_BLOCK_BYTES = 48 * 2**20
+
+
+def chunked_build_memory_bytes(shard: Shard, chunk_numel: int | None, n_alphas: int = 1) -> int:
+    """:func:`build_memory_bytes` when tensors above ``chunk_numel`` elements go in row blocks
+    (distributed/chunked_build.py): the same ≈ 8 fp32 copies, of one block instead of the tensor, plus what
+    is held per tensor and α for the whole tensor: the packed mask and signs (≤ 2 bits per element) and the
+    encoded switch (≤ 2 bits per element, with its Parquet copy), and the encoder's block temporaries.
+    """
+    if not chunk_numel or shard.max_numel <= chunk_numel:
+        return build_memory_bytes(shard)
+    per_tensor = n_alphas * (2 * shard.max_numel // 8 + 2 * 2 * shard.max_numel // 8)
+    return TASK_OVERHEAD_BYTES + 8 * 4 * chunk_numel + ENCODE_BLOCK_BYTES + per_tensor
+
+
 def merge_memory_bytes(shard: Shard, n_tasks: int) -> int:
     """Working set of a merge task: every task's τ of one tensor at once, plus temporaries."""
     return TASK_OVERHEAD_BYTES + (n_tasks + 5) * 4 * shard.max_numel

@@ -139,14 +139,14 @@ class _Run:
         values = np.concatenate([self.pending_t, values])
         levels = np.concatenate([self.pending_lv, levels])
         whole = values.size - values.size % _kernels.LANES
-        _kernels.level_sums(values, levels, np.arange(whole, dtype=np.int64), whole, self.sum_abs, self.sum_sq)
+        _kernels.level_sums(values, levels, np.arange(whole, dtype=np.int32), whole, self.sum_abs, self.sum_sq)
         self.pending_t, self.pending_lv = values[whole:].copy(), levels[whole:].copy()
 
     def finish(self, numel: int) -> list[PackedSwitch]:
         from tswitch_ray.switch import _kernels
 
         n = self.pending_t.size  # < LANES: lane 0, in order, as the whole-tensor kernel's tail
-        _kernels.level_sums(self.pending_t, self.pending_lv, np.arange(n, dtype=np.int64), n,
+        _kernels.level_sums(self.pending_t, self.pending_lv, np.arange(n, dtype=np.int32), n,
                             self.sum_abs, self.sum_sq)
         return [PackedSwitch(numel, self.kept[j], self.masks[j].tobytes(), self.signs[j].tobytes(),
                              _level_stats(self.kept[j], self.sum_abs, self.sum_sq, j)) for j in range(len(self.ths))]
