@@ -135,3 +135,20 @@ def test_chunked_build_peak_rss_is_bounded_by_the_chunk(tmp_path):
     assert (tmp_path / "out" / "manifest.json").exists()
     above = r["peak"] - r["overhead"]
     assert above <= bound, f"peak {above / 2**20:.0f} MiB above the overhead > bound {bound / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("method", ["ta", "avg"])
+def test_chunked_merge_is_byte_identical(zoo, tmp_path, method):
+    from tswitch_ray.distributed.chunked_merge import merges_in_blocks
+    from tswitch_ray.distributed.merge import MergeConfig, run_merge
+    from tswitch_ray.methods import get_method
+
+    assert merges_in_blocks(get_method(method), load_zoo(zoo), "emb.weight", 64)
+    assert not merges_in_blocks(get_method("emr"), load_zoo(zoo), "emb.weight", 64)  # per-tensor statistics
+
+    def merge(out: str, chunk: int | None) -> bytes:
+        run_merge(MergeConfig(zoo=zoo, method=method, out=out, chunk_bytes=chunk, executor="local",
+                              show_progress=False))
+        return (tmp_path / out / "merged.safetensors").read_bytes()
+
+    assert merge(str(tmp_path / "chunked"), 4 * 64) == merge(str(tmp_path / "whole"), None)

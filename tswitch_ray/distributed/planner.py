@@ -139,6 +139,14 @@ def merge_memory_bytes(shard: Shard, n_tasks: int) -> int:
     return TASK_OVERHEAD_BYTES + (n_tasks + 5) * 4 * shard.max_numel
 
 
+def chunked_merge_memory_bytes(shard: Shard, n_tasks: int, chunk_numel: int | None) -> int:
+    """:func:`merge_memory_bytes` of a per-element method merging tensors above ``chunk_numel`` elements in
+    row blocks (distributed/chunked_merge.py): every task's τ of one block at once."""
+    if not chunk_numel or shard.max_numel <= chunk_numel:
+        return merge_memory_bytes(shard, n_tasks)
+    return TASK_OVERHEAD_BYTES + (n_tasks + 5) * 4 * chunk_numel
+
+
 def plan_digest(shards: list[Shard]) -> str:
     """Stable digest of a plan (part of the resume key)."""
     payload = json.dumps([asdict(s) for s in shards], sort_keys=True).encode()
