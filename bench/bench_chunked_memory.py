@@ -9,6 +9,7 @@ estimate (distributed/planner.py chunked_build_memory_bytes) minus its fixed
 TASK_OVERHEAD_BYTES, which stands for the same overhead.
 
     PYTHONPATH=. python bench/bench_chunked_memory.py --rows 32000 --cols 2048 --tasks 4 --chunk-mb 8
+    PYTHONPATH=. python bench/bench_chunked_memory.py --rows 128000 --cols 2048 --tasks 2 --chunk-mb 64 --no-whole
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=32000)
     ap.add_argument("--cols", type=int, default=2048)
     ap.add_argument("--tasks", type=int, default=4)
-    ap.add_argument("--chunk-mb", type=float, default=8)
+    ap.add_argument("--chunk-mb", type=float, action="append", help="block size(s) to measure (default 8)")
+    ap.add_argument("--no-whole", action="store_true", help="skip the unchunked build (--chunk-mb 0)")
     ap.add_argument("--alpha", type=float, action="append")
     args = ap.parse_args()
     alphas = args.alpha or [0.6]
@@ -77,7 +79,7 @@ def main() -> None:
               f"{4 * args.rows * args.cols / MiB:.0f} MiB")
         print("| --chunk-mb | peak RSS MiB | above overhead MiB | planner estimate MiB | estimate / measured | s |")
         print("|---|---|---|---|---|---|")
-        for mb in (args.chunk_mb, 0):
+        for mb in (args.chunk_mb or [8]) + ([] if args.no_whole else [0]):
             r = run(zoo, Path(tmp) / f"out{mb}", mb, alphas)
             above = r["peak"] - r["overhead"]
             print(f"| {mb:g} | {r['peak'] / MiB:.0f} | {above / MiB:.0f} | {r['estimate'] / MiB:.0f} | "
