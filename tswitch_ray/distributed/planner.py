@@ -119,19 +119,24 @@ def build_memory_bytes(shard: Shard) -> int:
 
 # Temporaries of writing one switch from its packed mask (artifacts/stream_encoding.py): a block of
 # 1 Mi positions as int64, its gaps and their shifts.
-ENCODE_BLOCK_BYTES = 48 * 2**20
+ENCODE_BLOCK_BYTES = 32 * 2**20
 
 
 def chunked_build_memory_bytes(shard: Shard, chunk_numel: int | None, n_alphas: int = 1) -> int:
     """:func:`build_memory_bytes` when tensors above ``chunk_numel`` elements go in row blocks
-    (distributed/chunked_build.py): the same ≈ 8 fp32 copies, of one block instead of the tensor, plus what
-    is held per tensor and α for the whole tensor: the packed mask and signs (≤ 2 bits per element) and the
-    encoded switch (≤ 2 bits per element, with its Parquet copy), and the encoder's block temporaries.
+    (distributed/chunked_build.py).
+
+    Per element of a block, 3.5 fp32 copies: θ0 and θt as read and widened, τ, and the
+    histogram keys or the level bytes and kept values (they do not live at once). Per element of
+    the whole tensor and α, 1.2 bytes: the packed mask and signs, their byte copies, the encoded
+    streams and the Parquet part. Plus the encoder's block temporaries. Fitted to the peaks of
+    bench/bench_chunked_memory.py (docs/RESULTS.md §11): within 20 % of four of its five
+    measurements, 1.3 x the fifth (an over-estimate: Ray's ``memory`` resource must not be short).
     """
     if not chunk_numel or shard.max_numel <= chunk_numel:
         return build_memory_bytes(shard)
-    per_tensor = n_alphas * (2 * shard.max_numel // 8 + 2 * 2 * shard.max_numel // 8)
-    return TASK_OVERHEAD_BYTES + 8 * 4 * chunk_numel + ENCODE_BLOCK_BYTES + per_tensor
+    per_tensor = n_alphas * int(1.2 * shard.max_numel)
+    return TASK_OVERHEAD_BYTES + int(3.5 * 4 * chunk_numel) + ENCODE_BLOCK_BYTES + per_tensor
 
 
 def merge_memory_bytes(shard: Shard, n_tasks: int) -> int:
