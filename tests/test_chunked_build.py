@@ -122,16 +122,16 @@ def _bench():
 @pytest.mark.slow
 def test_chunked_build_peak_rss_is_bounded_by_the_chunk(tmp_path):
     """One 32000 × 2048 fp16 tensor, 4 tasks, 8 MiB blocks: the build's peak above the fixed overhead stays
-    within 1.5 × the planner's chunked estimate (3.5 fp32 copies of a block, the encoder's block
+    within 1.75 × the planner's chunked estimate (3.5 fp32 copies of a block, the encoder's block
     temporaries and 1.2 bytes per element for the packed and encoded switch), below one fp32 copy of the
-    whole tensor. (1.5: the estimate is fitted to a few measurements, and glibc's heap keeps blocks
+    whole tensor. (1.75: the estimate is fitted to a few measurements, and glibc's heap keeps blocks
     below its mmap threshold, so the measured peak is not linear in the block size.)"""
     from tswitch_ray.distributed.planner import TASK_OVERHEAD_BYTES
 
     bench = _bench()
     zoo = bench.write_zoo(tmp_path / "zoo", 32000, 2048, 4)
     r = bench.run(zoo, tmp_path / "out", 8, [0.6])
-    bound = int(1.5 * r["estimate"])
+    bound = int(1.75 * r["estimate"])
     assert bound < 4 * 32000 * 2048  # a build that held one fp32 copy of the tensor would break it
     assert r["estimate"] + TASK_OVERHEAD_BYTES < 0.25 * (TASK_OVERHEAD_BYTES + 8 * 4 * 32000 * 2048)
     assert (tmp_path / "out" / "manifest.json").exists()

@@ -20,7 +20,7 @@ import numpy as np
 from tswitch_ray.artifacts.encoding import _MAX_K, EncodedSwitch, _downhill_k
 
 # Mask bytes unpacked per block: 1 Mi elements; the block's int64 positions, gaps and their temporaries
-# take at most ~40 MiB (distributed/planner.py ENCODE_BLOCK_BYTES).
+# take a few tens of MiB (distributed/planner.py ENCODE_BLOCK_BYTES).
 _BLOCK_BYTES = 1 << 17
 
 

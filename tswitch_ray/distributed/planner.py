@@ -130,8 +130,8 @@ def chunked_build_memory_bytes(shard: Shard, chunk_numel: int | None, n_alphas: 
     histogram keys or the level bytes and kept values (they do not live at once). Per element of
     the whole tensor and α, 1.2 bytes: the packed mask and signs, their byte copies, the encoded
     streams and the Parquet part. Plus the encoder's block temporaries. Fitted to the peaks of
-    bench/bench_chunked_memory.py (docs/RESULTS.md §11): within 20 % of four of its five
-    measurements, 1.3 x the fifth (an over-estimate: Ray's ``memory`` resource must not be short).
+    bench/bench_chunked_memory.py (docs/RESULTS.md §11): 0.74-1.35 x the measured peaks (blocks
+    below glibc's mmap threshold stay in the heap, so the peak is not linear in the block).
     """
     if not chunk_numel or shard.max_numel <= chunk_numel:
         return build_memory_bytes(shard)
