@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_build_memory as bench  # noqa: E402
+import bench_build_memory as bench
 
 MiB = 2**20
 
@@ -46,7 +46,11 @@ def write_zoo(root: Path, rows: int, cols: int, tasks: int) -> str:
 def estimate(zoo: str, chunk_mb: float, n_alphas: int) -> int:
     """The planner's estimate for the zoo's one shard, without its fixed per-task overhead."""
     from tswitch_ray.distributed.chunked_build import chunk_numel
-    from tswitch_ray.distributed.planner import TASK_OVERHEAD_BYTES, chunked_build_memory_bytes, plan_shards
+    from tswitch_ray.distributed.planner import (
+        TASK_OVERHEAD_BYTES,
+        chunked_build_memory_bytes,
+        plan_shards,
+    )
     from tswitch_ray.zoo import load_zoo
 
     (shard,) = plan_shards(load_zoo(zoo).tensor_infos(), 8 * MiB)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from golden import digest
 from safetensors.torch import save_file
 
-from golden import digest
 from tswitch_ray.artifacts.encoding import encode_kept
 from tswitch_ray.artifacts.stream_encoding import encode_packed
 from tswitch_ray.distributed.build import BuildConfig, run_build

@@ -24,7 +24,11 @@ from typing import Any
 import torch
 
 from tswitch_ray.artifacts.stream_encoding import encode_packed
-from tswitch_ray.io.checkpoints import CheckpointReader, TaskVectorSource, dtype_to_torch
+from tswitch_ray.io.checkpoints import (
+    CheckpointReader,
+    TaskVectorSource,
+    dtype_to_torch,
+)
 from tswitch_ray.switch import task_vector
 from tswitch_ray.switch.binarize import KeptStats
 from tswitch_ray.switch.chunked import BlockSwitches, BlockThresholds

@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-
 from tswitch_ray.distributed.chunked_build import _block, row_spans
 from tswitch_ray.io.checkpoints import TaskVectorSource
 from tswitch_ray.switch import task_vector

@@ -30,8 +30,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tswitch_ray.switch.binarize import KeptStats, _as_float32, _level_stats, nested_runs
+from tswitch_ray.switch.binarize import (
+    KeptStats,
+    _as_float32,
+    _level_stats,
+    nested_runs,
+)
 from tswitch_ray.switch.thresholds import (
+    RefineRequest,
     SignedFine,
     SignedHistograms,
     Thresholds,
@@ -74,13 +80,14 @@ class BlockThresholds:
         self.alphas, self.cut, self.name = list(alphas), cut, name
         self.hist = SignedHistograms.empty()
         self.fine = SignedFine()
-        self._request = None
+        self._request: RefineRequest | None = None
 
     def add(self, tau: torch.Tensor) -> None:
         self.hist = self.hist + signed_histograms(tau, self.name)
 
     @property
-    def request(self):  # noqa: ANN201 - a RefineRequest
+    def request(self) -> RefineRequest:
+        """The boundary buckets of pass 2, known once every block went through :meth:`add`."""
         if self._request is None:
             self._request = refine_request(self.hist, self.alphas, self.cut)
         return self._request
