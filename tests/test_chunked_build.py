@@ -154,3 +154,18 @@ def test_chunked_merge_is_byte_identical(zoo, tmp_path, method):
         return (tmp_path / out / "merged.safetensors").read_bytes()
 
     assert merge(str(tmp_path / "chunked"), 4 * 64) == merge(str(tmp_path / "whole"), None)
+
+
+def test_cli_chunk_mb_gives_the_same_artifacts(zoo, tmp_path):
+    from typer.testing import CliRunner
+
+    from tswitch_ray.cli import app
+
+    def build(out: str, *extra: str) -> dict:
+        res = CliRunner().invoke(app, ["build", "--zoo", zoo, "--out", out, "--alpha", "0.6", "--executor", "local",
+                                       "--quiet", *extra])
+        assert res.exit_code == 0, res.output
+        return digest.artifact_digest(out)
+
+    # 0.0002 MiB = 52 elements: every tensor but small.bias in blocks; 0: none.
+    assert build(str(tmp_path / "c"), "--chunk-mb", "0.0002") == build(str(tmp_path / "w"), "--chunk-mb", "0")
