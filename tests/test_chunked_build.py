@@ -169,3 +169,39 @@ def test_cli_chunk_mb_gives_the_same_artifacts(zoo, tmp_path):
 
     # 0.0002 MiB = 52 elements: every tensor but small.bias in blocks; 0: none.
     assert build(str(tmp_path / "c"), "--chunk-mb", "0.0002") == build(str(tmp_path / "w"), "--chunk-mb", "0")
+
+
+@pytest.mark.parametrize("cut", ["authors", "exact"])
+def test_chunked_thresholds_with_a_sample_that_misses(tmp_path, cut):
+    """The rows the sample reads are 1000 × smaller than the others: the window misses every rank and the
+    fine-histogram pass over the blocks gives the exact thresholds all the same (both paths of the function)."""
+    from tswitch_ray.distributed.chunked_build import _sample, chunked_thresholds
+    from tswitch_ray.switch import signed_histograms, task_vector
+    from tswitch_ray.switch.thresholds import WindowPass, covers, refine_request, window_request
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(512, 32, generator=g)
+    tau = torch.randn(512, 32, generator=g)
+    tau[torch.arange(512) % 128 >= 4] *= 1000.0  # the sample reads rows 0-3 of each quarter only
+    save_file({"w": base}, str(tmp_path / "base.safetensors"))
+    save_file({"w": base + tau}, str(tmp_path / "t.safetensors"))
+    (tmp_path / "zoo.yaml").write_text("name: s\nbase: base.safetensors\ntasks:\n  - {name: t, uri: t.safetensors}\n")
+    zoo = load_zoo(str(tmp_path / "zoo.yaml"))
+    exact_tau = task_vector(zoo.tasks["t"].read("w"), zoo.base.read("w"))
+    alphas = [0.5, 0.9]
+    window = window_request(signed_histograms(_sample(zoo, "t", "w", "cpu")), alphas)
+    scan = WindowPass(window)
+    scan.add(exact_tau)
+    assert not covers(window, refine_request(scan.result()[0], alphas, cut))
+    assert chunked_thresholds(zoo, "t", "w", alphas, cut, 32 * 16, "cpu", "w") == tensor_thresholds(
+        exact_tau, alphas, cut=cut)
+    # And the window path: an unskewed tensor's sample covers its ranks.
+    save_file({"w": base + torch.randn(512, 32, generator=g)}, str(tmp_path / "t.safetensors"))
+    zoo = load_zoo(str(tmp_path / "zoo.yaml"))
+    exact_tau = task_vector(zoo.tasks["t"].read("w"), zoo.base.read("w"))
+    window = window_request(signed_histograms(_sample(zoo, "t", "w", "cpu")), alphas)
+    scan = WindowPass(window)
+    scan.add(exact_tau)
+    assert covers(window, refine_request(scan.result()[0], alphas, cut))
+    assert chunked_thresholds(zoo, "t", "w", alphas, cut, 32 * 16, "cpu", "w") == tensor_thresholds(
+        exact_tau, alphas, cut=cut)
