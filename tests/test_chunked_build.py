@@ -177,7 +177,12 @@ def test_chunked_thresholds_with_a_sample_that_misses(tmp_path, cut):
     fine-histogram pass over the blocks gives the exact thresholds all the same (both paths of the function)."""
     from tswitch_ray.distributed.chunked_build import _sample, chunked_thresholds
     from tswitch_ray.switch import signed_histograms, task_vector
-    from tswitch_ray.switch.thresholds import WindowPass, covers, refine_request, window_request
+    from tswitch_ray.switch.thresholds import (
+        WindowPass,
+        covers,
+        refine_request,
+        window_request,
+    )
 
     g = torch.Generator().manual_seed(5)
     base = torch.randn(512, 32, generator=g)
