@@ -191,6 +191,9 @@ def build(
     knob: str = typer.Option("rms", "--knob", help="Switch knob: 'rms' (authors' code) or 'mean' (least squares)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a committed artifact set built with other options (its versions are dropped)."),
     shard_mb: int = typer.Option(8, "--shard-mb", help="Target shard size in MiB of one checkpoint."),
+    chunk_mb: float = typer.Option(64, "--chunk-mb", help="Tensors above this many MiB of fp32 task vector are "
+                                   "read and processed in row blocks of about this size (same output bytes; "
+                                   "bounds a worker's memory). 0: never."),
     run: RunOptions = ...,
 ) -> None:
     """Build T-Switch artifacts (mask, sign, knob) for every task and α of a zoo.
@@ -208,7 +211,7 @@ def build(
     if 0.0 in alpha:
         console.print(ALPHA_ZERO_WARNING, highlight=False, markup=False)
     cfg = BuildConfig(zoo=zoo, out=out_uri, alphas=alpha, scope=scope, cut=cut, knob=knob, overwrite=overwrite,
-                      shard_bytes=shard_mb * 2**20, run=_auto_executor(run))
+                      shard_bytes=shard_mb * 2**20, chunk_bytes=int(chunk_mb * 2**20) or None, run=_auto_executor(run))
     s = run_build(cfg)
     if s.up_to_date:
         out.print(f"up to date: {s.out} version {s.version} already holds these {s.tasks} tasks built with these "
@@ -323,6 +326,8 @@ def merge(
     fmt: str = typer.Option("safetensors", "--format", help="safetensors: one file per model; hf: a Hugging Face folder "
                             "per model (OUT/merged/ or OUT/TASK/: config files, shards with an index) from_pretrained loads."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="With --format hf: the largest shard (5GB, 500MB, 2GiB)."),
+    chunk_mb: float = typer.Option(64, "--chunk-mb", help="ta and avg merge tensors above this many MiB of fp32 "
+                                   "task vector in row blocks (same output bytes). 0: never."),
     run: RunOptions = ...,
 ) -> None:
     """Merge a zoo with one method, streamed and sharded over Ray."""
@@ -332,7 +337,7 @@ def merge(
         raise ConfigError(f"--format {fmt!r}: use safetensors or hf.")
     opts = _method_options(option)  # run_merge checks the method, its kind and options before any work
     cfg = MergeConfig(zoo=zoo, method=method, out=out_dir, options=opts, overwrite=overwrite, run=_auto_executor(run),
-                      output_format=fmt, max_shard_size=max_shard_size)
+                      output_format=fmt, max_shard_size=max_shard_size, chunk_bytes=int(chunk_mb * 2**20) or None)
     s = run_merge(cfg)
     if s.up_to_date:
         out.print(f"up to date: {s.out} holds the {s.method} merge of these tasks and checkpoints; nothing to do.")

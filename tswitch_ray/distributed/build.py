@@ -36,7 +36,7 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,9 +50,11 @@ from tswitch_ray.artifacts.encoding import encode_kept
 from tswitch_ray.artifacts.versions import VersionStore
 from tswitch_ray.artifacts.writer import CommitConflict
 from tswitch_ray.device import pick_device
+from tswitch_ray.distributed.chunked_build import (chunk_numel, chunked_switches, chunked_thresholds, is_chunked,
+                                                   tau_blocks)
 from tswitch_ray.distributed.executor import LocalExecutor, WorkItem, make_executor
 from tswitch_ray.distributed.incremental import BuildKeys, VersionPlan, build_keys, plan_version, staged_parts
-from tswitch_ray.distributed.planner import Shard, build_memory_bytes, plan_shards
+from tswitch_ray.distributed.planner import Shard, chunked_build_memory_bytes, plan_shards
 from tswitch_ray.distributed.inprocess import resolved_run
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.distributed.task_parts import manifest_fields, stage_task_parts
@@ -109,6 +111,10 @@ class BuildConfig(WithRunOptions):
     # at 3.44 GiB PSS with 16 MiB shards and 2.87 GiB with 8 MiB, in the same
     # time (bench/bench_build.py); 64 MiB gave 3 shards and idle workers.
     shard_bytes: int = 8 * 2**20
+    # Tensors of more than this many bytes of fp32 τ are processed in row blocks of about this size
+    # (distributed/chunked_build.py): a worker's peak then no longer grows with the largest tensor.
+    # 64 MiB leaves every ViT and LLM block tensor whole; None or 0 never chunks. Outputs are the same bytes.
+    chunk_bytes: int | None = Field(64 * 2**20, ge=0)
     # Replace a committed artifact set built with other options in ``out``.
     overwrite: bool = False
 
@@ -185,6 +191,8 @@ class ShardContext(RunContext):
     cut: str = "exact"
     # (task, key) of the tasks this build computes; a task's parts stage under its key.
     task_keys: tuple[tuple[str, str], ...] = ()
+    # Row-block size of large tensors (BuildConfig.chunk_bytes).
+    chunk_bytes: int | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -289,10 +297,12 @@ def shard_histograms(ctx: ShardContext, shard: Shard, windows: dict[str, RefineR
     device = _device(ctx)
     passes = {task: WindowPass(windows[task]) for task in windows}
     buf = _TauBuffer(device)
+    limit = chunk_numel(ctx.chunk_bytes)
     for name in shard.tensors:
-        base = _read_base(zoo, name, device)
+        base = _LazyBase(zoo, name, device)
         for task in windows:
-            passes[task].add(_read_tau(zoo, task, name, base, device, buf), _label(zoo, task, name))
+            for tau in _taus(zoo, task, name, limit, device, buf, base):
+                passes[task].add(tau, _label(zoo, task, name))
     return {task: p.result() for task, p in passes.items()}
 
 
@@ -302,12 +312,35 @@ def shard_fine_histograms(ctx: ShardContext, shard: Shard, requests: dict[str, A
     device = _device(ctx)
     out: dict[str, Any] = {}
     buf = _TauBuffer(device)
+    limit = chunk_numel(ctx.chunk_bytes)
     for name in shard.tensors:
-        base = _read_base(zoo, name, device)
+        base = _LazyBase(zoo, name, device)
         for task in requests:
-            f = signed_fine_histograms(_read_tau(zoo, task, name, base, device, buf), requests[task])
-            out[task] = f if task not in out else out[task] + f
+            for tau in _taus(zoo, task, name, limit, device, buf, base):
+                f = signed_fine_histograms(tau, requests[task])
+                out[task] = f if task not in out else out[task] + f
     return out
+
+
+class _LazyBase:
+    """θ0 of one tensor, read on first use: a tensor processed in row blocks by every task never holds it whole."""
+
+    def __init__(self, zoo: Zoo, name: str, device: Any) -> None:
+        self.zoo, self.name, self.device, self._base = zoo, name, device, None
+
+    def get(self) -> Any:
+        if self._base is None:
+            self._base = _read_base(self.zoo, self.name, self.device)
+        return self._base
+
+
+def _taus(zoo: Zoo, task: str, name: str, limit: int | None, device: Any, buf: _TauBuffer,
+          base: _LazyBase) -> Iterator[Any]:
+    """τ of one task and tensor: in row blocks when it is chunked (distributed/chunked_build.py), else whole."""
+    if is_chunked(zoo, task, name, limit):
+        yield from tau_blocks(zoo, task, name, limit, device)
+        return
+    yield _read_tau(zoo, task, name, base.get(), device, buf)
 
 
 def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, list[Thresholds]] | None,
@@ -323,11 +356,23 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
     rows: dict[str, list[dict[str, Any]]] = {task: [] for task in tasks}
     scratch = SwitchScratch()
     buf = _TauBuffer(device)
+    limit = chunk_numel(ctx.chunk_bytes)
     for name in shard.tensors:
         info = zoo.base.infos()[name]
-        base = _read_base(zoo, name, device)
+        lazy = _LazyBase(zoo, name, device)
         for task in tasks:
-            tau = _read_tau(zoo, task, name, base, device, buf)
+            if is_chunked(zoo, task, name, limit):
+                ths = global_thresholds[task] if global_thresholds is not None else chunked_thresholds(
+                    zoo, task, name, list(ctx.alphas), ctx.cut, limit, device, _label(zoo, task, name))
+                for th, (stats, enc) in zip(ths, chunked_switches(zoo, task, name, ths, limit, device)):
+                    key = (task, th.alpha)
+                    totals[key] = stats if key not in totals else totals[key] + stats
+                    rows[task].append(_row(task, name, info, th, stats, enc, ctx))
+                if name == shard.tensors[-1]:
+                    # Written now, not with the other tasks': a large tensor's encoded rows are tens of MB per task.
+                    _write_part(ctx, shard, task, rows.pop(task))
+                continue
+            tau = _read_tau(zoo, task, name, lazy.get(), device, buf)
             if global_thresholds is not None:
                 ths = global_thresholds[task]
             else:
@@ -339,11 +384,19 @@ def shard_encode(ctx: ShardContext, shard: Shard, global_thresholds: dict[str, l
                 enc = encode_kept(numel, sw.positions, sw.positive, dropped_pos=sw.dropped)
                 rows[task].append(_row(task, name, info, th, sw.stats, enc, ctx))
             del tau
-        del base
-    keys = dict(ctx.task_keys)
-    for task in tasks:
-        ArtifactWriter(ctx.out, keys[task], storage_options=ctx.storage_options).write(shard.shard_id, rows.pop(task))
+        del lazy
+    for task in list(rows):
+        _write_part(ctx, shard, task, rows.pop(task))
     return totals
+
+
+def _memory(ctx: ShardContext, shard: Shard) -> int:
+    """The planner's working-set estimate of one shard task (Ray's ``memory`` resource)."""
+    return chunked_build_memory_bytes(shard, chunk_numel(ctx.chunk_bytes), len(ctx.alphas))
+
+
+def _write_part(ctx: ShardContext, shard: Shard, task: str, rows: list[dict[str, Any]]) -> None:
+    ArtifactWriter(ctx.out, dict(ctx.task_keys)[task], storage_options=ctx.storage_options).write(shard.shard_id, rows)
 
 
 def _staged_totals(writer: ArtifactWriter, part: Any) -> dict[tuple[str, float], KeptStats]:
@@ -426,7 +479,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary:
     todo = {sid: tasks for sid, tasks in todo.items() if tasks}
     ctx = ShardContext(zoo_uri=cfg.zoo, out=cfg.out, run_key=keys.run_key, alphas=tuple(cfg.alphas), scope=cfg.scope,
                        knob_mode=cfg.knob, run=cfg.run, cut=cfg.cut,
-                       task_keys=tuple((t, keys.task_keys[t]) for t in plan.compute))
+                       task_keys=tuple((t, keys.task_keys[t]) for t in plan.compute), chunk_bytes=cfg.chunk_bytes)
     timer.start("start-up")
     # A version that only drops tasks (or finds every part staged) encodes nothing: no Ray to start for it;
     # a small one runs in-process (distributed/inprocess.py).
@@ -536,7 +589,7 @@ def _encode_shards(cfg: BuildConfig, executor: LocalExecutor, ctx: ShardContext,
         # the page cache when the zoo is larger than what the machine
         # keeps cached (LRU), so fewer bytes come from disk twice.
         order = work[::-1] if thresholds is not None else work
-        items = [WorkItem(s.shard_id, (ctx, s, thresholds, tasks), (1 + len(tasks)) * s.nbytes, build_memory_bytes(s))
+        items = [WorkItem(s.shard_id, (ctx, s, thresholds, tasks), (1 + len(tasks)) * s.nbytes, _memory(ctx, s))
                  for s, tasks in order]
         per_shard = {}
         # closing: on an error the tasks still in flight are cancelled and ended before it propagates.
@@ -571,7 +624,7 @@ def _model_thresholds(executor: LocalExecutor, ctx: ShardContext, shards: Sequen
     progress.set_phase("sample")
     sample: dict[str, Any] = {}
     items = [WorkItem(s.shard_id, (ctx, s, list(tasks)), int(n_models * s.nbytes * SAMPLE_FRACTION),
-                      build_memory_bytes(s)) for s in shards]
+                      _memory(ctx, s)) for s in shards]
     for _, per_task in executor.map(shard_sample, items, progress.advance):
         for task, h in per_task.items():
             sample[task] = h if task not in sample else sample[task] + h
@@ -580,7 +633,7 @@ def _model_thresholds(executor: LocalExecutor, ctx: ShardContext, shards: Sequen
     progress.set_phase("histograms")
     hist: dict[str, Any] = {}
     picked: dict[str, Any] = {}
-    items = [WorkItem(s.shard_id, (ctx, s, windows), n_models * s.nbytes, build_memory_bytes(s)) for s in shards]
+    items = [WorkItem(s.shard_id, (ctx, s, windows), n_models * s.nbytes, _memory(ctx, s)) for s in shards]
     for _, per_task in executor.map(shard_histograms, items, progress.advance):
         for task, (h, p) in per_task.items():
             hist[task] = h if task not in hist else hist[task] + h
@@ -592,7 +645,7 @@ def _model_thresholds(executor: LocalExecutor, ctx: ShardContext, shards: Sequen
         # A window missed its rank (an unrepresentative sample): the exact
         # fine-histogram pass, for those tasks only.
         progress.set_phase("refine")
-        items = [WorkItem(s.shard_id, (ctx, s, missing), (1 + len(missing)) * s.nbytes, build_memory_bytes(s))
+        items = [WorkItem(s.shard_id, (ctx, s, missing), (1 + len(missing)) * s.nbytes, _memory(ctx, s))
                  for s in shards]
         for _, per_task in executor.map(shard_fine_histograms, items, progress.advance):
             for task, f in per_task.items():

@@ -34,9 +34,11 @@ from typing import Any, Literal
 import torch
 from pydantic import ConfigDict, Field
 
+from tswitch_ray.distributed.chunked_build import chunk_numel
+from tswitch_ray.distributed.chunked_merge import merge_blocks, merges_in_blocks
 from tswitch_ray.distributed.executor import WorkItem, make_executor
 from tswitch_ray.distributed.inprocess import resolved_run
-from tswitch_ray.distributed.planner import Shard, merge_memory_bytes, plan_digest, plan_shards
+from tswitch_ray.distributed.planner import Shard, chunked_merge_memory_bytes, merge_memory_bytes, plan_digest, plan_shards
 from tswitch_ray.distributed.merge_reuse import merge_is_current
 from tswitch_ray.distributed.progress import PhaseTimer, ShardProgress
 from tswitch_ray.errors import ConfigError, ZooError
@@ -68,6 +70,9 @@ class MergeConfig(WithRunOptions):
     max_shard_size: str = "5GB"  # the largest file of an "hf" output folder
     # Replace a committed merge of another method, options or zoo in ``out``.
     overwrite: bool = False
+    # Tensors of more than this many bytes of fp32 τ are merged in row blocks by the per-element methods
+    # (ta, avg: distributed/chunked_merge.py), the same bytes; None or 0 never chunks.
+    chunk_bytes: int | None = Field(64 * 2**20, ge=0)
 
 
 @dataclass
@@ -101,6 +106,8 @@ class MergeContext(RunContext):
     staging: str
     run: RunOptions
     files_identity: str = ""
+    # Row-block size of large tensors for per-element methods (MergeConfig.chunk_bytes).
+    chunk_bytes: int | None = None
 
     def method_obj(self) -> Any:
         return get_method(self.method, **self.options)
@@ -110,7 +117,7 @@ def _load(ctx: MergeContext, name: str, check: bool = True) -> tuple[Zoo, torch.
     """θ0 and every τt of one tensor. ``check``: reject non-finite τ (done on the first
     pass over the data only: later passes read the very same bytes)."""
     zoo = _open_zoo(ctx.zoo_uri, ctx.run, ctx.files_identity)
-    device = torch.device("cuda" if ctx.use_cuda and torch.cuda.is_available() else "cpu")
+    device = _device(ctx)
     base = zoo.base.read(name).to(device)
     taus = []
     for task in zoo.task_names:
@@ -119,6 +126,10 @@ def _load(ctx: MergeContext, name: str, check: bool = True) -> tuple[Zoo, torch.
             check_finite(tau, zoo.tasks[task].uri, name)
         taus.append(tau)
     return zoo, base, taus
+
+
+def _device(ctx: MergeContext) -> torch.device:
+    return torch.device("cuda" if ctx.use_cuda and torch.cuda.is_available() else "cpu")
 
 
 def shard_stats(ctx: MergeContext, shard: Shard, rnd: int, params: Any) -> list[tuple[str, Any]]:
@@ -147,7 +158,13 @@ def shard_merge(ctx: MergeContext, shard: Shard, params: Any, check: bool = True
     paths = [f"{ctx.staging}/{model}/part-{shard.shard_id:05d}.safetensors" for model in models]
     with all_or_none(SafetensorsStreamWriter(path, layout, storage_options=ctx.storage_options, hashed=True)
                      for path in paths) as writers:
+        limit = chunk_numel(ctx.chunk_bytes)
         for name in shard.tensors:
+            if merges_in_blocks(method, zoo, name, limit):
+                for blocks in merge_blocks(method, zoo, name, limit, _device(ctx), params, check):
+                    for writer, block in zip(writers, blocks, strict=True):
+                        writer.write_block(name, block)
+                continue
             _, base, taus = _load(ctx, name, check=check)
             merged = method.merge_tensor(name, base, taus, params)
             del taus
@@ -191,7 +208,7 @@ def run_merge(cfg: MergeConfig, zoo: Zoo | None = None) -> MergeSummary:
     sink.start()  # before any work: the folder is writable and holds no other committed merge
     try:
         ctx = MergeContext(zoo_uri=cfg.zoo, method=cfg.method, options=dict(cfg.options), staging=sink.staging_uri,
-                           run=cfg.run, files_identity=inputs)
+                           run=cfg.run, files_identity=inputs, chunk_bytes=cfg.chunk_bytes)
         parts, stats = _merge_parts(cfg, ctx, method, zoo, shards, timer)
         timer.start("write")
         outputs = _commit(sink, cfg, zoo, models, parts, [nm for s in shards for nm in s.tensors], inputs, hf_files)
@@ -236,8 +253,9 @@ def _merge_parts(cfg: MergeConfig, ctx: MergeContext, method: Any, zoo: Zoo, sha
                 params = method.combine(rnd, [by_name[nm] for nm in order], params)
             progress.set_phase("merge")
             first_pass = rounds == 0
-            items = [WorkItem(s.shard_id, (ctx, s, params, first_pass), (n + 1) * s.nbytes, merge_memory_bytes(s, n))
-                     for s in shards]
+            chunk = chunk_numel(cfg.chunk_bytes) if getattr(method, "elementwise", False) else None
+            items = [WorkItem(s.shard_id, (ctx, s, params, first_pass), (n + 1) * s.nbytes,
+                              chunked_merge_memory_bytes(s, n, chunk)) for s in shards]
             parts = [p for _, ps in executor.map(shard_merge, items, progress.advance) for p in ps]
         return parts, executor.stats
     finally:

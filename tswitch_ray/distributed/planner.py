@@ -117,9 +117,39 @@ def build_memory_bytes(shard: Shard) -> int:
     return TASK_OVERHEAD_BYTES + 8 * 4 * shard.max_numel
 
 
+# Temporaries of writing one switch from its packed mask (artifacts/stream_encoding.py): a block of
+# 1 Mi positions as int64, its gaps and their shifts.
+ENCODE_BLOCK_BYTES = 32 * 2**20
+
+
+def chunked_build_memory_bytes(shard: Shard, chunk_numel: int | None, n_alphas: int = 1) -> int:
+    """:func:`build_memory_bytes` when tensors above ``chunk_numel`` elements go in row blocks
+    (distributed/chunked_build.py).
+
+    Per element of a block, 3.5 fp32 copies: θ0 and θt as read and widened, τ, and the
+    histogram keys or the level bytes and kept values (they do not live at once). Per element of
+    the whole tensor and α, 1.2 bytes: the packed mask and signs, their byte copies, the encoded
+    streams and the Parquet part. Plus the encoder's block temporaries. Fitted to the peaks of
+    bench/bench_chunked_memory.py (docs/RESULTS.md §11): 0.74-1.35 x the measured peaks (blocks
+    below glibc's mmap threshold stay in the heap, so the peak is not linear in the block).
+    """
+    if not chunk_numel or shard.max_numel <= chunk_numel:
+        return build_memory_bytes(shard)
+    per_tensor = n_alphas * int(1.2 * shard.max_numel)
+    return TASK_OVERHEAD_BYTES + int(3.5 * 4 * chunk_numel) + ENCODE_BLOCK_BYTES + per_tensor
+
+
 def merge_memory_bytes(shard: Shard, n_tasks: int) -> int:
     """Working set of a merge task: every task's τ of one tensor at once, plus temporaries."""
     return TASK_OVERHEAD_BYTES + (n_tasks + 5) * 4 * shard.max_numel
+
+
+def chunked_merge_memory_bytes(shard: Shard, n_tasks: int, chunk_numel: int | None) -> int:
+    """:func:`merge_memory_bytes` of a per-element method merging tensors above ``chunk_numel`` elements in
+    row blocks (distributed/chunked_merge.py): every task's τ of one block at once."""
+    if not chunk_numel or shard.max_numel <= chunk_numel:
+        return merge_memory_bytes(shard, n_tasks)
+    return TASK_OVERHEAD_BYTES + (n_tasks + 5) * 4 * chunk_numel
 
 
 def plan_digest(shards: list[Shard]) -> str:

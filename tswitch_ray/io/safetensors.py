@@ -578,6 +578,7 @@ class SafetensorsStreamWriter:
         self._layout = _layout_infos(uri, layout)
         head = _header_bytes(self._layout, metadata)
         self._next = 0
+        self._block_done = 0  # elements of the current tensor written by write_block
         self._sha = hashlib.sha256() if hashed else None
         self._size = 0
         self._fs, self._path = open_fs(uri, storage_options)
@@ -628,6 +629,24 @@ class SafetensorsStreamWriter:
         if t.numel():
             self._emit(memoryview(t.view(torch.uint8).numpy()))  # no copy: written straight from the tensor
         self._next += 1
+
+    def write_block(self, name: str, block: torch.Tensor) -> None:
+        """Write the next flat block of the current tensor ``name`` (its elements in order); the tensor is
+        done when its blocks hold all its elements. For tensors made in row blocks (a chunked merge)."""
+        if self._next >= len(self._layout) or self._layout[self._next].name != name:
+            raise ZooError(f"cannot write a block of tensor {name!r} to {self.uri}: it is not the next tensor.")
+        info = self._layout[self._next]
+        t = block.detach().cpu().contiguous().reshape(-1)
+        done = self._block_done + t.numel()
+        if dtype_name(t.dtype) != info.dtype or done > info.numel:
+            raise ZooError(f"cannot write a block of tensor {name!r} to {self.uri}: {t.numel()} "
+                           f"{dtype_name(t.dtype)} elements do not fit its {list(info.shape)} {info.dtype}.")
+        if t.numel():
+            self._emit(memoryview(t.view(torch.uint8).numpy()))
+        self._block_done = done
+        if done == info.numel:
+            self._block_done = 0
+            self._next += 1
 
     def close(self) -> str:
         """Finish the file (it becomes visible now); returns its URI."""

@@ -25,6 +25,8 @@ class Averaging(NoOptions, LocalMethod):
 
     name: ClassVar[str] = "avg"
     per_task: ClassVar[bool] = False
+    # Each output element depends on the same element of θ0 and of every τ only: row blocks give the same bytes.
+    elementwise: ClassVar[bool] = True
 
     def merge_tensor(self, name: str, base: Tensor, taus: list[Tensor], params: Any) -> Tensor:
         return to_base_dtype(weight_average(base, taus), base)

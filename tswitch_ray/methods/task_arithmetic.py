@@ -31,6 +31,8 @@ class TaskArithmetic(TaskArithmeticOptions, LocalMethod):
 
     name: ClassVar[str] = "ta"
     per_task: ClassVar[bool] = False
+    # Each output element depends on the same element of θ0 and of every τ only: row blocks give the same bytes.
+    elementwise: ClassVar[bool] = True
 
     def merge_tensor(self, name: str, base: Tensor, taus: list[Tensor], params: Any) -> Tensor:
         return to_base_dtype(task_arithmetic(base, taus, self.scale), base)
