@@ -18,12 +18,18 @@ from test_build_reconstruct import make_state, write_zoo
 
 
 def test_auto_picks_in_process_below_the_threshold_and_says_so(monkeypatch):
+    import tswitch_ray.distributed.inprocess as inprocess
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # Whether this test process is connected to a Ray depends on the tests before it: decided here.
+    monkeypatch.setattr(inprocess, "_ray_running", lambda: False)
     name, line = resolve_executor(RunOptions(executor="auto"), 600_000)
     assert name == "local"
     assert line == "small job (0.6 MB): running in-process; --executor ray to force Ray"
     assert resolve_executor(RunOptions(executor="auto"), SMALL_JOB_BYTES) == ("ray", None)
     assert resolve_executor(RunOptions(executor="auto", num_gpus=1), 10) == ("ray", None)
+    monkeypatch.setattr(inprocess, "_ray_running", lambda: True)  # a Ray this process already runs is used
+    assert resolve_executor(RunOptions(executor="auto"), 10) == ("ray", None)
 
 
 def test_auto_attaches_to_a_given_ray_and_explicit_choices_stand(monkeypatch):
