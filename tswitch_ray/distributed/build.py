@@ -452,11 +452,6 @@ def build_options(cfg: BuildConfig) -> dict[str, Any]:
     return options
 
 
-def run_key_for(zoo: Zoo, cfg: BuildConfig, shards: Sequence[Shard]) -> str:
-    """Resume key of a version: same base, options, plan and tasks (by name and files) -> the same key."""
-    return build_keys(zoo, build_options(cfg), shards).run_key
-
-
 def run_build(cfg: BuildConfig) -> BuildSummary:
     """Build switch artifacts for every task and α of a zoo; atomic commit at the end.
 
